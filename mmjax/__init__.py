@@ -1,0 +1,3 @@
+"""mmjax: multimodal models in JAX/Flax."""
+
+__version__ = "0.1.0"
