@@ -1,0 +1,34 @@
+"""Evaluations run during training and standalone; `build_evaluators` reads `config.evals`."""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+from jax.sharding import Mesh
+
+from mmjax.errors import UserError
+from mmjax.evals.zero_shot import ZeroShotClassifier
+
+EVALUATORS = {"zero_shot": ZeroShotClassifier}
+
+Evaluator = Callable[[Any], dict[str, float]]
+
+
+def build_evaluators(
+    evals_cfg: ml_collections.ConfigDict,
+    model: nn.Module,
+    tokenizer,
+    data_cfg: ml_collections.ConfigDict,
+    mesh: Mesh,
+) -> dict[str, Evaluator]:
+    """One evaluator per entry of `config.evals` (`{name: {type: ..., ...}}`)."""
+    evaluators = {}
+    for name, cfg in evals_cfg.items():
+        if cfg.type not in EVALUATORS:
+            raise UserError(
+                f"evals.{name}.type {cfg.type!r} is unknown; valid: {sorted(EVALUATORS)}"
+            )
+        cfg = ml_collections.ConfigDict({**cfg.to_dict(), "name": name})
+        evaluators[name] = EVALUATORS[cfg.type](cfg, model, tokenizer, data_cfg, mesh)
+    return evaluators

@@ -1,0 +1,23 @@
+"""Model families; `build_model(model_cfg)` picks one by `model_cfg.name`."""
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models import clip
+
+MODELS = {"clip": clip.Model}
+
+
+def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
+    """Instantiates `MODELS[name](**rest)`, turning dtype names into dtypes."""
+    cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    name = cfg.pop("name")
+    if name not in MODELS:
+        raise ValueError(f"unknown model.name {name!r}; valid: {sorted(MODELS)}")
+    for key in ("dtype", "param_dtype"):
+        if key in cfg:
+            cfg[key] = jnp.dtype(cfg[key])
+    return MODELS[name](**cfg)

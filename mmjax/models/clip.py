@@ -1,0 +1,72 @@
+"""CLIP (Radford et al., 2021): ViT image tower + causal text tower + linear projections."""
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models.text import TextTransformer
+from mmjax.models.vit import VisionTransformer
+from mmjax.nn.initializers import logical
+
+
+class CLIP(nn.Module):
+    """Dual encoder; `__call__(batch)` returns unit-norm embeddings and the logit scale.
+
+    `image` and `text` hold the keyword arguments of VisionTransformer / TextTransformer.
+    The temperature is learned as log(1/T), initialised at log(1/0.07) and its exponent
+    clipped at 100 (Sec. 2.5 of the paper).
+    """
+
+    image: Mapping[str, Any]
+    text: Mapping[str, Any]
+    embed_dim: int
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_max: float = 100.0
+    attention_impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        kw = dict(attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.image_tower = VisionTransformer(**self.image, **kw)
+        self.text_tower = TextTransformer(**self.text, **kw)
+        proj = dict(
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=logical(nn.initializers.lecun_normal(), "embed", "proj"),
+        )
+        self.image_proj = nn.Dense(self.embed_dim, **proj)
+        self.text_proj = nn.Dense(self.embed_dim, **proj)
+        self.logit_scale = self.param(
+            "logit_scale", logical(nn.initializers.constant(self.logit_scale_init)), ()
+        )
+
+    def encode_image(self, images: jnp.ndarray) -> jnp.ndarray:
+        """Images [B, H, W, C] -> L2-normalised embeddings [B, embed_dim] in f32."""
+        pooled, _ = self.image_tower(images.astype(self.dtype))
+        return _normalize(self.image_proj(pooled))
+
+    def encode_text(self, tokens: jnp.ndarray) -> jnp.ndarray:
+        """Token ids [B, L] -> L2-normalised embeddings [B, embed_dim] in f32."""
+        pooled, _ = self.text_tower(tokens)
+        return _normalize(self.text_proj(pooled))
+
+    def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool = False) -> dict:
+        del train  # no dropout in CLIP
+        return {
+            "image_emb": self.encode_image(batch["image"]),
+            "text_emb": self.encode_text(batch["text"]),
+            "logit_scale": jnp.exp(jnp.minimum(self.logit_scale, math.log(self.logit_scale_max))),
+        }
+
+
+def _normalize(x: jnp.ndarray) -> jnp.ndarray:
+    x = x.astype(jnp.float32)
+    return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+Model = CLIP

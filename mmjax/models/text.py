@@ -1,0 +1,64 @@
+"""Causal text transformer with end-of-text pooling (CLIP, Radford et al., 2021, Sec. 2.4)."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.nn import LayerNorm, Transformer
+from mmjax.nn.initializers import logical
+
+
+def last_token_index(tokens: jnp.ndarray, pad_id: int = 0) -> jnp.ndarray:
+    """Index of the last non-pad token of each row: the end-of-text token of CLIP's pooling."""
+    return jnp.maximum(jnp.sum(tokens != pad_id, axis=-1) - 1, 0)
+
+
+class TextTransformer(nn.Module):
+    """Token ids [B, L] (0 = padding) -> (pooled [B, width] at end of text, tokens [B, L, width])."""
+
+    vocab_size: int
+    max_len: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    activation: str = "gelu"
+    remat: bool = False
+    attention_impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        if tokens.shape[1] > self.max_len:
+            raise ValueError(f"text length {tokens.shape[1]} exceeds max_len {self.max_len}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.Embed(
+            self.vocab_size,
+            self.width,
+            embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
+            param_dtype=self.param_dtype,
+            name="token_embedding",
+        )(tokens)
+        pos = self.param(
+            "pos_embedding",
+            logical(nn.initializers.normal(0.01), "position", "embed"),
+            (self.max_len, self.width),
+            self.param_dtype,
+        )
+        x = (x + pos[: tokens.shape[1]]).astype(self.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        segment_ids = (tokens != 0).astype(jnp.int32)  # padding sees and is seen by nothing
+        x = Transformer(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            activation=self.activation,
+            causal=True,
+            remat=self.remat,
+            attention_impl=self.attention_impl,
+            name="encoder",
+            **kw,
+        )(x, segment_ids)
+        x = LayerNorm(name="norm_final", **kw)(x)
+        pooled = jnp.take_along_axis(x, last_token_index(tokens)[:, None, None], axis=1)[:, 0]
+        return pooled, x

@@ -1,0 +1,59 @@
+"""Vision Transformer (Dosovitskiy et al., 2021) as used by CLIP: pre-LN, cls or mean pooling."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.nn import LayerNorm, PatchEmbed, Transformer
+from mmjax.nn.initializers import logical
+
+POOLS = ("cls", "gap")
+
+
+class VisionTransformer(nn.Module):
+    """Images [B, H, W, C] -> (pooled [B, width], tokens [B, N, width])."""
+
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    pool: str = "cls"
+    activation: str = "gelu"
+    remat: bool = False
+    attention_impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown pool {self.pool!r}; valid: {POOLS}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = PatchEmbed(self.patch_size, self.width, name="patch_embed", **kw)(images)
+        if self.pool == "cls":
+            cls = self.param(
+                "cls", logical(nn.initializers.normal(0.02), None, "embed"), (1, self.width)
+            )
+            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], *cls.shape)), x], axis=1)
+        pos = self.param(
+            "pos_embedding",
+            logical(nn.initializers.normal(0.02), "position", "embed"),
+            (x.shape[1], self.width),
+            self.param_dtype,
+        )
+        x = (x + pos).astype(self.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        x = LayerNorm(name="norm_pre", **kw)(x)  # CLIP's ln_pre
+        x = Transformer(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            activation=self.activation,
+            remat=self.remat,
+            attention_impl=self.attention_impl,
+            name="encoder",
+            **kw,
+        )(x)
+        x = LayerNorm(name="norm_post", **kw)(x)
+        pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
+        return pooled, x

@@ -1,0 +1,81 @@
+"""Multi-head (grouped-query) attention layer on top of `mmjax.kernels.attention`."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax import kernels
+from mmjax.nn.initializers import dense_init, zeros_init
+
+
+class MultiHeadAttention(nn.Module):
+    """Self- or cross-attention with `num_kv_heads` dividing `num_heads` (GQA).
+
+    The mask comes from token metadata (segment/span ids, causal, window) exactly as
+    `mmjax.kernels.attention` defines it; `impl` picks the kernel ("auto", "xla", ...).
+    """
+
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    use_bias: bool = True
+    impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        kv: jnp.ndarray | None = None,
+        *,
+        segment_ids: jnp.ndarray | None = None,
+        kv_segment_ids: jnp.ndarray | None = None,
+        span_ids: jnp.ndarray | None = None,
+        kv_span_ids: jnp.ndarray | None = None,
+        causal: bool = False,
+        window: int | None = None,
+    ) -> jnp.ndarray:
+        width = x.shape[-1]
+        if self.head_dim is None and width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.head_dim or width // self.num_heads
+        kv_heads = self.num_kv_heads or self.num_heads
+        kv = x if kv is None else kv
+
+        def project(name: str, inputs: jnp.ndarray, heads: int) -> jnp.ndarray:
+            y = nn.DenseGeneral(
+                (heads, head_dim),
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=dense_init("embed", "heads", "kv"),
+                bias_init=zeros_init("heads", "kv"),
+                name=name,
+            )(inputs)
+            return nn.with_logical_constraint(y, ("batch", "length", "act_heads", "kv"))
+
+        q = project("query", x, self.num_heads)
+        k = project("key", kv, kv_heads)
+        v = project("value", kv, kv_heads)
+        out = kernels.attention(
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            span_ids=span_ids,
+            kv_span_ids=kv_span_ids,
+            causal=causal,
+            window=window,
+            impl=self.impl,
+        )
+        return nn.DenseGeneral(
+            width,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=dense_init("heads", "kv", "embed"),
+            bias_init=zeros_init("embed"),
+            name="out",
+        )(out)

@@ -1,0 +1,53 @@
+"""Transformer feed-forward block."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.nn.initializers import dense_init, zeros_init
+
+
+def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
+    """x * sigmoid(1.702 x): the GELU approximation of the original OpenAI CLIP weights."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+class Mlp(nn.Module):
+    """Dense(hidden) -> activation -> Dense(width), with `mlp`-sharded hidden units."""
+
+    hidden_dim: int
+    activation: str = "gelu"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; valid: {sorted(ACTIVATIONS)}")
+        width = x.shape[-1]
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.Dense(
+            self.hidden_dim,
+            kernel_init=dense_init("embed", "mlp"),
+            bias_init=zeros_init("mlp"),
+            name="fc1",
+            **dense,
+        )(x)
+        h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+        h = ACTIVATIONS[self.activation](h)
+        return nn.Dense(
+            width,
+            kernel_init=dense_init("mlp", "embed"),
+            bias_init=zeros_init("embed"),
+            name="fc2",
+            **dense,
+        )(h)

@@ -1,0 +1,24 @@
+"""Normalisation layers with logically partitioned parameters."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.nn.initializers import logical
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis; scale/bias are labelled `embed`. Statistics in f32."""
+
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return nn.LayerNorm(
+            epsilon=self.epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            scale_init=logical(nn.initializers.ones_init(), "embed"),
+            bias_init=logical(nn.initializers.zeros_init(), "embed"),
+        )(x)

@@ -1,0 +1,35 @@
+"""2D patch embedding: a strided convolution written as a reshape + dense."""
+
+import einops
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.nn.initializers import logical, zeros_init
+
+
+class PatchEmbed(nn.Module):
+    """Splits [B, H, W, C] images into p x p patches and projects each to `width`.
+
+    Returns [B, (H/p)*(W/p), width] tokens in raster order.
+    """
+
+    patch_size: int
+    width: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
+        _, h, w, _ = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+        patches = einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
+        return nn.Dense(
+            self.width,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=logical(nn.initializers.lecun_normal(), "patch", "embed"),
+            bias_init=zeros_init("embed"),
+            name="proj",
+        )(patches)

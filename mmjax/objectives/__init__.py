@@ -1,0 +1,32 @@
+"""Pure loss functions, and `build_loss` turning a model's apply into `(params, batch, rng) -> (loss, metrics)`."""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+from mmjax.objectives.contrastive import clip_loss
+
+ApplyFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], Mapping[str, jax.Array]]
+LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+
+
+def _clip(apply_fn: ApplyFn) -> LossFn:
+    def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array):
+        out = apply_fn(params, batch, rng)
+        return clip_loss(out["image_emb"], out["text_emb"], out["logit_scale"])
+
+    return loss_fn
+
+
+OBJECTIVES: dict[str, Callable[..., LossFn]] = {"clip": _clip}
+
+
+def build_loss(name: str, apply_fn: ApplyFn, **kwargs: Any) -> LossFn:
+    """The loss named by `config.objective.name`, applied to the model's outputs."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective.name {name!r}; valid: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](apply_fn, **kwargs)
+
+
+__all__ = ["OBJECTIVES", "build_loss", "clip_loss"]

@@ -1,0 +1,1 @@
+"""Decoding with a KV cache, diffusion samplers, classifier-free guidance."""

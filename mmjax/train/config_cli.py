@@ -1,0 +1,110 @@
+"""Loading experiment configs (`experiments/NAME.py:VARIANT`) and `--config.key=value` overrides."""
+
+import ast
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import ml_collections
+
+from mmjax.errors import UserError
+
+REQUIRED_KEYS = (
+    "seed",
+    "total_steps",
+    "batch_size",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "mesh",
+    "model",
+    "data",
+    "optimizer",
+    "evals",
+)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Imports `path.py[:arg]` and returns `get_config(arg)`, checking the required keys."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location("mmjax_experiment_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"config file {path!r} defines no get_config(arg)")
+    config = module.get_config(arg) if arg else module.get_config()
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise UserError(f"config {spec!r} lacks the required top-level keys {missing}")
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Applies `key.sub=value` strings in place; unknown keys and wrong types are UserErrors."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"override {item!r} is not of the form --config.key=value")
+        parent, leaf = _resolve(config, key)
+        old = parent[leaf]
+        parent[leaf] = _parse(key, raw, old)
+
+
+def _resolve(config: ml_collections.ConfigDict, key: str):
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth]) or "<top level>"
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise UserError(f"config key {key!r}: {prefix!r} is a value, not a group of keys")
+        if part not in node:
+            raise UserError(
+                f"unknown config key {key!r}; valid keys under {prefix!r}: {sorted(node.keys())}"
+            )
+        if depth == len(parts) - 1:
+            if isinstance(node[part], ml_collections.ConfigDict):
+                raise UserError(
+                    f"config key {key!r} is a group; set one of {sorted(node[part].keys())}"
+                )
+            return node, part
+        node = node[part]
+    raise AssertionError("unreachable")
+
+
+def _parse(key: str, raw: str, old):
+    """Parses `raw` to the type of the current value `old`."""
+
+    def bad(expected: str) -> UserError:
+        return UserError(f"config key {key!r} expects {expected}, got {raw!r}")
+
+    if isinstance(old, bool):
+        lowered = raw.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise bad("a bool (true/false)")
+    if isinstance(old, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise bad("an int") from None
+    if isinstance(old, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise bad("a float") from None
+    if isinstance(old, str):
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if old is None:
+            return raw
+        raise bad(f"a Python literal of type {type(old).__name__}") from None
+    if old is not None and not isinstance(value, type(old)):
+        if isinstance(old, tuple) and isinstance(value, list):
+            return tuple(value)
+        raise bad(f"a {type(old).__name__}")
+    return value

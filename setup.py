@@ -1,0 +1,39 @@
+"""mmjax: multimodal models (encoders, resamplers, unified decoders) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mmjax",
+    version="0.1.0",
+    description="Multimodal research models in JAX/Flax: CLIP to unified decoders",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mmjax", "mmjax.*"]),
+    install_requires=[
+        "jax>=0.7.1",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "array_record>=0.7",
+        "sentencepiece>=0.2",
+        "ml_collections>=1.0",
+        "einops>=0.8",
+        "chex>=0.1.89",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+        "pillow>=10",
+        "scikit-learn>=1.4",
+        "scikit-image>=0.22",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],
+        "bench": ["torch>=2.4", "open_clip_torch>=2.24", "transformers>=4.40"],
+        "tfds": ["tensorflow-datasets>=4.9.7"],
+        "gpu": ["jax[cuda12]>=0.7.1"],
+        "tpu": ["jax[tpu]>=0.7.1"],
+        "tensorboard": ["tensorboard>=2.15"],
+    },
+)
