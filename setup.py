@@ -6,8 +6,6 @@ setup(
     name="mmjax",
     version="0.1.0",
     description="Multimodal research models in JAX/Flax: CLIP to unified decoders",
-    long_description=open("README.md").read(),
-    long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["mmjax", "mmjax.*"]),
     install_requires=[

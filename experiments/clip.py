@@ -37,8 +37,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.distributed = False
     c.optimizer = dict(
-        name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
-        warmup_steps=2000, end_factor=0.0, grad_clip_norm=1.0,
+        name="adamw",
+        lr=5e-4,
+        b1=0.9,
+        b2=0.98,
+        eps=1e-6,
+        weight_decay=0.2,
+        warmup_steps=2000,
+        end_factor=0.0,
+        grad_clip_norm=1.0,
     )
     if arg == "tiny":
         _tiny(c)
@@ -55,11 +62,16 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
     c.eval_every = 200
     c.checkpoint_every = 200
     c.data = dict(
-        source="digits", path="", image_size=8, max_text_len=16, tokenizer="sentencepiece",
-        vocab_size=128, prefetch=2,
+        source="digits",
+        path="",
+        image_size=8,
+        max_text_len=16,
+        tokenizer="sentencepiece",
+        vocab_size=128,
+        prefetch=2,
     )
     width = 64
-    tower = dict(width=width, depth=2, num_heads=4, mlp_dim=4 * width)
+    tower = dict(width=width, depth=2, num_heads=4, mlp_dim=4 * width, remat=False)
     c.model = dict(
         name="clip",
         embed_dim=width,
@@ -82,8 +94,13 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
     c.eval_every = 10_000
     c.checkpoint_every = 2_000
     c.data = dict(
-        source="array_record", path="", image_size=224,
-        max_text_len=77, tokenizer="sentencepiece", vocab_size=49408, prefetch=4,
+        source="array_record",
+        path="",
+        image_size=224,
+        max_text_len=77,
+        tokenizer="sentencepiece",
+        vocab_size=49408,
+        prefetch=4,
         class_names=(),
     )
     c.model = dict(
@@ -91,10 +108,24 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
         embed_dim=embed,
         dtype="bfloat16",
         attention_impl="auto",
-        image=dict(patch_size=patch, width=width, depth=depth, num_heads=heads,
-                   mlp_dim=4 * width, pool="cls", remat=True),
-        text=dict(vocab_size=0, max_len=77, width=text_width, depth=12, num_heads=text_heads,
-                  mlp_dim=4 * text_width, remat=True),
+        image=dict(
+            patch_size=patch,
+            width=width,
+            depth=depth,
+            num_heads=heads,
+            mlp_dim=4 * width,
+            pool="cls",
+            remat=True,
+        ),
+        text=dict(
+            vocab_size=0,
+            max_len=77,
+            width=text_width,
+            depth=12,
+            num_heads=text_heads,
+            mlp_dim=4 * text_width,
+            remat=True,
+        ),
     )
     c.optimizer.update(lr=lr)
     c.evals = dict()  # zero-shot needs class names: add evals.zero_shot with data.class_names

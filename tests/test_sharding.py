@@ -74,5 +74,6 @@ def test_sharded_step_equals_single_device_step(mesh):
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), init, params1)
     assert max(jax.tree.leaves(moved)) > 1e-3  # the step really changed the parameters
     np.testing.assert_allclose(loss8, loss1, atol=1e-5, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), params1,
-                 params8)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), params1, params8
+    )

@@ -1,4 +1,4 @@
-"""Zero-shot classification (CLIP, Sec. 3.1.2): nearest class-prompt embedding, template-ensembled."""
+"""Zero-shot classification (CLIP, Sec. 3.1.2): nearest prompt-ensemble class embedding."""
 
 from collections.abc import Sequence
 from typing import Any
@@ -7,7 +7,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmjax import data as mmdata
@@ -16,7 +15,12 @@ from mmjax.parallel import global_batch
 
 
 def class_embeddings(
-    encode_text, params: Any, tokenizer, names: Sequence[str], templates: Sequence[str], max_len: int
+    encode_text,
+    params: Any,
+    tokenizer,
+    names: Sequence[str],
+    templates: Sequence[str],
+    max_len: int,
 ) -> jnp.ndarray:
     """[num_classes, D]: per class, the renormalised mean of its prompts' unit embeddings."""
     prompts = [t.format(n) for n in names for t in templates]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from mmjax.models.text import TextTransformer
 from mmjax.models.vit import VisionTransformer
+from mmjax.nn.dense import DenseGeneral
 from mmjax.nn.initializers import logical
 
 
@@ -30,17 +31,21 @@ class CLIP(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
-        kw = dict(attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(
+            attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype
+        )
         self.image_tower = VisionTransformer(**self.image, **kw)
         self.text_tower = TextTransformer(**self.text, **kw)
         proj = dict(
+            features=(self.embed_dim,),
+            kernel_axes=("embed", "proj"),
             use_bias=False,
+            init="lecun_normal",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=logical(nn.initializers.lecun_normal(), "embed", "proj"),
         )
-        self.image_proj = nn.Dense(self.embed_dim, **proj)
-        self.text_proj = nn.Dense(self.embed_dim, **proj)
+        self.image_proj = DenseGeneral(**proj)
+        self.text_proj = DenseGeneral(**proj)
         self.logit_scale = self.param(
             "logit_scale", logical(nn.initializers.constant(self.logit_scale_init)), ()
         )

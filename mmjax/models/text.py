@@ -13,7 +13,7 @@ def last_token_index(tokens: jnp.ndarray, pad_id: int = 0) -> jnp.ndarray:
 
 
 class TextTransformer(nn.Module):
-    """Token ids [B, L] (0 = padding) -> (pooled [B, width] at end of text, tokens [B, L, width])."""
+    """Token ids [B, L] (0 = padding) -> (pooled [B, width] at end of text, [B, L, width])."""
 
     vocab_size: int
     max_len: int

@@ -6,4 +6,11 @@ from mmjax.nn.norms import LayerNorm
 from mmjax.nn.patch_embed import PatchEmbed
 from mmjax.nn.transformer import Transformer, TransformerBlock
 
-__all__ = ["LayerNorm", "Mlp", "MultiHeadAttention", "PatchEmbed", "Transformer", "TransformerBlock"]
+__all__ = [
+    "LayerNorm",
+    "Mlp",
+    "MultiHeadAttention",
+    "PatchEmbed",
+    "Transformer",
+    "TransformerBlock",
+]

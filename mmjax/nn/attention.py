@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax import kernels
-from mmjax.nn.initializers import dense_init, zeros_init
+from mmjax.nn.dense import DenseGeneral
 
 
 class MultiHeadAttention(nn.Module):
@@ -43,13 +43,12 @@ class MultiHeadAttention(nn.Module):
         kv = x if kv is None else kv
 
         def project(name: str, inputs: jnp.ndarray, heads: int) -> jnp.ndarray:
-            y = nn.DenseGeneral(
+            y = DenseGeneral(
                 (heads, head_dim),
+                ("embed", "heads", "kv"),
                 use_bias=self.use_bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                kernel_init=dense_init("embed", "heads", "kv"),
-                bias_init=zeros_init("heads", "kv"),
                 name=name,
             )(inputs)
             return nn.with_logical_constraint(y, ("batch", "length", "act_heads", "kv"))
@@ -69,13 +68,12 @@ class MultiHeadAttention(nn.Module):
             window=window,
             impl=self.impl,
         )
-        return nn.DenseGeneral(
-            width,
-            axis=(-2, -1),
+        return DenseGeneral(
+            (width,),
+            ("heads", "kv", "embed"),
+            num_in=2,
             use_bias=self.use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=dense_init("heads", "kv", "embed"),
-            bias_init=zeros_init("embed"),
             name="out",
         )(out)

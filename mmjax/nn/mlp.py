@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.nn.initializers import dense_init, zeros_init
+from mmjax.nn.dense import DenseGeneral
 
 
 def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
@@ -32,22 +32,12 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; valid: {sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"unknown activation {self.activation!r}; valid: {sorted(ACTIVATIONS)}"
+            )
         width = x.shape[-1]
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.Dense(
-            self.hidden_dim,
-            kernel_init=dense_init("embed", "mlp"),
-            bias_init=zeros_init("mlp"),
-            name="fc1",
-            **dense,
-        )(x)
+        h = DenseGeneral((self.hidden_dim,), ("embed", "mlp"), name="fc1", **dense)(x)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
         h = ACTIVATIONS[self.activation](h)
-        return nn.Dense(
-            width,
-            kernel_init=dense_init("mlp", "embed"),
-            bias_init=zeros_init("embed"),
-            name="fc2",
-            **dense,
-        )(h)
+        return DenseGeneral((width,), ("mlp", "embed"), name="fc2", **dense)(h)

@@ -4,11 +4,11 @@ import einops
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.nn.initializers import logical, zeros_init
+from mmjax.nn.dense import DenseGeneral
 
 
 class PatchEmbed(nn.Module):
-    """Splits [B, H, W, C] images into p x p patches and projects each to `width`.
+    """Splits [B, H, W, C] images into p x p patches (raster order) and projects each to `width`.
 
     Returns [B, (H/p)*(W/p), width] tokens in raster order.
     """
@@ -25,11 +25,11 @@ class PatchEmbed(nn.Module):
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
         patches = einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
-        return nn.Dense(
-            self.width,
+        return DenseGeneral(
+            (self.width,),
+            ("patch", "embed"),
+            init="lecun_normal",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=logical(nn.initializers.lecun_normal(), "patch", "embed"),
-            bias_init=zeros_init("embed"),
             name="proj",
         )(patches)

@@ -1,4 +1,4 @@
-"""Pure loss functions, and `build_loss` turning a model's apply into `(params, batch, rng) -> (loss, metrics)`."""
+"""Pure loss functions; `build_loss` wraps a model's apply as (params, batch, rng) -> loss."""
 
 from collections.abc import Callable, Mapping
 from typing import Any

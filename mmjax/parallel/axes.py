@@ -43,7 +43,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def validate_rules(rules: Sequence[Sequence]) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+def validate_rules(
+    rules: Sequence[Sequence],
+) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
     """Checks that rules name known logical axes and mesh axes; returns them as tuples."""
     out = []
     for rule in rules:
@@ -60,5 +62,7 @@ def validate_rules(rules: Sequence[Sequence]) -> tuple[tuple[str, str | tuple[st
                 raise ValueError(
                     f"mesh.rules maps {name!r} to unknown mesh axis {t!r}; valid: {MESH_AXES}"
                 )
-        out.append((name, tuple(targets) if len(targets) > 1 else (targets[0] if targets else None)))
+        out.append(
+            (name, tuple(targets) if len(targets) > 1 else (targets[0] if targets else None))
+        )
     return tuple(out)

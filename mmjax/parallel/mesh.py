@@ -16,28 +16,23 @@ def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ..
     if unknown:
         raise ValueError(f"unknown mesh axes {unknown}; valid: {list(MESH_AXES)}")
     sizes = [int(axis_sizes.get(a, 1)) for a in MESH_AXES]
+    asked = dict(zip(MESH_AXES, sizes, strict=True))
     fills = [i for i, s in enumerate(sizes) if s == -1]
-    if len(fills) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
-    if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    if len(fills) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive with at most one -1, got {asked}")
     known = math.prod(s for s in sizes if s != -1)
-    if fills:
-        if num_devices % known:
-            raise ValueError(f"{num_devices} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}")
+    if fills and num_devices % known == 0:
         sizes[fills[0]] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-            f"but {num_devices} are available"
-        )
+        raise ValueError(f"mesh {asked} does not fit the {num_devices} available devices")
     return tuple(sizes)
 
 
 def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a Mesh with axes (data, fsdp, tensor) of Auto axis type over `devices` (default all)."""
+    """A Mesh with axes (data, fsdp, tensor), all of Auto type, over `devices` (default all)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(axis_sizes, len(devices))
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
     if devices == list(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)

@@ -1,4 +1,4 @@
-"""The generic trainer: `train_and_evaluate(config, workdir)` and the `python -m mmjax.train` CLI."""
+"""The generic trainer: `train_and_evaluate(config, workdir)`; CLI `python -m mmjax.train`."""
 
 from mmjax.train.loop import train_and_evaluate
 

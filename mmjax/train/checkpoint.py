@@ -38,9 +38,7 @@ class Checkpointer:
             logging.info("saving checkpoint at step %d", step)
         return saved
 
-    def restore(
-        self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator
-    ) -> Any:
+    def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator) -> Any:
         """Restores the state onto the shardings of `abstract_state` and rewinds the iterator."""
         restored = self.manager.restore(
             step,

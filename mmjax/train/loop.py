@@ -177,8 +177,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             evaluators = evals.build_evaluators(
                 config.evals, trainer.model, trainer.tokenizer, config.data, trainer.mesh
             )
-            final = _run(config, trainer, state, shardings, data_iter, ckpt, writer, evaluators,
-                         preemption, start or 0)
+            final = _run(
+                config,
+                trainer,
+                state,
+                shardings,
+                data_iter,
+                ckpt,
+                writer,
+                evaluators,
+                preemption,
+                start or 0,
+            )
     finally:
         preemption.restore()
         ckpt.close()
@@ -186,8 +196,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return final
 
 
-def _run(config, trainer, state, shardings, data_iter, ckpt, writer, evaluators, preemption,
-         start: int) -> dict[str, float]:
+def _run(
+    config, trainer, state, shardings, data_iter, ckpt, writer, evaluators, preemption, start: int
+) -> dict[str, float]:
     train_step = trainer.jit_train_step(shardings)
     total = config.total_steps
     final: dict[str, float] = {}
@@ -196,13 +207,20 @@ def _run(config, trainer, state, shardings, data_iter, ckpt, writer, evaluators,
         for name, evaluator in evaluators.items():
             t0 = time.perf_counter()
             results = evaluator(state.params)
-            log.info("eval %s at step %d took %.1fs: %s", name, step, time.perf_counter() - t0,
-                     results)
+            log.info(
+                "eval %s at step %d took %.1fs: %s", name, step, time.perf_counter() - t0, results
+            )
             writer.write(step, results)
             final.update(results)
 
-    bar = tqdm(total=total, initial=start, desc="train", disable=not trainer.is_main,
-               dynamic_ncols=True, unit="step")
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc="train",
+        disable=not trainer.is_main,
+        dynamic_ncols=True,
+        unit="step",
+    )
     pending: list[dict] = []
     t_log, examples = time.perf_counter(), 0
     step = start

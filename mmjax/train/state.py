@@ -16,4 +16,6 @@ class TrainState(flax.struct.PyTreeNode):
 
     @classmethod
     def create(cls, params: Any, tx: optax.GradientTransformation) -> "TrainState":
-        return cls(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params))
+        return cls(
+            step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params)
+        )

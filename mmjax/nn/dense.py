@@ -1,0 +1,61 @@
+"""A DenseGeneral whose kernel is created in its final shape, so logical axes fit its rank.
+
+(flax's DenseGeneral initialises a flat 2D kernel and reshapes it, which breaks logical
+partitioning of multi-axis kernels such as [embed, heads, head_dim].)
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.nn.initializers import logical
+
+INITS = {"xavier_uniform": ("fan_avg", "uniform"), "lecun_normal": ("fan_in", "truncated_normal")}
+
+
+class DenseGeneral(nn.Module):
+    """Contracts the last `num_in` axes of x with a kernel [*in, *features] (`kernel_axes`)."""
+
+    features: Sequence[int]
+    kernel_axes: Sequence[str | None]
+    num_in: int = 1
+    use_bias: bool = True
+    init: str = "xavier_uniform"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        in_shape = x.shape[-self.num_in :]
+        features = tuple(self.features)
+        if len(self.kernel_axes) != len(in_shape) + len(features):
+            raise ValueError(
+                f"kernel_axes {self.kernel_axes} do not match kernel rank "
+                f"{len(in_shape) + len(features)}"
+            )
+        mode, distribution = INITS[self.init]
+        n_in = len(in_shape)
+        init = nn.initializers.variance_scaling(
+            1.0,
+            mode,
+            distribution,
+            in_axis=tuple(range(n_in)),
+            out_axis=tuple(range(n_in, n_in + len(features))),
+        )
+        kernel = self.param(
+            "kernel", logical(init, *self.kernel_axes), (*in_shape, *features), self.param_dtype
+        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                logical(nn.initializers.zeros_init(), *self.kernel_axes[n_in:]),
+                features,
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
