@@ -1,0 +1,166 @@
+"""Text tokenizers: a SentencePiece model trained on the training captions, and raw bytes.
+
+Both share the special ids convention the models rely on: pad = 0 (masked out), then bos and
+eos; `tokenize` frames every text as [bos] + ids + [eos] and pads to a fixed length.
+"""
+
+import abc
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import sentencepiece as spm
+from etils import epath
+from ml_collections import ConfigDict
+
+from mmjax.data.sources import build_source, sample_captions
+from mmjax.errors import UserError
+
+TOKENIZER_FILE = "tokenizer.model"
+TOKENIZERS = ("sentencepiece", "byte")
+# Enough text to fit a small vocabulary; bounds the read of a large dataset.
+_MAX_TRAINING_CAPTIONS = 100_000
+
+
+class Tokenizer(abc.ABC):
+    """Maps text to ids and back; subclasses provide the ids of the specials."""
+
+    pad_id: int = 0
+    bos_id: int
+    eos_id: int
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, specials included (the embedding table size)."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, without specials."""
+
+    @abc.abstractmethod
+    def _decode_ids(self, ids: list[int]) -> str:
+        """Text of `ids`, which hold no specials."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`: stops at the first eos and skips pad and bos."""
+        kept = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i not in (self.pad_id, self.bos_id):
+                kept.append(i)
+        return self._decode_ids(kept)
+
+    def tokenize(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+        """int32 [N, max_len]: [bos] + ids + [eos] + pads; long texts are cut before the eos."""
+        if max_len < 2:
+            raise UserError(f"data.max_text_len must be at least 2 (bos + eos), got {max_len}")
+        out = np.full((len(texts), max_len), self.pad_id, dtype=np.int32)
+        for row, text in enumerate(texts):
+            ids = [self.bos_id, *self.encode(text)[: max_len - 2], self.eos_id]
+            out[row, : len(ids)] = ids
+        return out
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model with pad = 0, unk = 1, bos = 2, eos = 3."""
+
+    def __init__(self, model_proto: bytes) -> None:
+        self.model_proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        if self._sp.pad_id() != 0 or self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
+            raise UserError(f"{TOKENIZER_FILE} must define pad = 0, bos and eos ids")
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+
+    @classmethod
+    def train(cls, texts: Sequence[str], vocab_size: int) -> "SentencePieceTokenizer":
+        """Trains a BPE model on `texts`, deterministically (one thread, fixed order).
+
+        `hard_vocab_limit=False` makes `vocab_size` an upper bound, so tiny corpora still train.
+        """
+        sentences = [t.replace("\n", " ") for t in texts if t.strip()]
+        if not sentences:
+            raise UserError("cannot train a sentencepiece tokenizer: the captions are all empty")
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            hard_vocab_limit=False,
+            character_coverage=1.0,
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            num_threads=1,
+            minloglevel=2,
+        )
+        return cls(model.getvalue())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer(vocab_size={self.vocab_size})"
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes shifted past the specials: pad = 0, bos = 1, eos = 2, byte b -> b + 3."""
+
+    bos_id = 1
+    eos_id = 2
+    _OFFSET = 3
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + self._OFFSET
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self._OFFSET for b in text.encode("utf-8")]
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        data = bytes(i - self._OFFSET for i in ids if self._OFFSET <= i < self.vocab_size)
+        return data.decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+def load_or_train_tokenizer(data_cfg: ConfigDict, workdir: str | None, *, write: bool) -> Tokenizer:
+    """The tokenizer named by `data_cfg.tokenizer`.
+
+    SentencePiece: loads `workdir/tokenizer.model` when present (so a resumed run keeps its
+    vocabulary), else trains on the train split's captions. Training is deterministic, so every
+    process trains the same model; only the caller with `write` (process 0) saves it.
+    """
+    kind = data_cfg.tokenizer
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind != "sentencepiece":
+        raise UserError(f"unknown data.tokenizer '{kind}' (valid: {', '.join(TOKENIZERS)})")
+    path = epath.Path(workdir) / TOKENIZER_FILE if workdir else None
+    if path is not None and path.exists():
+        try:
+            return SentencePieceTokenizer(path.read_bytes())
+        except RuntimeError as e:
+            raise UserError(f"cannot load tokenizer '{path}': {e}") from e
+    source = build_source(data_cfg, data_cfg.split_train)
+    tokenizer = SentencePieceTokenizer.train(
+        sample_captions(source, _MAX_TRAINING_CAPTIONS), int(data_cfg.vocab_size)
+    )
+    if write and path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{TOKENIZER_FILE}.tmp"
+        tmp.write_bytes(tokenizer.model_proto)
+        tmp.rename(path)
+    return tokenizer
