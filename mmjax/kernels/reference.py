@@ -1,0 +1,72 @@
+"""XLA reference attention: a dense, materialised-mask softmax with the contract's semantics.
+
+It is the ground truth the Pallas kernel is tested against and the fallback backend
+("xla") of `mmjax.kernels.attention`: simple rather than fast, f32 logits and softmax,
+grouped-query heads, and rows that see nothing return exactly 0 (value and gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mmjax.kernels.masks import attention_mask
+
+Array = jnp.ndarray
+
+# Finite stand-in for -inf on masked logits: exp() of it underflows to 0, and unlike -inf it
+# never produces inf - inf = NaN when a whole row is masked.
+_MASKED_LOGIT = -0.5 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_reference(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    segment_ids: Array | None = None,
+    kv_segment_ids: Array | None = None,
+    span_ids: Array | None = None,
+    kv_span_ids: Array | None = None,
+    causal: bool = False,
+    window: int | None = None,
+    q_offset: int | Array = 0,
+    scale: float | None = None,
+) -> Array:
+    """Masked softmax attention, q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> [B, Sq, H, D].
+
+    Query head h reads kv head h // (H // Hkv). The mask is `masks.attention_mask` of the
+    same keyword arguments. Logits and softmax run in f32 (matmuls at highest precision);
+    the result has q's dtype. `scale` defaults to 1 / sqrt(D). Shapes are assumed valid:
+    `mmjax.kernels.attention` checks them.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    mask = attention_mask(
+        q_len,
+        kv_len,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        span_ids=span_ids,
+        kv_span_ids=kv_span_ids,
+        causal=causal,
+        window=window,
+        q_offset=q_offset,
+    )[:, None, None]  # [b, 1, 1, Sq, Sk] against logits [B, Hkv, G, Sq, Sk]
+
+    highest = jax.lax.Precision.HIGHEST
+    qg = q.astype(jnp.float32).reshape(batch, q_len, kv_heads, groups, head_dim)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32), precision=highest)
+    logits = jnp.where(mask, logits * scale, _MASKED_LOGIT)
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    # A row with no visible key has total 0: divide by 1 so it stays exactly 0, NaN-free.
+    probs = weights / jnp.where(total > 0, total, 1.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(jnp.float32), precision=highest)
+    return out.reshape(batch, q_len, heads, v.shape[-1]).astype(q.dtype)
