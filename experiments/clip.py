@@ -16,6 +16,7 @@ import math
 
 import ml_collections
 
+from mmjax.data import data_config
 from mmjax.parallel import DEFAULT_RULES
 
 # name: (image patch, image width, depth, heads, text width, text heads, embed dim, lr)
@@ -61,15 +62,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
     c.log_every = 25
     c.eval_every = 200
     c.checkpoint_every = 200
-    c.data = dict(
-        source="digits",
-        path="",
-        image_size=8,
-        max_text_len=16,
-        tokenizer="sentencepiece",
-        vocab_size=128,
-        prefetch=2,
-    )
+    c.data = data_config(source="digits", image_size=8, max_text_len=16, vocab_size=128)
     width = 64
     tower = dict(width=width, depth=2, num_heads=4, mlp_dim=4 * width, remat=False)
     c.model = dict(
@@ -93,15 +86,8 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
     c.log_every = 100
     c.eval_every = 10_000
     c.checkpoint_every = 2_000
-    c.data = dict(
-        source="array_record",
-        path="",
-        image_size=224,
-        max_text_len=77,
-        tokenizer="sentencepiece",
-        vocab_size=49408,
-        prefetch=4,
-        class_names=(),
+    c.data = data_config(
+        source="array_record", image_size=224, max_text_len=77, vocab_size=49408, prefetch=4
     )
     c.model = dict(
         name="clip",

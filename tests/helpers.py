@@ -15,6 +15,7 @@ def tiny_clip_config(**overrides) -> ml_collections.ConfigDict:
     c.model.image.depth = 1
     c.model.text.depth = 1
     c.data.tokenizer = "byte"
+    c.data.max_text_len = c.model.text.max_len = 40  # bytes of the longest digit caption
     c.batch_size = 32
     c.total_steps = 6
     c.log_every = 2

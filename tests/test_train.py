@@ -17,7 +17,7 @@ from mmjax.train.metrics import read_metrics
 
 
 def test_a_few_training_steps_lower_the_loss():
-    config = tiny_clip_config()
+    config = tiny_clip_config(total_steps=40)  # the cosine schedule spans the 40 steps
     config.optimizer.update(lr=3e-3, warmup_steps=3)
     trainer = Trainer(config, workdir=None, devices=jax.devices()[:1])
     data = trainer.data_iterator()
@@ -29,7 +29,8 @@ def test_a_few_training_steps_lower_the_loss():
         for i in range(40):
             state, metrics = step(state, parallel.global_batch(batches[i % 4], trainer.mesh))
             losses.append(float(metrics["loss"]))
-    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4]), losses
+    chance = np.log(config.batch_size)  # the InfoNCE loss of uniform logits
+    assert np.mean(losses[-4:]) < min(0.85 * np.mean(losses[:4]), chance - 0.3), losses
 
 
 def test_run_writes_the_workdir_and_resumes(tmp_path, capsys):

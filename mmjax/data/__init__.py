@@ -1,5 +1,6 @@
 """Data: sources of image-caption records, tokenizers, image ops and grain pipelines."""
 
+from mmjax.data.config import DATA_DEFAULTS, data_config
 from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, IMAGE_OPS, build_image_ops, decode_image
 from mmjax.data.pipeline import class_names, eval_batches, make_train_iterator, prompt_templates
 from mmjax.data.sources import (
@@ -26,6 +27,7 @@ from mmjax.data.tokenizer import (
 )
 
 __all__ = [
+    "DATA_DEFAULTS",
     "DEFAULT_IMAGE_OPS",
     "DIGIT_NAMES",
     "DIGIT_PROMPT_TEMPLATES",
@@ -45,6 +47,7 @@ __all__ = [
     "build_image_ops",
     "build_source",
     "class_names",
+    "data_config",
     "decode_image",
     "eval_batches",
     "load_or_train_tokenizer",

@@ -64,7 +64,7 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, seed: i
         metrics = {
             **metrics,
             "learning_rate": schedule(state.step),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,34 @@
+"""Every `config.data` key with its default, so experiments set only what differs."""
+
+from typing import Any
+
+import ml_collections
+
+from mmjax.data.image_ops import DEFAULT_IMAGE_OPS
+
+DATA_DEFAULTS: dict[str, Any] = dict(
+    source="digits",  # digits | skimage | shapes | array_record | tfds
+    path="",  # array_record: directory of shards; tfds: data_dir
+    split_train="train",
+    image_size=8,
+    image_ops=DEFAULT_IMAGE_OPS,
+    max_text_len=16,
+    tokenizer="sentencepiece",  # sentencepiece (trained on the train captions) | byte
+    vocab_size=128,
+    prefetch=2,
+    shapes_num_train=10_000,
+    shapes_num_test=1_000,
+    tfds_name="",
+    tfds_image_key="image",
+    tfds_text_key="",
+    tfds_label_key="label",
+    class_names=(),
+)
+
+
+def data_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """`DATA_DEFAULTS` updated with `overrides`; an unknown key is a ValueError."""
+    unknown = sorted(set(overrides) - set(DATA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown data config keys {unknown}; valid: {sorted(DATA_DEFAULTS)}")
+    return ml_collections.ConfigDict({**DATA_DEFAULTS, **overrides})
