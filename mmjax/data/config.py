@@ -12,6 +12,7 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     split_train="train",
     image_size=8,
     image_ops=DEFAULT_IMAGE_OPS,
+    augment=(),  # train-only random ops, e.g. ("random_shift",)
     max_text_len=16,
     tokenizer="sentencepiece",  # sentencepiece (trained on the train captions) | byte
     vocab_size=128,

@@ -14,8 +14,11 @@ from PIL import Image, UnidentifiedImageError
 from mmjax.errors import UserError
 
 ImageOp = Callable[[np.ndarray], np.ndarray]
+RandomImageOp = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 IMAGE_OPS: dict[str, Callable[[int], ImageOp]] = {}
+# Train-time augmentations: applied after `image_ops`, with a per-example seeded generator.
+AUGMENT_OPS: dict[str, Callable[[int], RandomImageOp]] = {}
 
 DEFAULT_IMAGE_OPS = ("central_crop", "resize", "value_range")
 
@@ -25,6 +28,16 @@ def register(name: str) -> Callable[[Callable[[int], ImageOp]], Callable[[int], 
 
     def wrap(factory: Callable[[int], ImageOp]) -> Callable[[int], ImageOp]:
         IMAGE_OPS[name] = factory
+        return factory
+
+    return wrap
+
+
+def _register_augment(
+    name: str,
+) -> Callable[[Callable[[int], RandomImageOp]], Callable[[int], RandomImageOp]]:
+    def wrap(factory: Callable[[int], RandomImageOp]) -> Callable[[int], RandomImageOp]:
+        AUGMENT_OPS[name] = factory
         return factory
 
     return wrap
@@ -85,6 +98,35 @@ def value_range(image_size: int) -> ImageOp:
         return image.astype(np.float32) / 127.5 - 1.0
 
     return op
+
+
+@_register_augment("random_shift")
+def random_shift(image_size: int) -> RandomImageOp:
+    """Translates by up to 1/8 of the side in x and y, repeating edge pixels into the gap."""
+    pad = max(1, round(image_size / 8))
+
+    def op(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        h, w = image.shape[:2]
+        padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+        top, left = rng.integers(0, 2 * pad + 1, size=2)
+        return padded[top : top + h, left : left + w]
+
+    return op
+
+
+def build_augment_ops(names: Sequence[str], image_size: int) -> RandomImageOp:
+    """Composes the registered augmentations `names` (applied in order)."""
+    unknown = [n for n in names if n not in AUGMENT_OPS]
+    if unknown:
+        raise UserError(f"unknown data.augment {unknown} (valid: {', '.join(sorted(AUGMENT_OPS))})")
+    ops = [AUGMENT_OPS[n](image_size) for n in names]
+
+    def apply(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        for op in ops:
+            image = op(image, rng)
+        return image
+
+    return apply
 
 
 def build_image_ops(names: Sequence[str], image_size: int) -> ImageOp:

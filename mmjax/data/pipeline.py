@@ -13,7 +13,7 @@ import grain
 import numpy as np
 from ml_collections import ConfigDict
 
-from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, build_image_ops
+from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, build_augment_ops, build_image_ops
 from mmjax.data.sources import (
     DIGIT_NAMES,
     DIGIT_PROMPT_TEMPLATES,
@@ -43,6 +43,16 @@ def _preprocess_fn(data_cfg: ConfigDict, tokenizer: Tokenizer) -> Callable[[dict
         }
 
     return preprocess
+
+
+def _augment_fn(data_cfg: ConfigDict) -> Callable[[Batch, np.random.Generator], Batch]:
+    """Applies the train-only `data.augment` ops to the preprocessed image."""
+    augment = build_augment_ops(tuple(data_cfg.get("augment", ())), int(data_cfg.image_size))
+
+    def apply(example: Batch, rng: np.random.Generator) -> Batch:
+        return {**example, "image": augment(example["image"], rng)}
+
+    return apply
 
 
 def _local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
@@ -90,6 +100,7 @@ def make_train_iterator(
         .shuffle(seed)
         .repeat()  # Infinite; reseeds the shuffle each epoch.
         .map(_preprocess_fn(data_cfg, tokenizer))
+        .random_map(_augment_fn(data_cfg), seed=seed)
         .batch(local, drop_remainder=True)
     )
     # Global batch t is local batches t * P ... t * P + P - 1; this process takes one of them.
