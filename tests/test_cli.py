@@ -1,10 +1,13 @@
-"""Bad input to `python -m mmjax.train`: one clear error line, non-zero exit, checkpoints intact."""
+"""The CLI under bad input (one error line, non-zero exit, checkpoints intact) and SIGTERM."""
 
 import hashlib
 import io
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -112,3 +115,27 @@ def test_bad_override_leaves_checkpoints_untouched(trained_workdir):
     proc = train(trained_workdir, "--config.optimizer.lr=fast")
     assert_one_error_line(proc, "'optimizer.lr' expects a float, got 'fast'")
     assert tree_digest(os.path.join(trained_workdir, "checkpoints")) == before
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+    workdir = str(tmp_path / "w")
+    cmd = [sys.executable, "-m", "mmjax.train", "--config", "experiments/clip.py:tiny"]
+    proc = subprocess.Popen(
+        [*cmd, "--workdir", workdir, *FAST, "--config.total_steps=100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    step = int(re.search(r"Preempted: saved checkpoint at step (\d+)", out).group(1))
+    assert str(step) in os.listdir(os.path.join(workdir, "checkpoints"))
+    resumed = train(workdir, f"--config.total_steps={step + 2}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming from step {step}" in resumed.stdout
