@@ -21,26 +21,7 @@ from mmjax.errors import UserError
 
 
 def make_cfg(**overrides: object) -> ml_collections.ConfigDict:
-    cfg = dict(
-        source="digits",
-        path="",
-        split_train="train",
-        split_eval="test",
-        image_size=8,
-        max_text_len=16,
-        tokenizer="sentencepiece",
-        vocab_size=128,
-        prefetch=2,
-        shapes_num_train=10000,
-        shapes_num_test=1000,
-        tfds_name="",
-        tfds_image_key="image",
-        tfds_text_key="",
-        tfds_label_key="label",
-        class_names=(),
-    )
-    cfg.update(overrides)
-    return ml_collections.ConfigDict(cfg)
+    return data.data_config(**overrides)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +59,43 @@ def test_train_batches_have_the_contract_shapes(sp_tokenizer):
     assert (batch["text"][:, 0] == sp_tokenizer.bos_id).all()
     source = data.build_source(cfg, "train")
     for i, row in zip(batch["index"], batch["text"], strict=True):
-        assert sp_tokenizer.decode(row) == source[i]["caption"][: len(sp_tokenizer.decode(row))]
+        # training draws one of the record's captions per visit
+        assert sp_tokenizer.decode(row) in source[i]["captions"]
+
+
+def test_training_draws_a_caption_per_visit_and_eval_keeps_the_fixed_one(sp_tokenizer):
+    cfg = make_cfg()
+    train = data.make_train_iterator(cfg, sp_tokenizer, global_batch_size=64, seed=0)
+    drawn: dict[int, set[str]] = {}
+    for _ in range(3 * 1437 // 64):  # about three epochs
+        batch = next(train)
+        for i, row in zip(batch["index"], batch["text"], strict=True):
+            drawn.setdefault(int(i), set()).add(sp_tokenizer.decode(row))
+    assert np.mean([len(v) > 1 for v in drawn.values()]) > 0.5
+    source = data.build_source(cfg, "test")
+    batch = next(data.eval_batches(cfg, sp_tokenizer, "test", 8))
+    assert [sp_tokenizer.decode(r) for r in batch["text"]] == [
+        source[i]["caption"] for i in range(8)
+    ]
+
+
+def test_augment_is_seeded_and_train_only():
+    cfg = make_cfg(augment=("random_shift",), tokenizer="byte", max_text_len=40)
+    tok = data.ByteTokenizer()
+    plain = make_cfg(tokenizer="byte", max_text_len=40)
+    shifted = [
+        next(data.make_train_iterator(cfg, tok, global_batch_size=16, seed=s)) for s in (0, 0)
+    ]
+    unshifted = next(data.make_train_iterator(plain, tok, global_batch_size=16, seed=0))
+    np.testing.assert_array_equal(shifted[0]["image"], shifted[1]["image"])
+    np.testing.assert_array_equal(shifted[0]["index"], unshifted["index"])
+    assert not np.array_equal(shifted[0]["image"], unshifted["image"])
+    evals = [next(data.eval_batches(c, tok, "test", 16))["image"] for c in (cfg, plain)]
+    np.testing.assert_array_equal(evals[0], evals[1])
+    with pytest.raises(UserError, match=r"unknown data\.augment"):
+        next(
+            data.make_train_iterator(make_cfg(augment=("spin",)), tok, global_batch_size=8, seed=0)
+        )
 
 
 def test_train_pipeline_is_deterministic_per_seed(sp_tokenizer):

@@ -45,11 +45,19 @@ def _preprocess_fn(data_cfg: ConfigDict, tokenizer: Tokenizer) -> Callable[[dict
     return preprocess
 
 
-def _augment_fn(data_cfg: ConfigDict) -> Callable[[Batch, np.random.Generator], Batch]:
-    """Applies the train-only `data.augment` ops to the preprocessed image."""
+def _train_preprocess_fn(
+    data_cfg: ConfigDict, tokenizer: Tokenizer
+) -> Callable[[dict, np.random.Generator], Batch]:
+    """Like `_preprocess_fn`, plus per-visit randomness from a seeded generator: one caption
+    drawn from the record's `captions` when it has several, and the `data.augment` ops."""
+    preprocess = _preprocess_fn(data_cfg, tokenizer)
     augment = build_augment_ops(tuple(data_cfg.get("augment", ())), int(data_cfg.image_size))
 
-    def apply(example: Batch, rng: np.random.Generator) -> Batch:
+    def apply(record: dict[str, Any], rng: np.random.Generator) -> Batch:
+        captions = record.get("captions")
+        if captions:
+            record = {**record, "caption": captions[rng.integers(len(captions))]}
+        example = preprocess(record)
         return {**example, "image": augment(example["image"], rng)}
 
     return apply
@@ -99,8 +107,7 @@ def make_train_iterator(
         grain.MapDataset.source(source)
         .shuffle(seed)
         .repeat()  # Infinite; reseeds the shuffle each epoch.
-        .map(_preprocess_fn(data_cfg, tokenizer))
-        .random_map(_augment_fn(data_cfg), seed=seed)
+        .random_map(_train_preprocess_fn(data_cfg, tokenizer), seed=seed)
         .batch(local, drop_remainder=True)
     )
     # Global batch t is local batches t * P ... t * P + P - 1; this process takes one of them.

@@ -108,6 +108,11 @@ def _digits() -> tuple[np.ndarray, np.ndarray, tuple[str, ...], np.ndarray]:
     return images, labels, captions, permutation
 
 
+def _digit_captions(label: int) -> tuple[str, ...]:
+    """Every template's caption of a digit: training samples one per visit, as with COCO's five."""
+    return tuple(t.format(word=DIGIT_NAMES[label], numeral=label) for t in _DIGIT_CAPTION_TEMPLATES)
+
+
 class DigitsSource(Source):
     """scikit-learn's 8x8 digits with templated captions; a fixed 1437 / 360 train / test split."""
 
@@ -125,7 +130,13 @@ class DigitsSource(Source):
         index = self._check(index)
         images, labels, captions, _ = _digits()
         i = self._ids[index]
-        return {"image": images[i], "caption": captions[i], "label": int(labels[i]), "index": index}
+        return {
+            "image": images[i],
+            "caption": captions[i],
+            "captions": _digit_captions(int(labels[i])),
+            "label": int(labels[i]),
+            "index": index,
+        }
 
     def caption(self, index: int) -> str:
         return _digits()[2][self._ids[self._check(index)]]

@@ -161,97 +161,105 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if trainer.is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    with TrainingRun(trainer, workdir) as run:
+        return run.train()
 
-    data_iter = trainer.data_iterator()
-    example = next(trainer.data_iterator())
-    state, shardings = trainer.init_state(example)
-    ckpt = Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
-    writer = MetricWriter(workdir, active=trainer.is_main)
-    preemption = _Preemption()
-    try:
-        start = ckpt.latest_step()
-        if start is not None:
-            state = ckpt.restore(start, abstract_like(state, shardings), data_iter)
-            print(f"Resuming from step {start} (checkpoint in {ckpt.directory})", flush=True)
+
+class TrainingRun:
+    """One invocation of training in a workdir: restore, loop, evaluate, checkpoint, close."""
+
+    def __init__(self, trainer: Trainer, workdir: str):
+        self.trainer, self.config = trainer, trainer.config
+        self.data_iter = trainer.data_iterator()
+        self.state, self.shardings = trainer.init_state(next(trainer.data_iterator()))
+        self.ckpt = Checkpointer(workdir, keep=self.config.get("keep_checkpoints", 3))
+        self.writer = MetricWriter(workdir, active=trainer.is_main)
+        self.preemption = _Preemption()
+        self.final: dict[str, float] = {}
+        self.start = self.ckpt.latest_step() or 0
+
+    def __enter__(self) -> "TrainingRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.preemption.restore()
+        self.ckpt.close()  # waits for pending async saves, also when training failed
+        self.writer.close()
+
+    def train(self) -> dict[str, float]:
+        """Runs the loop from the latest checkpoint to `total_steps`; returns final metrics."""
+        trainer = self.trainer
+        if self.start:
+            self.state = self.ckpt.restore(
+                self.start, abstract_like(self.state, self.shardings), self.data_iter
+            )
+            print(
+                f"Resuming from step {self.start} (checkpoint in {self.ckpt.directory})", flush=True
+            )
         with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-            evaluators = evals.build_evaluators(
-                config.evals, trainer.model, trainer.tokenizer, config.data, trainer.mesh
+            self.evaluators = evals.build_evaluators(
+                self.config.evals, trainer.model, trainer.tokenizer, self.config.data, trainer.mesh
             )
-            final = _run(
-                config,
-                trainer,
-                state,
-                shardings,
-                data_iter,
-                ckpt,
-                writer,
-                evaluators,
-                preemption,
-                start or 0,
-            )
-    finally:
-        preemption.restore()
-        ckpt.close()
-        writer.close()
-    return final
+            if self.start >= self.config.total_steps:
+                print(f"Training already finished at step {self.start}.")
+            elif not self._loop(trainer.jit_train_step(self.shardings)):
+                return self.final  # preempted
+            self.evaluate(self.config.total_steps)
+        if trainer.is_main:
+            summary = {k: round(v, 4) for k, v in self.final.items()}
+            print(json.dumps({"step": self.config.total_steps, **summary}), flush=True)
+        return self.final
 
+    def _loop(self, train_step) -> bool:
+        """Steps to `total_steps` with logging, evals and checkpoints; False if preempted."""
+        config, total = self.config, self.config.total_steps
+        bar = tqdm(
+            total=total,
+            initial=self.start,
+            desc="train",
+            disable=not self.trainer.is_main,
+            dynamic_ncols=True,
+            unit="step",
+        )
+        pending: list[dict] = []
+        t_log = time.perf_counter()
+        for step in range(self.start + 1, total + 1):
+            batch = parallel.global_batch(next(self.data_iter), self.trainer.mesh)
+            self.state, metrics = train_step(self.state, batch)
+            pending.append(metrics)
+            bar.update(1)
+            if step % config.log_every == 0 or step == total:
+                means = {
+                    k: float(np.mean(jax.device_get([m[k] for m in pending]))) for k in metrics
+                }
+                means["examples_per_sec"] = (
+                    len(pending) * config.batch_size / (time.perf_counter() - t_log)
+                )
+                self.writer.write(step, means)
+                self.final.update(means)
+                bar.set_postfix(
+                    loss=f"{means['loss']:.4f}", ex_s=f"{means['examples_per_sec']:.0f}"
+                )
+                pending, t_log = [], time.perf_counter()
+            if step % config.eval_every == 0 and step != total:
+                self.evaluate(step)
+            if self.preemption.requested or self.ckpt.reached_preemption(step):
+                self.ckpt.save(step, self.state, self.data_iter, force=True)
+                bar.close()
+                print(f"Preempted: saved checkpoint at step {step}; rerun to resume.", flush=True)
+                return False
+            if step % config.checkpoint_every == 0 or step == total:
+                self.ckpt.save(step, self.state, self.data_iter, force=step == total)
+        bar.close()
+        return True
 
-def _run(
-    config, trainer, state, shardings, data_iter, ckpt, writer, evaluators, preemption, start: int
-) -> dict[str, float]:
-    train_step = trainer.jit_train_step(shardings)
-    total = config.total_steps
-    final: dict[str, float] = {}
-
-    def evaluate(step: int) -> None:
-        for name, evaluator in evaluators.items():
+    def evaluate(self, step: int) -> None:
+        """Runs every evaluator on the current parameters and writes their metrics at `step`."""
+        for name, evaluator in self.evaluators.items():
             t0 = time.perf_counter()
-            results = evaluator(state.params)
+            results = evaluator(self.state.params)
             log.info(
-                "eval %s at step %d took %.1fs: %s", name, step, time.perf_counter() - t0, results
+                "eval %s at step %d (%.1fs): %s", name, step, time.perf_counter() - t0, results
             )
-            writer.write(step, results)
-            final.update(results)
-
-    bar = tqdm(
-        total=total,
-        initial=start,
-        desc="train",
-        disable=not trainer.is_main,
-        dynamic_ncols=True,
-        unit="step",
-    )
-    pending: list[dict] = []
-    t_log, examples = time.perf_counter(), 0
-    step = start
-    for step in range(start + 1, total + 1):
-        batch = parallel.global_batch(next(data_iter), trainer.mesh)
-        state, metrics = train_step(state, batch)
-        pending.append(metrics)
-        examples += config.batch_size
-        bar.update(1)
-        if step % config.log_every == 0 or step == total:
-            means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-            elapsed = time.perf_counter() - t_log
-            means["examples_per_sec"] = examples / elapsed
-            writer.write(step, means)
-            final.update(means)
-            bar.set_postfix(loss=f"{means['loss']:.4f}", ex_s=f"{means['examples_per_sec']:.0f}")
-            pending, t_log, examples = [], time.perf_counter(), 0
-        if step % config.eval_every == 0 and step != total:
-            evaluate(step)
-        if preemption.requested or ckpt.reached_preemption(step):
-            ckpt.save(step, state, data_iter, force=True)
-            bar.close()
-            print(f"Preempted: saved checkpoint at step {step}; rerun to resume.", flush=True)
-            return final
-        if step % config.checkpoint_every == 0 or step == total:
-            ckpt.save(step, state, data_iter, force=step == total)
-    bar.close()
-    evaluate(total)
-    if start >= total:
-        print(f"Training already finished at step {start}.", flush=True)
-    if trainer.is_main:
-        summary = {k: round(v, 4) for k, v in final.items()}
-        print(json.dumps({"step": step, **summary}), flush=True)
-    return final
+            self.writer.write(step, results)
+            self.final.update(results)
