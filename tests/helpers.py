@@ -4,29 +4,30 @@ import os
 
 import ml_collections
 
-from mmjax.train.config_cli import load_config
+from mmjax.train.config_cli import apply_overrides, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# experiments/clip.py:tiny shrunk so a step takes milliseconds: 1-layer towers, byte tokens.
+SHRINK = [
+    "model.image.depth=1",
+    "model.text.depth=1",
+    "data.tokenizer=byte",
+    "data.max_text_len=40",  # bytes of the longest digit caption
+    "model.text.max_len=40",
+    "batch_size=32",
+    "evals.zero_shot.batch_size=64",
+    "optimizer.warmup_steps=2",
+    "total_steps=6",
+    "log_every=2",
+    "eval_every=1000",
+    "checkpoint_every=3",
+]
+FAST = [f"--config.{item}" for item in SHRINK]  # the same, as CLI flags
 
-def tiny_clip_config(**overrides) -> ml_collections.ConfigDict:
-    """experiments/clip.py:tiny with 1-layer towers, a byte tokenizer and short schedules."""
+
+def tiny_clip_config(**overrides: object) -> ml_collections.ConfigDict:
+    """experiments/clip.py:tiny with SHRINK applied, then `overrides` (top-level keys)."""
     c = load_config(os.path.join(REPO, "experiments", "clip.py") + ":tiny")
-    c.model.image.depth = 1
-    c.model.text.depth = 1
-    c.data.tokenizer = "byte"
-    c.data.max_text_len = c.model.text.max_len = 40  # bytes of the longest digit caption
-    c.batch_size = 32
-    c.total_steps = 6
-    c.log_every = 2
-    c.eval_every = 1000
-    c.checkpoint_every = 3
-    c.evals.zero_shot.batch_size = 64
-    c.optimizer.warmup_steps = 2
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    apply_overrides(c, SHRINK + [f"{key}={value}" for key, value in overrides.items()])
     return c

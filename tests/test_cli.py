@@ -12,22 +12,10 @@ import time
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
-from helpers import REPO
+from helpers import FAST, REPO
 from PIL import Image
 
 from mmjax import data
-
-FAST = [
-    "--config.model.image.depth=1",
-    "--config.model.text.depth=1",
-    "--config.data.tokenizer=byte",
-    "--config.data.max_text_len=40",
-    "--config.model.text.max_len=40",
-    "--config.batch_size=32",
-    "--config.evals.zero_shot.batch_size=64",
-    "--config.total_steps=3",
-    "--config.checkpoint_every=3",
-]
 
 
 def train(workdir: str, *overrides: str) -> subprocess.CompletedProcess:

@@ -1,13 +1,18 @@
 """Parameters get the shardings their logical names map to; sharded steps equal one device."""
 
+import math
+import os
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_clip_config
+from helpers import REPO, tiny_clip_config
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mmjax import parallel
+from mmjax import models, parallel
+from mmjax.train.config_cli import load_config
 from mmjax.train.loop import Trainer
 
 MESHES = {
@@ -75,3 +80,36 @@ def test_sharded_step_equals_single_device_step(mesh):
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), params1, params8
     )
+
+
+@pytest.mark.parametrize("variant", ["B/32", "B/16", "L/14"])
+@pytest.mark.parametrize("mesh", [dict(fsdp=256), dict(data=16, fsdp=16, tensor=4)])
+def test_paper_variants_shard_evenly_on_a_pod(variant, mesh):
+    """Every sharded parameter dimension divides evenly on a 256-device pod mesh (abstractly)."""
+    config = load_config(os.path.join(REPO, "experiments", "clip.py") + f":{variant}")
+    config.model.text.vocab_size = 49408
+    model = models.build_model(config.model)
+    size = config.data.image_size
+    example = {
+        "image": jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+        "text": jax.ShapeDtypeStruct((1, config.data.max_text_len), jnp.int32),
+    }
+    boxed = jax.eval_shape(lambda r, x: model.init(r, x)["params"], jax.random.key(0), example)
+    rules = parallel.validate_rules(config.mesh.rules)
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, **mesh}
+    specs = nn.get_partition_spec(boxed)
+    shapes = nn.meta.unbox(boxed)
+    num_params = 0
+    for spec, leaf in zip(
+        jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+        jax.tree.leaves(shapes),
+        strict=True,
+    ):
+        mesh_axes = nn.logical_to_mesh_axes(spec, rules)
+        for dim, axes in zip(leaf.shape, mesh_axes, strict=False):
+            axes = (axes,) if isinstance(axes, str) else axes or ()
+            shards = math.prod(sizes[a] for a in axes)
+            assert dim % shards == 0, (spec, leaf.shape, mesh)
+        num_params += leaf.size
+    expected = {"B/32": 151e6, "B/16": 150e6, "L/14": 428e6}[variant]  # the paper's counts
+    assert abs(num_params - expected) / expected < 0.02, num_params

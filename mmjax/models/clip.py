@@ -27,7 +27,7 @@ class CLIP(nn.Module):
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = 100.0
     attention_impl: str = "auto"
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:

@@ -24,7 +24,7 @@ class TextTransformer(nn.Module):
     activation: str = "gelu"
     remat: bool = False
     attention_impl: str = "auto"
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact

@@ -19,7 +19,7 @@ class MultiHeadAttention(nn.Module):
     head_dim: int | None = None
     use_bias: bool = True
     impl: str = "auto"
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact

@@ -23,7 +23,7 @@ class DenseGeneral(nn.Module):
     num_in: int = 1
     use_bias: bool = True
     init: str = "xavier_uniform"
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact

@@ -26,7 +26,7 @@ class Mlp(nn.Module):
 
     hidden_dim: int
     activation: str = "gelu"
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact

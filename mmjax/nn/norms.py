@@ -10,7 +10,7 @@ class LayerNorm(nn.Module):
     """LayerNorm over the last axis; scale/bias are labelled `embed`. Statistics in f32."""
 
     epsilon: float = 1e-5
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact

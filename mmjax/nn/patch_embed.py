@@ -15,7 +15,7 @@ class PatchEmbed(nn.Module):
 
     patch_size: int
     width: int
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact

@@ -18,7 +18,7 @@ class TransformerBlock(nn.Module):
     activation: str = "gelu"
     causal: bool = False
     attention_impl: str = "auto"
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -44,7 +44,7 @@ class Transformer(nn.Module):
     causal: bool = False
     remat: bool = False
     attention_impl: str = "auto"
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact

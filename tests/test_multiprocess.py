@@ -1,0 +1,46 @@
+"""Two local JAX processes (4 CPU devices each, gloo) train like one process with 8 devices."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from helpers import FAST, REPO
+
+from mmjax.train.metrics import read_metrics
+
+ARGS = ["-m", "mmjax.train", "--config", "experiments/clip.py:tiny", *FAST]
+ARGS += ["--config.total_steps=4", "--config.log_every=2", "--config.checkpoint_every=2"]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    single = subprocess.run(
+        [sys.executable, *ARGS, "--workdir", one],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr
+    launcher = os.path.join(REPO, "launch", "local_multiprocess.sh")
+    multi = subprocess.run(
+        [launcher, "2", "4", sys.executable, *ARGS, "--workdir", two],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "LOG_DIR": str(tmp_path / "logs")},
+    )
+    assert multi.returncode == 0, multi.stdout[-3000:]
+    records = [read_metrics(d) for d in (one, two)]
+    # process 0 alone writes: one record per log step and one for the final eval
+    assert [r["step"] for r in records[1]] == [r["step"] for r in records[0]] == [2, 4, 4]
+    for a, b in zip(*records, strict=True):
+        for key in ("loss", "grad_norm", "zero_shot_accuracy"):
+            if key in a:
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]
+    assert os.path.exists(tmp_path / "logs" / "process_1.log")
