@@ -38,6 +38,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.objective = dict(name="clip")
     c.keep_checkpoints = 3
     c.distributed = False
+    c.max_bad_steps = 5  # NaN/Inf updates skipped in a row before training stops
     c.optimizer = dict(
         name="adamw",
         lr=5e-4,

@@ -1,5 +1,6 @@
 """Small configs shared by tests: the tiny CLIP shrunk further so a step takes milliseconds."""
 
+import hashlib
 import os
 
 import ml_collections
@@ -31,3 +32,14 @@ def tiny_clip_config(**overrides: object) -> ml_collections.ConfigDict:
     c = load_config(os.path.join(REPO, "experiments", "clip.py") + ":tiny")
     apply_overrides(c, SHRINK + [f"{key}={value}" for key, value in overrides.items()])
     return c
+
+
+def tree_digest(directory: str) -> dict[str, str]:
+    """sha256 of every file under `directory`, by relative path."""
+    digests = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return digests

@@ -1,6 +1,5 @@
 """The CLI under bad input (one error line, non-zero exit, checkpoints intact) and SIGTERM."""
 
-import hashlib
 import io
 import os
 import re
@@ -12,7 +11,7 @@ import time
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
-from helpers import FAST, REPO
+from helpers import FAST, REPO, tree_digest
 from PIL import Image
 
 from mmjax import data
@@ -36,17 +35,6 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) ->
     assert lines[0].startswith("mmjax.train: error: ")
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-def tree_digest(directory: str) -> dict[str, str]:
-    """sha256 of every file under `directory`, by relative path."""
-    digests = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return digests
 
 
 def write_shard(path: str, corrupt_index: int, num: int = 8) -> None:

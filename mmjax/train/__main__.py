@@ -5,7 +5,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mmjax.errors import UserError
+from mmjax.errors import TrainingError, UserError
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         apply_overrides(config, overrides)
         train_and_evaluate(config, args.workdir)
-    except UserError as e:
+    except (UserError, TrainingError) as e:
         print(f"mmjax.train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,5 +1,6 @@
 """The one generic training loop: config in, trained and evaluated workdir out."""
 
+import functools
 import json
 import logging
 import os
@@ -18,13 +19,16 @@ from tqdm import tqdm
 
 from mmjax import data as mmdata
 from mmjax import evals, models, objectives, parallel
-from mmjax.errors import UserError
+from mmjax.errors import TrainingError, UserError
 from mmjax.train.checkpoint import Checkpointer, abstract_like
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
 from mmjax.train.state import TrainState
 
 log = logging.getLogger("mmjax.train")
+
+DEFAULT_MAX_BAD_STEPS = 5
+COUNTERS = ("skipped_steps", "bad_steps")  # logged as their latest value, not averaged
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -58,15 +62,28 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, seed: i
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         rng = jax.random.fold_in(base_rng, state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, batch, rng)
+        (loss, metrics), grads = grad_fn(state.params, batch, rng)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # NaN/Inf policy: a non-finite loss or gradient skips the update and is counted.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+        skipped = state.skipped_steps + (~ok).astype(jnp.int32)
         metrics = {
             **metrics,
             "learning_rate": schedule(state.step),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
+            "skipped_steps": skipped,
+            "bad_steps": jnp.where(ok, 0, state.bad_steps + 1),
         }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            bad_steps=metrics["bad_steps"],
+            skipped_steps=skipped,
+        ), metrics
 
     return train_step
 
@@ -140,17 +157,24 @@ class Trainer:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks, so it can checkpoint and exit 0."""
+    """Turns SIGTERM into a flag the loop checks, so it can checkpoint and exit 0.
+
+    With several processes JAX's own preemption notifier handles SIGTERM, and Orbax's
+    `reached_preemption` makes every process save at the same step; then this stays out.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -158,9 +182,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     parallel.maybe_initialize(config.get("distributed", False))
     workdir = prepare_workdir(workdir)
     trainer = Trainer(config, workdir)
-    if trainer.is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     with TrainingRun(trainer, workdir) as run:
         return run.train()
 
@@ -175,8 +196,9 @@ class TrainingRun:
         self.ckpt = Checkpointer(workdir, keep=self.config.get("keep_checkpoints", 3))
         self.writer = MetricWriter(workdir, active=trainer.is_main)
         self.preemption = _Preemption()
+        self.workdir = workdir
         self.final: dict[str, float] = {}
-        self.start = self.ckpt.latest_step() or 0
+        self.start = 0
 
     def __enter__(self) -> "TrainingRun":
         return self
@@ -189,13 +211,17 @@ class TrainingRun:
     def train(self) -> dict[str, float]:
         """Runs the loop from the latest checkpoint to `total_steps`; returns final metrics."""
         trainer = self.trainer
-        if self.start:
-            self.state = self.ckpt.restore(
-                self.start, abstract_like(self.state, self.shardings), self.data_iter
-            )
+        restored = self.ckpt.restore_latest(
+            abstract_like(self.state, self.shardings), self.data_iter
+        )
+        if restored:
+            self.start, self.state = restored
             print(
                 f"Resuming from step {self.start} (checkpoint in {self.ckpt.directory})", flush=True
             )
+        if trainer.is_main:  # only once the workdir's checkpoints are known to fit this config
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
         with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
             self.evaluators = evals.build_evaluators(
                 self.config.evals, trainer.model, trainer.tokenizer, self.config.data, trainer.mesh
@@ -226,12 +252,18 @@ class TrainingRun:
         for step in range(self.start + 1, total + 1):
             batch = parallel.global_batch(next(self.data_iter), self.trainer.mesh)
             self.state, metrics = train_step(self.state, batch)
+            if pending:  # the previous step has (nearly) finished: checking it costs no stall
+                self._check_finite(step - 1, int(pending[-1]["bad_steps"]))
             pending.append(metrics)
             bar.update(1)
             if step % config.log_every == 0 or step == total:
+                self._check_finite(step, int(metrics["bad_steps"]))
                 means = {
-                    k: float(np.mean(jax.device_get([m[k] for m in pending]))) for k in metrics
+                    k: float(np.mean(jax.device_get([m[k] for m in pending])))
+                    for k in metrics
+                    if k not in COUNTERS
                 }
+                means.update({k: int(metrics[k]) for k in COUNTERS})
                 means["examples_per_sec"] = (
                     len(pending) * config.batch_size / (time.perf_counter() - t_log)
                 )
@@ -249,9 +281,28 @@ class TrainingRun:
                 print(f"Preempted: saved checkpoint at step {step}; rerun to resume.", flush=True)
                 return False
             if step % config.checkpoint_every == 0 or step == total:
-                self.ckpt.save(step, self.state, self.data_iter, force=step == total)
+                if int(metrics["bad_steps"]):  # keep the last good checkpoint in keep-N
+                    log.warning("step %d: not checkpointing during non-finite steps", step)
+                else:
+                    self.ckpt.save(step, self.state, self.data_iter, force=step == total)
         bar.close()
         return True
+
+    def _check_finite(self, step: int, bad_steps: int) -> None:
+        """Logs a skipped update; stops after more than `max_bad_steps` in a row."""
+        if not bad_steps:
+            return
+        limit = self.config.get("max_bad_steps", DEFAULT_MAX_BAD_STEPS)
+        if bad_steps > limit:
+            raise TrainingError(
+                f"loss or gradients were NaN/Inf for {bad_steps} consecutive steps "
+                f"({step - bad_steps + 1}..{step}), more than max_bad_steps={limit}; stopping. "
+                f"The last good checkpoint is step {self.ckpt.latest_step()} in "
+                f"{self.ckpt.directory}."
+            )
+        log.warning(
+            "step %d: loss or gradients NaN/Inf, update skipped (%d in a row)", step, bad_steps
+        )
 
     def evaluate(self, step: int) -> None:
         """Runs every evaluator on the current parameters and writes their metrics at `step`."""
