@@ -7,7 +7,7 @@ held-out digits:
 
 Paper shapes (Table 20 of the paper) for accelerators, on your own ArrayRecord shards:
 
-  python -m mmjax.train --config experiments/clip.py:B/32 --workdir gs://.../clip_b32 \
+  python -m mmjax.train --config experiments/clip.py:B/32 --workdir /gcs/bucket/clip_b32 \
       --config.data.path=/data/shards
 
 Variants: tiny, B/32, B/16, L/14.
