@@ -5,21 +5,40 @@ from typing import Any
 
 import jax
 
-from mmjax.objectives.contrastive import clip_loss
+from mmjax.objectives.contrastive import (
+    clip_loss,
+    clip_loss_sharded,
+    siglip_loss,
+    siglip_loss_sharded,
+)
 
 ApplyFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], Mapping[str, jax.Array]]
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 
 
 def _clip(apply_fn: ApplyFn) -> LossFn:
+    """CLIP's softmax InfoNCE, sharded over the context mesh's batch axes."""
+
     def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array):
         out = apply_fn(params, batch, rng)
-        return clip_loss(out["image_emb"], out["text_emb"], out["logit_scale"])
+        return clip_loss_sharded(out["image_emb"], out["text_emb"], out["logit_scale"])
 
     return loss_fn
 
 
-OBJECTIVES: dict[str, Callable[..., LossFn]] = {"clip": _clip}
+def _siglip(apply_fn: ApplyFn) -> LossFn:
+    """SigLIP's sigmoid loss, chunked over the context mesh's batch axes."""
+
+    def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array):
+        out = apply_fn(params, batch, rng)
+        return siglip_loss_sharded(
+            out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"]
+        )
+
+    return loss_fn
+
+
+OBJECTIVES: dict[str, Callable[..., LossFn]] = {"clip": _clip, "siglip": _siglip}
 
 
 def build_loss(name: str, apply_fn: ApplyFn, **kwargs: Any) -> LossFn:
@@ -29,4 +48,11 @@ def build_loss(name: str, apply_fn: ApplyFn, **kwargs: Any) -> LossFn:
     return OBJECTIVES[name](apply_fn, **kwargs)
 
 
-__all__ = ["OBJECTIVES", "build_loss", "clip_loss"]
+__all__ = [
+    "OBJECTIVES",
+    "build_loss",
+    "clip_loss",
+    "clip_loss_sharded",
+    "siglip_loss",
+    "siglip_loss_sharded",
+]
