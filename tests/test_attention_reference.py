@@ -355,6 +355,6 @@ def test_bad_inputs_raise_value_error(name: str) -> None:
 
 
 def test_unknown_impl_names_valid_choices() -> None:
-    assert set(IMPLS) == {"auto", "xla"}
-    with pytest.raises(ValueError, match="auto, xla"):
+    assert set(IMPLS) == {"auto", "xla", "pallas"}
+    with pytest.raises(ValueError, match="auto, xla, pallas"):
         attention(_Q, _KV, _KV, impl="cuda")
