@@ -100,23 +100,27 @@ def _pad_to(x: int, block: int) -> int:
     return -(-x // block) * block
 
 
+_ID_ARGS = ("segment_ids", "kv_segment_ids", "span_ids", "kv_span_ids", "q_offset")
+
+
 def _case_block_map(case: Case, bq: int, bk: int):
-    """The kernel's block map of a case, and its dense mask padded with False."""
+    """The kernel's block map of a case, and its dense mask padded with False.
+
+    Blocks are clipped as the kernel clips them: never longer than the length rounded up
+    to 8.
+    """
+    bq, bk = min(bq, _pad_to(case.q_len, 8)), min(bk, _pad_to(case.kv_len, 8))
     q_pad, kv_pad = _pad_to(case.q_len, bq), _pad_to(case.kv_len, bk)
+
+    @jax.jit
+    def compute(kw):
+        meta = padded_token_metadata(
+            case.batch, case.q_len, case.kv_len, q_pad, kv_pad, **kw
+        )  # fmt: skip
+        return block_map(*meta, block_q=bq, block_kv=bk, causal=case.causal, window=case.window)
+
     kw = case.kwargs()
-    meta = padded_token_metadata(
-        case.batch,
-        case.q_len,
-        case.kv_len,
-        q_pad,
-        kv_pad,
-        segment_ids=kw["segment_ids"],
-        kv_segment_ids=kw["kv_segment_ids"],
-        span_ids=kw["span_ids"],
-        kv_span_ids=kw["kv_span_ids"],
-        q_offset=kw["q_offset"],
-    )
-    bm = block_map(*meta, block_q=bq, block_kv=bk, causal=case.causal, window=case.window)
+    bm = compute({name: kw[name] for name in _ID_ARGS})
     dense = np.zeros((case.batch, q_pad, kv_pad), bool)
     dense[:, : case.q_len, : case.kv_len] = naive_mask(case)
     return bm, dense.reshape(case.batch, q_pad // bq, bq, kv_pad // bk, bk)
@@ -139,7 +143,7 @@ def _check_lists(kind: np.ndarray, index: np.ndarray, kinds: np.ndarray, count: 
         assert np.all(row_kinds[n:] == EMPTY)
 
 
-@_settings(60)
+@_settings(25)
 @given(problems(dtypes=("float32",)))
 def test_block_map_is_sound_and_lists_non_empty_blocks(problem) -> None:
     case, bq, bk = problem
@@ -156,7 +160,7 @@ def test_block_map_is_sound_and_lists_non_empty_blocks(problem) -> None:
     _check_lists(np.swapaxes(kind, 1, 2), np.asarray(bm.q_index), np.asarray(bm.q_kind), bm.q_count)
 
 
-@_settings(14)
+@_settings(10)
 @given(problems())
 def test_forward_matches_reference(problem) -> None:
     case, bq, bk = problem
@@ -172,7 +176,7 @@ def test_forward_matches_reference(problem) -> None:
     assert np.all(out[empty_rows] == 0.0), "rows that see nothing must be exactly 0"
 
 
-@_settings(10)
+@_settings(6)
 @given(problems(dtypes=("float32",)))
 def test_gradients_match_reference(problem) -> None:
     case, bq, bk = problem
@@ -193,7 +197,7 @@ def test_gradients_match_reference(problem) -> None:
         np.testing.assert_allclose(grad, want, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
 
 
-@_settings(6)
+@_settings(4)
 @given(problems(dtypes=("float32",)), st.booleans())
 def test_kernel_executes_exactly_the_non_empty_blocks(problem, traced: bool) -> None:
     """The in-kernel visit counter equals the non-empty count of the metadata.
@@ -263,15 +267,19 @@ def _loss_of(module: nn.Module, inputs: jnp.ndarray, **call_kwargs) -> tuple[flo
     params = module.clone(attention_impl="xla").init(jax.random.key(0), inputs, **call_kwargs)
 
     def loss(impl: str) -> float:
-        pooled, tokens = module.clone(attention_impl=impl).apply(params, inputs, **call_kwargs)
-        return float(jnp.mean(pooled**2) + jnp.mean(jnp.sin(tokens)))
+        @jax.jit
+        def run(params, inputs, call_kwargs):
+            pooled, tokens = module.clone(attention_impl=impl).apply(params, inputs, **call_kwargs)
+            return jnp.mean(pooled**2) + jnp.mean(jnp.sin(tokens))
+
+        return float(run(params, inputs, call_kwargs))
 
     return loss("pallas"), loss("xla")
 
 
 def test_vit_loss_is_identical_with_pallas_and_xla() -> None:
     vit = VisionTransformer(
-        patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64, dtype=jnp.float32
+        patch_size=4, width=32, depth=1, num_heads=4, mlp_dim=64, dtype=jnp.float32
     )
     images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
     pallas, xla = _loss_of(vit, images)
@@ -280,7 +288,7 @@ def test_vit_loss_is_identical_with_pallas_and_xla() -> None:
 
 def test_causal_text_tower_loss_is_identical_with_pallas_and_xla() -> None:
     text = TextTransformer(
-        vocab_size=50, max_len=24, width=32, depth=2, num_heads=4, mlp_dim=64, dtype=jnp.float32
+        vocab_size=50, max_len=24, width=32, depth=1, num_heads=4, mlp_dim=64, dtype=jnp.float32
     )
     tokens = jax.random.randint(jax.random.key(2), (2, 24), 1, 50)
     tokens = tokens.at[1, 15:].set(0)  # padding: segment id 0
@@ -318,7 +326,7 @@ def test_transfusion_style_layer_loss_and_grads_match() -> None:
             _, y = layer.clone(attention_impl=impl).apply(params, x, segment_ids, span_ids)
             return jnp.sum(jnp.sin(y))
 
-        return jax.grad(loss)(params)
+        return jax.jit(jax.grad(loss))(params)
 
     for ours, want in zip(
         jax.tree.leaves(grads("pallas")), jax.tree.leaves(grads("xla")), strict=True

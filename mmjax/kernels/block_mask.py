@@ -10,7 +10,7 @@ from per-token metadata only (never a materialised S x S mask), whether a block 
 The classification is conservative (sound): EMPTY and FULL are only claimed when the
 per-block summaries (min / max of the non-zero ids, position ranges) prove them; when in
 doubt a block is PARTIAL, which is always correct, just slower. It is exact for causal and
-window masks and for packed sequences whose segments are contiguous.
+window masks with padding, and for packed sequences whose segments are contiguous.
 
 It also builds compact lists for the kernels' grids: for each q block the indices of its
 non-empty kv blocks (forward and dq), and for each kv block the indices of its non-empty q
@@ -86,6 +86,19 @@ def _same_nonzero_blocks(qs: dict[str, Array], ks: dict[str, Array]) -> tuple[Ar
     return none, every
 
 
+def _position_range(
+    positions: Array, segment_ids: Array, block: int, far: int
+) -> tuple[Array, Array]:
+    """Per-block (lowest, highest) position of the non-padding tokens: [B, n] each."""
+    batch, length = positions.shape
+    pos = positions.reshape(batch, length // block, block)
+    real = segment_ids.reshape(pos.shape) != 0
+    return (
+        jnp.min(jnp.where(real, pos, far), axis=-1),
+        jnp.max(jnp.where(real, pos, -far), axis=-1),
+    )
+
+
 def _compact(kind: Array) -> tuple[Array, Array, Array]:
     """Lists the non-empty entries of the last axis: (index, kind of index, count)."""
     nonempty = kind != EMPTY
@@ -129,11 +142,15 @@ def block_map(
     )
     empty, full = seg_none, seg_all
 
-    # Query positions are consecutive inside a block, so its first / last are its range.
-    qpos = q_positions.reshape(batch, q_len // block_q, block_q)
-    q_lo, q_hi = qpos[:, :, :1], qpos[:, :, -1:]  # [B, nq, 1]
-    k_lo = jnp.arange(0, kv_len, block_kv, dtype=jnp.int32)[None, None, :]
-    k_hi = k_lo + block_kv - 1
+    # Position ranges over the non-padding tokens (segment != 0) of each block only, so a
+    # block's padding never makes it look visible. All-padding blocks are EMPTY already;
+    # the sentinels stay far from int32 overflow in the differences below.
+    far = 1 << 28
+    k_pos = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (batch, kv_len))
+    q_lo, q_hi = _position_range(q_positions, q_segment_ids, block_q, far)
+    k_lo, k_hi = _position_range(k_pos, kv_segment_ids, block_kv, far)
+    q_lo, q_hi = q_lo[:, :, None], q_hi[:, :, None]  # [B, nq, 1]
+    k_lo, k_hi = k_lo[:, None, :], k_hi[:, None, :]  # [B, 1, nk]
     if causal:
         span_none, span_all = _same_nonzero_blocks(
             _summaries(q_span_ids, block_q), _summaries(kv_span_ids, block_kv)

@@ -1,0 +1,228 @@
+"""Attention kernels side by side: time, compiled peak memory and block sparsity per mask.
+
+  python benchmarks/attention.py                          # S=1024, 4096; every mask; CPU
+  python benchmarks/attention.py --seq 16384 --skip_time  # memory rows only (compile only)
+  python benchmarks/attention.py --backend gpu --dtype bfloat16 --head_dim 128
+
+One JSON line per (S, mask, impl): forward and forward+backward median wall time over
+`--repeats` runs after a compile run, compiled peak memory of both
+(`jit(...).lower(...).compile().memory_analysis()`), and for "pallas" the fraction of
+non-empty (q block, kv block) tiles and the number of kv blocks the kernel executed (its
+debug counter, summed over batch, heads and q blocks). Masks, batch 1, heads 8:
+
+- full: no mask; causal: lower triangle; window: |i - j| < 512 (bidirectional);
+- packed: Transfusion packing, 4 samples of S/4 tokens, each text / image / text / image /
+  text with causal text and bidirectional image spans of min(256, S/16) tokens.
+
+Ids are traced arguments by default (what a training step sees: the grid visits nk slots
+per q block, skipping the empty ones); `--static_ids` closes over them instead, so the
+block map is computed at trace time and the grid shrinks to the largest non-empty count.
+On CPU the kernel runs in Pallas interpret mode, and xla at S=16384 needs ~30 GB, so use
+`--skip_time` there. `--backend gpu` adds TFLOP/s (only unmasked pairs counted) and the
+cuDNN (`jax.nn.dot_product_attention`) and JAX Pallas `mha` baselines where they apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+MASKS = ("full", "causal", "packed", "window")
+
+
+def packed_ids(seq: int, samples: int = 4) -> tuple[np.ndarray, np.ndarray, int]:
+    """Transfusion packing: (segment_ids [1, S], span_ids [1, S], image length)."""
+    sample = seq // samples
+    image = min(256, sample // 4)
+    text = sample - 2 * image
+    parts = [text // 3, image, text // 3, image, text - 2 * (text // 3)]
+    segment, span, next_span = [], [], 1
+    for s in range(samples):
+        for p, length in enumerate(parts):
+            segment += [s + 1] * length
+            span += [next_span if p % 2 else 0] * length
+            next_span += p % 2
+    return np.array([segment], np.int32), np.array([span], np.int32), image
+
+
+def mask_kwargs(mask: str, seq: int) -> dict:
+    """Keyword arguments of `mmjax.kernels.attention` for one benchmark mask."""
+    if mask == "full":
+        return {}
+    if mask == "causal":
+        return {"causal": True}
+    if mask == "window":
+        return {"window": 512}
+    segment_ids, span_ids, _ = packed_ids(seq)
+    return {"causal": True, "segment_ids": segment_ids, "span_ids": span_ids}
+
+
+def unmasked_pairs(mask: str, seq: int) -> int:
+    """Exact number of visible (query, key) pairs, counted row block by row block."""
+    from mmjax.kernels import attention_mask
+
+    kw = mask_kwargs(mask, seq)
+    total, rows = 0, 512
+    for start in range(0, seq, rows):
+        stop = min(seq, start + rows)
+        sub = {
+            name: value[:, start:stop] if name in ("segment_ids", "span_ids") else value
+            for name, value in kw.items()
+        }
+        for name in ("segment_ids", "span_ids"):
+            if name in kw:
+                sub[f"kv_{name}"] = kw[name]
+        m = attention_mask(stop - start, seq, q_offset=start, **sub)
+        total += int(np.asarray(m).sum())
+    return total
+
+
+def peak_bytes(compiled) -> int:
+    """Compiled peak memory: XLA's own figure where it reports one, else args+out+temp."""
+    stats = compiled.memory_analysis()
+    peak = getattr(stats, "peak_memory_in_bytes", 0)
+    if peak:
+        return int(peak)
+    return int(
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+
+
+def measure(fn: Callable, args: tuple, repeats: int, skip_time: bool) -> dict:
+    """Compiles `fn` once; returns its peak memory and (unless skipped) median seconds."""
+    import jax
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    result = {"compile_s": round(time.perf_counter() - t0, 2), "peak_mb": peak_bytes(compiled)}
+    result["peak_mb"] = round(result["peak_mb"] / 2**20, 2)
+    if skip_time:
+        return result
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    result["median_s"] = round(statistics.median(times), 4)
+    return result
+
+
+def attention_fn(impl: str, mask: str, seq: int, static_ids: bool, block: int | None):
+    """(forward(q, k, v, ids), ids): the attention call of one impl, ids traced or closed."""
+    import jax
+
+    from mmjax.kernels import attention
+    from mmjax.kernels.pallas_attention import pallas_attention
+
+    kw = mask_kwargs(mask, seq)
+    ids = {name: kw.pop(name) for name in ("segment_ids", "span_ids") if name in kw}
+    if impl == "pallas":
+        call = lambda q, k, v, **a: pallas_attention(q, k, v, block_q=block, block_kv=block, **a)  # noqa: E731
+    elif impl == "cudnn":
+        call = lambda q, k, v, **a: jax.nn.dot_product_attention(  # noqa: E731
+            q, k, v, is_causal=a.get("causal", False), implementation="cudnn"
+        )
+    elif impl == "jax_pallas_mha":
+        from jax.experimental.pallas.ops.gpu.attention import mha
+
+        def call(q, k, v, **a):
+            seg = a.get("segment_ids")
+            return mha(q, k, v, segment_ids=seg, causal=a.get("causal", False))
+    else:
+        call = lambda q, k, v, **a: attention(q, k, v, impl=impl, **a)  # noqa: E731
+    if static_ids:
+        return (lambda q, k, v, _: call(q, k, v, **kw, **ids)), {}
+    return (lambda q, k, v, dyn: call(q, k, v, **kw, **dyn)), ids
+
+
+def run_case(args, seq: int, mask: str, impl: str) -> dict:
+    """Measures one (S, mask, impl) and returns its JSON row."""
+    import jax
+    import jax.numpy as jnp
+
+    from mmjax.kernels.pallas_attention import executed_kv_blocks
+
+    shape = (1, seq, args.heads, args.head_dim)
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, ct = (jax.random.normal(key, shape, args.dtype) for key in keys)
+    forward, ids = attention_fn(impl, mask, seq, args.static_ids, args.block)
+
+    def fwd_bwd(q, k, v, ids):
+        out, vjp = jax.vjp(lambda q, k, v: forward(q, k, v, ids), q, k, v)
+        return out, vjp(ct)
+
+    row = {"benchmark": "attention", "backend": jax.default_backend(), "seq": seq}
+    row |= {"mask": mask, "impl": impl, "heads": args.heads, "head_dim": args.head_dim}
+    row |= {"dtype": args.dtype, "static_ids": args.static_ids}
+    if mask == "packed":
+        row["image_span"] = packed_ids(seq)[2]
+    skip_time = args.skip_time or seq > args.max_time_seq.get(impl, 1 << 30)
+    row["forward"] = measure(forward, (q, k, v, ids), args.repeats, skip_time)
+    row["forward_backward"] = measure(fwd_bwd, (q, k, v, ids), args.repeats, skip_time)
+    if impl == "pallas":
+        kw = mask_kwargs(mask, seq)
+        visits, bm = executed_kv_blocks(q, k, v, block_q=args.block, block_kv=args.block, **kw)
+        row["nonempty_block_fraction"] = round(float(jnp.mean(bm.kind != 0)), 4)
+        row["block"] = int(seq // bm.kind.shape[1])
+        row["executed_kv_blocks"] = int(jnp.sum(visits))
+        row["nonempty_kv_blocks_x_heads"] = int(jnp.sum(bm.kv_count)) * args.heads
+    if args.backend == "gpu":
+        pairs = unmasked_pairs(mask, seq)
+        flops = 4 * pairs * args.head_dim * args.heads  # QK^T and PV, 2 flops per MAC
+        for name, mult in (("forward", 1.0), ("forward_backward", 3.5)):
+            if "median_s" in row[name]:
+                row[name]["tflops"] = round(mult * flops / row[name]["median_s"] / 1e12, 2)
+        row["device"] = jax.devices()[0].device_kind
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
+    parser.add_argument("--impls", nargs="+", default=None)
+    parser.add_argument("--backend", default="cpu", choices=["cpu", "gpu", "tpu"])
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head_dim", type=int, default=64)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--block", type=int, default=None, help="pallas tile (default: backend's)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--static_ids", action="store_true")
+    parser.add_argument("--skip_time", action="store_true", help="memory rows only")
+    parser.add_argument(
+        "--max_time_seq",
+        type=json.loads,
+        default={"xla": 4096},
+        help="JSON {impl: S}: above S only memory is measured (xla at 16384 needs ~30 GB)",
+    )
+    args = parser.parse_args()
+    impls = args.impls or (
+        ["pallas", "xla", "cudnn", "jax_pallas_mha"] if args.backend == "gpu" else ["pallas", "xla"]
+    )
+    for seq in args.seq:
+        for mask in args.masks:
+            for impl in impls:
+                if impl == "cudnn" and mask not in ("full", "causal"):
+                    continue
+                if impl == "jax_pallas_mha" and mask == "window":
+                    continue
+                try:
+                    row = run_case(args, seq, mask, impl)
+                except Exception as e:  # one unsupported combination must not stop the rest
+                    row = {"benchmark": "attention", "seq": seq, "mask": mask, "impl": impl}
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
