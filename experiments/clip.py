@@ -76,7 +76,13 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
         text=dict(vocab_size=0, max_len=16, **tower),
     )
     c.optimizer.update(lr=2e-3, weight_decay=0.1, warmup_steps=40)
-    c.evals = dict(zero_shot=dict(type="zero_shot", split="test", batch_size=c.batch_size))
+    c.evals = dict(
+        zero_shot=dict(type="zero_shot", split="test", batch_size=c.batch_size),
+        retrieval=dict(type="retrieval", split="test", batch_size=c.batch_size),
+        linear_probe=dict(
+            type="linear_probe", split="test", train_split="train", batch_size=c.batch_size
+        ),
+    )
 
 
 def _paper(c: ml_collections.ConfigDict, arg: str) -> None:

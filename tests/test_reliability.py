@@ -126,7 +126,7 @@ def test_incompatible_checkpoint_refuses_to_resume(trained, tmp_path):
         train_and_evaluate(config, workdir)
     message = str(err.value)
     assert "does not match this config, refusing to resume" in message
-    assert "image_proj/kernel is (64, 64) float32 in the checkpoint but (64, 32) float32" in message
+    assert "image_head/kernel is (64, 64) float32 in the checkpoint but (64, 32) float32" in message
     after = tree_digest(workdir)
     assert {k: v for k, v in after.items() if "tfevents" not in k} == {
         k: v for k, v in before.items() if "tfevents" not in k

@@ -8,9 +8,12 @@ import ml_collections
 from jax.sharding import Mesh
 
 from mmjax.errors import UserError
+from mmjax.evals.features import SplitEmbedder
+from mmjax.evals.linear_probe import LinearProbe
+from mmjax.evals.retrieval import Retrieval
 from mmjax.evals.zero_shot import ZeroShotClassifier
 
-EVALUATORS = {"zero_shot": ZeroShotClassifier}
+EVALUATORS = {"zero_shot": ZeroShotClassifier, "retrieval": Retrieval, "linear_probe": LinearProbe}
 
 Evaluator = Callable[[Any], dict[str, float]]
 
@@ -24,11 +27,12 @@ def build_evaluators(
 ) -> dict[str, Evaluator]:
     """One evaluator per entry of `config.evals` (`{name: {type: ..., ...}}`)."""
     evaluators = {}
+    embedder = SplitEmbedder(model, mesh)  # shared: each model method compiles once
     for name, cfg in evals_cfg.items():
         if cfg.type not in EVALUATORS:
             raise UserError(
                 f"evals.{name}.type {cfg.type!r} is unknown; valid: {sorted(EVALUATORS)}"
             )
         cfg = ml_collections.ConfigDict({**cfg.to_dict(), "name": name})
-        evaluators[name] = EVALUATORS[cfg.type](cfg, model, tokenizer, data_cfg, mesh)
+        evaluators[name] = EVALUATORS[cfg.type](cfg, embedder, tokenizer, data_cfg)
     return evaluators

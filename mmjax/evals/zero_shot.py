@@ -3,30 +3,27 @@
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
 from mmjax import data as mmdata
 from mmjax.errors import UserError
-from mmjax.parallel import global_batch
+from mmjax.evals.features import SplitEmbedder
 
 
 def class_embeddings(
-    encode_text,
+    embedder: SplitEmbedder,
     params: Any,
-    tokenizer,
+    tokenizer: mmdata.Tokenizer,
     names: Sequence[str],
     templates: Sequence[str],
     max_len: int,
-) -> jnp.ndarray:
+) -> np.ndarray:
     """[num_classes, D]: per class, the renormalised mean of its prompts' unit embeddings."""
     prompts = [t.format(n) for n in names for t in templates]
-    emb = encode_text(params, jnp.asarray(tokenizer.tokenize(prompts, max_len)))
+    emb = embedder.encode_texts(params, tokenizer.tokenize(prompts, max_len))
     emb = emb.reshape(len(names), len(templates), -1).mean(axis=1)
-    return emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+    return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
 
 
 class ZeroShotClassifier:
@@ -35,12 +32,11 @@ class ZeroShotClassifier:
     def __init__(
         self,
         cfg: ml_collections.ConfigDict,
-        model: nn.Module,
-        tokenizer,
+        embedder: SplitEmbedder,
+        tokenizer: mmdata.Tokenizer,
         data_cfg: ml_collections.ConfigDict,
-        mesh: Mesh,
     ):
-        self.cfg, self.tokenizer, self.data_cfg, self.mesh = cfg, tokenizer, data_cfg, mesh
+        self.cfg, self.tokenizer, self.data_cfg = cfg, tokenizer, data_cfg
         self.names = mmdata.class_names(data_cfg)
         if not self.names:
             raise UserError(
@@ -48,39 +44,24 @@ class ZeroShotClassifier:
                 "zero-shot classification (set data.class_names)"
             )
         self.templates = list(cfg.get("templates", ()) or mmdata.prompt_templates(data_cfg))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        self._encode_text = jax.jit(
-            lambda p, t: model.apply({"params": p}, t, method="encode_text"),
-            out_shardings=replicated,
-        )
-
-        def correct(params, batch, classes):
-            img = model.apply({"params": params}, batch["image"], method="encode_image")
-            pred = jnp.argmax(img @ classes.T, axis=-1)
-            return jnp.sum((pred == batch["label"]) * batch["mask"]), jnp.sum(batch["mask"])
-
-        self._correct = jax.jit(correct, out_shardings=(replicated, replicated))
+        self.embedder = embedder
 
     def __call__(self, params: Any) -> dict[str, float]:
         classes = class_embeddings(
-            self._encode_text,
+            self.embedder,
             params,
             self.tokenizer,
             self.names,
             self.templates,
             self.data_cfg.max_text_len,
         )
-        hits = total = 0.0
-        batches = mmdata.eval_batches(
+        split = self.embedder(
+            params,
             self.data_cfg,
             self.tokenizer,
             self.cfg.split,
             self.cfg.batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            ["image_emb"],
         )
-        for local in batches:
-            batch = global_batch({k: local[k] for k in ("image", "label", "mask")}, self.mesh)
-            h, n = self._correct(params, batch, classes)
-            hits, total = hits + float(h), total + float(n)
-        return {f"{self.cfg.get('prefix', '')}zero_shot_accuracy": hits / max(total, 1.0)}
+        predicted = np.argmax(split["image_emb"] @ classes.T, axis=-1)
+        return {"zero_shot_accuracy": float(np.mean(predicted == split["label"]))}

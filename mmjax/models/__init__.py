@@ -6,9 +6,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models import clip
+from mmjax.models import clip, siglip
 
-MODELS = {"clip": clip.Model}
+MODELS = {"clip": clip.Model, "siglip": siglip.Model}
 
 
 def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:

@@ -12,8 +12,15 @@ def last_token_index(tokens: jnp.ndarray, pad_id: int = 0) -> jnp.ndarray:
     return jnp.maximum(jnp.sum(tokens != pad_id, axis=-1) - 1, 0)
 
 
+POOLS = ("eot", "last")
+
+
 class TextTransformer(nn.Module):
-    """Token ids [B, L] (0 = padding) -> (pooled [B, width] at end of text, [B, L, width])."""
+    """Token ids [B, L] -> (pooled [B, width], tokens [B, L, width]).
+
+    CLIP: causal, padding masked out, pooled at the end-of-text token (the last non-pad one).
+    SigLIP: bidirectional, padding attended like any token, pooled at the last position.
+    """
 
     vocab_size: int
     max_len: int
@@ -21,6 +28,10 @@ class TextTransformer(nn.Module):
     depth: int
     num_heads: int
     mlp_dim: int
+    causal: bool = True
+    pool: str = "eot"
+    mask_padding: bool = True
+    pad_id: int = 0
     activation: str = "gelu"
     remat: bool = False
     attention_impl: str = "auto"
@@ -31,6 +42,8 @@ class TextTransformer(nn.Module):
     def __call__(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         if tokens.shape[1] > self.max_len:
             raise ValueError(f"text length {tokens.shape[1]} exceeds max_len {self.max_len}")
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown text pool {self.pool!r}; valid: {POOLS}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.Embed(
             self.vocab_size,
@@ -47,18 +60,21 @@ class TextTransformer(nn.Module):
         )
         x = (x + pos[: tokens.shape[1]]).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        segment_ids = (tokens != 0).astype(jnp.int32)  # padding sees and is seen by nothing
+        # segment id 0: padding sees and is seen by nothing
+        segment_ids = (tokens != self.pad_id).astype(jnp.int32) if self.mask_padding else None
         x = Transformer(
             self.depth,
             self.num_heads,
             self.mlp_dim,
             activation=self.activation,
-            causal=True,
+            causal=self.causal,
             remat=self.remat,
             attention_impl=self.attention_impl,
             name="encoder",
             **kw,
         )(x, segment_ids)
         x = LayerNorm(name="norm_final", **kw)(x)
-        pooled = jnp.take_along_axis(x, last_token_index(tokens)[:, None, None], axis=1)[:, 0]
-        return pooled, x
+        if self.pool == "last":
+            return x[:, -1], x
+        index = last_token_index(tokens, self.pad_id)
+        return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0], x

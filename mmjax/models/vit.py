@@ -1,12 +1,16 @@
-"""Vision Transformer (Dosovitskiy et al., 2021) as used by CLIP: pre-LN, cls or mean pooling."""
+"""Vision Transformer (Dosovitskiy et al., 2021) as used by CLIP and SigLIP.
+
+Pooling: `cls` token (CLIP), global average (`gap`) or attention pooling (`map`, SigLIP).
+"""
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.nn import LayerNorm, PatchEmbed, Transformer
 from mmjax.nn.initializers import logical
+from mmjax.nn.pooling import MAPHead
 
-POOLS = ("cls", "gap")
+POOLS = ("cls", "gap", "map")
 
 
 class VisionTransformer(nn.Module):
@@ -18,6 +22,7 @@ class VisionTransformer(nn.Module):
     num_heads: int
     mlp_dim: int
     pool: str = "cls"
+    pre_norm: bool = True  # CLIP's ln_pre before the encoder; SigLIP has none
     activation: str = "gelu"
     remat: bool = False
     attention_impl: str = "auto"
@@ -43,7 +48,8 @@ class VisionTransformer(nn.Module):
         )
         x = (x + pos).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        x = LayerNorm(name="norm_pre", **kw)(x)  # CLIP's ln_pre
+        if self.pre_norm:
+            x = LayerNorm(name="norm_pre", **kw)(x)
         x = Transformer(
             self.depth,
             self.num_heads,
@@ -55,5 +61,11 @@ class VisionTransformer(nn.Module):
             **kw,
         )(x)
         x = LayerNorm(name="norm_post", **kw)(x)
-        pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
-        return pooled, x
+        if self.pool == "cls":
+            return x[:, 0], x
+        if self.pool == "gap":
+            return x.mean(axis=1), x
+        head = MAPHead(
+            self.num_heads, self.mlp_dim, attention_impl=self.attention_impl, name="map_head", **kw
+        )
+        return head(x), x

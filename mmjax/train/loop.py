@@ -305,12 +305,15 @@ class TrainingRun:
         )
 
     def evaluate(self, step: int) -> None:
-        """Runs every evaluator on the current parameters and writes their metrics at `step`."""
+        """Runs every evaluator on the current parameters; writes one record at `step`."""
+        record: dict[str, float] = {}
         for name, evaluator in self.evaluators.items():
             t0 = time.perf_counter()
             results = evaluator(self.state.params)
             log.info(
                 "eval %s at step %d (%.1fs): %s", name, step, time.perf_counter() - t0, results
             )
-            self.writer.write(step, results)
-            self.final.update(results)
+            record.update(results)
+        if record:
+            self.writer.write(step, record)
+            self.final.update(record)
