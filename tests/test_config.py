@@ -13,9 +13,13 @@ from mmjax.train.config_cli import REQUIRED_KEYS, apply_overrides, load_config
 CLIP = os.path.join(REPO, "experiments", "clip.py")
 
 
-@pytest.mark.parametrize("variant", ["tiny", "B/32", "B/16", "L/14"])
-def test_clip_variants_have_the_required_keys(variant):
-    config = load_config(f"{CLIP}:{variant}")
+@pytest.mark.parametrize(
+    "spec",
+    [f"clip.py:{v}" for v in ("tiny", "B/32", "B/16", "L/14")]
+    + [f"siglip.py:{v}" for v in ("tiny", "B/32", "B/16", "L/16", "L/14", "So400m/14")],
+)
+def test_variants_have_the_required_keys(spec):
+    config = load_config(os.path.join(REPO, "experiments", spec))
     assert all(k in config for k in REQUIRED_KEYS)
 
 
