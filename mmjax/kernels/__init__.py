@@ -33,9 +33,10 @@ def _resolve_impl(impl: str) -> str:
     """Maps `impl` to a backend name; "auto" picks the faster one on the default backend.
 
     TPU: "pallas" (Mosaic). CPU: "xla" -- the kernel only runs in interpret mode there, a
-    while loop over grid steps, measured 10-70x slower than the reference for fwd+bwd at
-    S=1024-4096 (benchmarks/attention.py). GPU: "xla" until the kernel has a Triton / Mosaic
-    GPU lowering; its scalar-prefetched block lists are TPU grid features Triton lacks.
+    while loop over grid steps, measured 1.2-3.5x slower than the reference (forward and
+    forward+backward, S=1024-4096, benchmarks/attention.py), though ~13x lighter in memory.
+    GPU: "xla" until the kernel has a Triton / Mosaic GPU lowering: its scalar-prefetched
+    block lists are a TPU grid feature that Triton lacks.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; valid choices: {', '.join(IMPLS)}")
