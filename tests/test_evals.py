@@ -1,11 +1,13 @@
 """Evals: Recall@K and the linear probe on known inputs; all evals of the tiny CLIP run."""
 
 import numpy as np
+import pytest
 from helpers import tiny_clip_config
 from sklearn.datasets import make_blobs
 
 from mmjax.evals.linear_probe import fit_probe
 from mmjax.evals.retrieval import recall_at_k
+from mmjax.evaluate import evaluate, main
 from mmjax.train import train_and_evaluate
 from mmjax.train.metrics import read_metrics
 
@@ -38,3 +40,15 @@ def test_tiny_run_writes_every_eval_metric(tmp_path):
     for name in names:
         assert 0.0 <= last[name] <= 1.0
     assert last["retrieval_i2t_r1"] <= last["retrieval_i2t_r5"] <= last["retrieval_i2t_r10"]
+
+    standalone = evaluate(workdir)  # python -m mmjax.evaluate --workdir ...
+    assert standalone["step"] == 4
+    for name in names:
+        assert standalone[name] == pytest.approx(last[name], abs=1e-6), name
+    assert read_metrics(workdir)[-1] == standalone
+
+
+def test_evaluate_cli_on_a_directory_without_a_run(tmp_path, capsys):
+    assert main(["--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json does not exist" in err[0]
