@@ -70,3 +70,22 @@ class SplitEmbedder:
             for key in ("label", "text"):
                 collected[key].append(np.asarray(self._replicate(batch[key]))[keep])
         return {k: np.concatenate(v) for k, v in collected.items()}
+
+
+class SplitEval:
+    """Base of the evals: holds the eval's config, the shared embedder, tokenizer and data."""
+
+    def __init__(
+        self,
+        cfg: ml_collections.ConfigDict,
+        embedder: SplitEmbedder,
+        tokenizer: mmdata.Tokenizer,
+        data_cfg: ml_collections.ConfigDict,
+    ):
+        self.cfg, self.embedder, self.tokenizer, self.data_cfg = cfg, embedder, tokenizer, data_cfg
+
+    def embed(self, params: Any, split: str, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """`SplitEmbedder` outputs for `split` in batches of `cfg.batch_size`."""
+        return self.embedder(
+            params, self.data_cfg, self.tokenizer, split, self.cfg.batch_size, outputs
+        )

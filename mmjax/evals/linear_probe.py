@@ -3,14 +3,12 @@ its strength picked on a held-out part of the training features, then refit on a
 
 from typing import Any
 
-import ml_collections
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mmjax import data as mmdata
-from mmjax.evals.features import SplitEmbedder
+from mmjax.evals.features import SplitEval
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -32,30 +30,11 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0) -> Pipeli
     return probe(best).fit(train_x, train_y)
 
 
-class LinearProbe:
+class LinearProbe(SplitEval):
     """`linear_probe_accuracy` on `split` of a probe trained on `train_split` features."""
 
-    def __init__(
-        self,
-        cfg: ml_collections.ConfigDict,
-        embedder: SplitEmbedder,
-        tokenizer: mmdata.Tokenizer,
-        data_cfg: ml_collections.ConfigDict,
-    ):
-        self.cfg, self.tokenizer, self.data_cfg = cfg, tokenizer, data_cfg
-        self.embedder = embedder
-
     def __call__(self, params: Any) -> dict[str, float]:
-        def features(split: str) -> dict[str, np.ndarray]:
-            return self.embedder(
-                params,
-                self.data_cfg,
-                self.tokenizer,
-                split,
-                self.cfg.batch_size,
-                ["image_features"],
-            )
-
-        train, test = features(self.cfg.train_split), features(self.cfg.split)
+        train = self.embed(params, self.cfg.train_split, ["image_features"])
+        test = self.embed(params, self.cfg.split, ["image_features"])
         probe = fit_probe(train["image_features"], train["label"])
         return {"linear_probe_accuracy": float(probe.score(test["image_features"], test["label"]))}

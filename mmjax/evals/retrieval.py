@@ -7,11 +7,9 @@ image are scored consistently.
 
 from typing import Any
 
-import ml_collections
 import numpy as np
 
-from mmjax import data as mmdata
-from mmjax.evals.features import SplitEmbedder
+from mmjax.evals.features import SplitEval
 
 KS = (1, 5, 10)
 
@@ -24,28 +22,11 @@ def recall_at_k(similarity: np.ndarray, positives: np.ndarray, ks=KS) -> dict[in
     return {k: float(np.mean(first < k)) for k in ks}
 
 
-class Retrieval:
+class Retrieval(SplitEval):
     """`retrieval_i2t_r{1,5,10}` and `retrieval_t2i_r{1,5,10}` on `split`."""
 
-    def __init__(
-        self,
-        cfg: ml_collections.ConfigDict,
-        embedder: SplitEmbedder,
-        tokenizer: mmdata.Tokenizer,
-        data_cfg: ml_collections.ConfigDict,
-    ):
-        self.cfg, self.tokenizer, self.data_cfg = cfg, tokenizer, data_cfg
-        self.embedder = embedder
-
     def __call__(self, params: Any) -> dict[str, float]:
-        split = self.embedder(
-            params,
-            self.data_cfg,
-            self.tokenizer,
-            self.cfg.split,
-            self.cfg.batch_size,
-            ["image_emb", "text_emb"],
-        )
+        split = self.embed(params, self.cfg.split, ["image_emb", "text_emb"])
         similarity = split["image_emb"] @ split["text_emb"].T
         text = split["text"]
         positives = (text[:, None, :] == text[None, :, :]).all(axis=-1)

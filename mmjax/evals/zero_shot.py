@@ -8,7 +8,7 @@ import numpy as np
 
 from mmjax import data as mmdata
 from mmjax.errors import UserError
-from mmjax.evals.features import SplitEmbedder
+from mmjax.evals.features import SplitEmbedder, SplitEval
 
 
 def class_embeddings(
@@ -26,7 +26,7 @@ def class_embeddings(
     return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
 
 
-class ZeroShotClassifier:
+class ZeroShotClassifier(SplitEval):
     """Accuracy of labelling `split` images with their nearest class prompt ensemble."""
 
     def __init__(
@@ -36,7 +36,7 @@ class ZeroShotClassifier:
         tokenizer: mmdata.Tokenizer,
         data_cfg: ml_collections.ConfigDict,
     ):
-        self.cfg, self.tokenizer, self.data_cfg = cfg, tokenizer, data_cfg
+        super().__init__(cfg, embedder, tokenizer, data_cfg)
         self.names = mmdata.class_names(data_cfg)
         if not self.names:
             raise UserError(
@@ -44,7 +44,6 @@ class ZeroShotClassifier:
                 "zero-shot classification (set data.class_names)"
             )
         self.templates = list(cfg.get("templates", ()) or mmdata.prompt_templates(data_cfg))
-        self.embedder = embedder
 
     def __call__(self, params: Any) -> dict[str, float]:
         classes = class_embeddings(
@@ -55,13 +54,6 @@ class ZeroShotClassifier:
             self.templates,
             self.data_cfg.max_text_len,
         )
-        split = self.embedder(
-            params,
-            self.data_cfg,
-            self.tokenizer,
-            self.cfg.split,
-            self.cfg.batch_size,
-            ["image_emb"],
-        )
+        split = self.embed(params, self.cfg.split, ["image_emb"])
         predicted = np.argmax(split["image_emb"] @ classes.T, axis=-1)
         return {"zero_shot_accuracy": float(np.mean(predicted == split["label"]))}
