@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import sys
 
 import ml_collections
 
@@ -27,6 +28,13 @@ SHRINK = [
     "checkpoint_every=3",
 ]
 FAST = [f"--config.{item}" for item in SHRINK]  # the same, as CLI flags
+
+
+def cli(workdir: str, *args: str, devices: int = 1, **popen) -> dict:
+    """subprocess keyword arguments running the shrunk tiny CLIP CLI on `devices` CPU devices."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    cmd = [sys.executable, "-m", "mmjax.train", "--config", "experiments/clip.py:tiny"]
+    return dict(args=[*cmd, "--workdir", workdir, *FAST, *args], cwd=REPO, env=env, **popen)
 
 
 def tiny_clip_config(**overrides: object) -> ml_collections.ConfigDict:

@@ -5,27 +5,19 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
-from helpers import FAST, REPO, tree_digest
+from helpers import cli, tree_digest
 from PIL import Image
 
 from mmjax import data
 
 
 def train(workdir: str, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mmjax.train", "--config", "experiments/clip.py:tiny"]
-    return subprocess.run(
-        [*cmd, "--workdir", workdir, *FAST, *overrides],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    return subprocess.run(**cli(workdir, *overrides), capture_output=True, text=True, timeout=300)
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -95,13 +87,11 @@ def test_bad_override_leaves_checkpoints_untouched(trained_workdir):
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     workdir = str(tmp_path / "w")
-    cmd = [sys.executable, "-m", "mmjax.train", "--config", "experiments/clip.py:tiny"]
     proc = subprocess.Popen(
-        [*cmd, "--workdir", workdir, *FAST, "--config.total_steps=100000"],
+        **cli(workdir, "--config.total_steps=100000"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=REPO,
     )
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 120

@@ -5,7 +5,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import grain
@@ -13,7 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import FAST, REPO, tiny_clip_config, tree_digest
+from helpers import cli, tiny_clip_config, tree_digest
 
 from mmjax.errors import TrainingError, UserError
 from mmjax.train import train_and_evaluate
@@ -133,24 +132,17 @@ def test_incompatible_checkpoint_refuses_to_resume(trained, tmp_path):
     }
 
 
-def _cli(workdir: str, *args: str, devices: int = 8, **popen) -> dict:
-    """subprocess keyword arguments running the tiny CLI on `devices` CPU devices."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    cmd = [sys.executable, "-m", "mmjax.train", "--config", "experiments/clip.py:tiny"]
-    return dict(args=[*cmd, "--workdir", workdir, *FAST, *args], cwd=REPO, env=env, **popen)
-
-
 def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
     straight, moved = str(tmp_path / "straight"), str(tmp_path / "moved")
     fsdp8 = ["--config.mesh.data=1", "--config.mesh.fsdp=8"]
-    run = subprocess.run(**_cli(straight, *fsdp8), capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        **cli(straight, *fsdp8, devices=8), capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     shutil.copytree(straight, moved)
     shutil.rmtree(os.path.join(moved, "checkpoints", "6"))  # as if stopped after step 3
     on4 = ["--config.mesh.data=2", "--config.mesh.fsdp=2"]
-    run = subprocess.run(
-        **_cli(moved, *on4, devices=4), capture_output=True, text=True, timeout=300
-    )
+    run = subprocess.run(**cli(moved, *on4, devices=4), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "Resuming from step 3" in run.stdout
     losses = [
@@ -173,11 +165,11 @@ def _final_state(workdir: str, step: int):
 def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path):
     total = ["--config.total_steps=14", "--config.checkpoint_every=2", "--config.log_every=1"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    run = subprocess.run(**_cli(straight, *total), capture_output=True, text=True, timeout=300)
+    run = subprocess.run(**cli(straight, *total), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     kill_at = random.Random().randint(3, 11)
     proc = subprocess.Popen(
-        **_cli(killed, *total), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        **cli(killed, *total), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -187,7 +179,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = subprocess.run(**_cli(killed, *total), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(**cli(killed, *total), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from step" in resumed.stdout, (kill_at, resumed.stdout)
     a, b = _final_state(straight, 14), _final_state(killed, 14)
