@@ -23,24 +23,21 @@ AUGMENT_OPS: dict[str, Callable[[int], RandomImageOp]] = {}
 DEFAULT_IMAGE_OPS = ("central_crop", "resize", "value_range")
 
 
-def register(name: str) -> Callable[[Callable[[int], ImageOp]], Callable[[int], ImageOp]]:
-    """Registers an op factory under `name` so that configs can refer to it."""
+def _registrar(registry: dict[str, Callable]) -> Callable[[str], Callable]:
+    """A decorator factory adding op factories to `registry` under a name configs can use."""
 
-    def wrap(factory: Callable[[int], ImageOp]) -> Callable[[int], ImageOp]:
-        IMAGE_OPS[name] = factory
-        return factory
+    def register_as(name: str) -> Callable[[Callable], Callable]:
+        def wrap(factory: Callable) -> Callable:
+            registry[name] = factory
+            return factory
 
-    return wrap
+        return wrap
+
+    return register_as
 
 
-def _register_augment(
-    name: str,
-) -> Callable[[Callable[[int], RandomImageOp]], Callable[[int], RandomImageOp]]:
-    def wrap(factory: Callable[[int], RandomImageOp]) -> Callable[[int], RandomImageOp]:
-        AUGMENT_OPS[name] = factory
-        return factory
-
-    return wrap
+register = _registrar(IMAGE_OPS)
+_register_augment = _registrar(AUGMENT_OPS)
 
 
 class ImageDecodeError(ValueError):
@@ -114,31 +111,26 @@ def random_shift(image_size: int) -> RandomImageOp:
     return op
 
 
-def build_augment_ops(names: Sequence[str], image_size: int) -> RandomImageOp:
-    """Composes the registered augmentations `names` (applied in order)."""
-    unknown = [n for n in names if n not in AUGMENT_OPS]
+def _compose(registry: dict[str, Callable], key: str, names: Sequence[str], image_size: int):
+    """The registered ops `names` applied in order; extra call arguments go to every op."""
+    unknown = [n for n in names if n not in registry]
     if unknown:
-        raise UserError(f"unknown data.augment {unknown} (valid: {', '.join(sorted(AUGMENT_OPS))})")
-    ops = [AUGMENT_OPS[n](image_size) for n in names]
+        raise UserError(f"unknown data.{key} {unknown} (valid: {', '.join(sorted(registry))})")
+    ops = [registry[n](image_size) for n in names]
 
-    def apply(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def apply(image: np.ndarray, *args) -> np.ndarray:
         for op in ops:
-            image = op(image, rng)
+            image = op(image, *args)
         return image
 
     return apply
+
+
+def build_augment_ops(names: Sequence[str], image_size: int) -> RandomImageOp:
+    """Composes the registered augmentations `names`: `apply(image, rng)`."""
+    return _compose(AUGMENT_OPS, "augment", names, image_size)
 
 
 def build_image_ops(names: Sequence[str], image_size: int) -> ImageOp:
     """Composes the registered ops `names` (applied in order) for images of `image_size`."""
-    unknown = [n for n in names if n not in IMAGE_OPS]
-    if unknown:
-        raise UserError(f"unknown data.image_ops {unknown} (valid: {', '.join(sorted(IMAGE_OPS))})")
-    ops = [IMAGE_OPS[n](image_size) for n in names]
-
-    def apply(image: np.ndarray) -> np.ndarray:
-        for op in ops:
-            image = op(image)
-        return image
-
-    return apply
+    return _compose(IMAGE_OPS, "image_ops", names, image_size)
