@@ -1,5 +1,6 @@
 """Reliability: NaN policy, torn checkpoints, incompatible workdirs, resharded restore, kill -9."""
 
+import glob
 import os
 import random
 import shutil
@@ -174,7 +175,10 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path):
     deadline = time.time() + 180
     while time.time() < deadline:
         steps = [r["step"] for r in read_metrics(killed)] if os.path.exists(killed) else []
-        if steps and max(steps) >= kill_at:
+        # kill once step kill_at ran and a checkpoint has committed (saves are async, so an
+        # earlier kill would rightly start over and leave nothing to resume from)
+        committed = glob.glob(os.path.join(killed, "checkpoints", "*", "commit_success.txt"))
+        if steps and max(steps) >= kill_at and committed:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
