@@ -27,8 +27,23 @@ setup(
         "scikit-image>=0.22",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],
-        "bench": ["torch>=2.4", "open_clip_torch>=2.24", "transformers>=4.40"],
+        # torch, transformers and open_clip build the small random reference models that the
+        # converters' parity tests import; nbclient runs the notebooks.
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "torch>=2.4",
+            "torchvision>=0.19",
+            "transformers>=4.40",
+            "open_clip_torch>=2.24",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            "matplotlib>=3.8",
+        ],
+        "bench": ["torch>=2.4", "torchvision>=0.19", "open_clip_torch>=2.24", "transformers>=4.40"],
         "tfds": ["tensorflow-datasets>=4.9.7"],
         "gpu": ["jax[cuda12]>=0.7.1"],
         "tpu": ["jax[tpu]>=0.7.1"],
