@@ -72,7 +72,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
         embed_dim=width,
         dtype="float32",
         attention_impl="auto",
-        image=dict(patch_size=2, pool="cls", **tower),
+        image=dict(patch_size=2, pool="cls", patch_bias=False, **tower),
         text=dict(vocab_size=0, max_len=16, **tower),
     )
     c.optimizer.update(lr=2e-3, weight_decay=0.1, warmup_steps=40)
@@ -109,6 +109,7 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
             num_heads=heads,
             mlp_dim=4 * width,
             pool="cls",
+            patch_bias=False,  # OpenAI CLIP's conv1 has no bias
             remat=True,
         ),
         text=dict(

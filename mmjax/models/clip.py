@@ -69,12 +69,12 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: jnp.ndarray) -> jnp.ndarray:
         """Images [B, H, W, C] -> L2-normalised embeddings [B, embed_dim] in f32."""
-        pooled, _ = self.image_tower(images.astype(self.dtype))
+        pooled, _ = self.image_tower(images)
         return _normalize(self.image_head(pooled) if self.image_proj else pooled)
 
     def image_features(self, images: jnp.ndarray) -> jnp.ndarray:
         """Pooled image-tower features [B, width] in f32: what a linear probe reads."""
-        pooled, _ = self.image_tower(images.astype(self.dtype))
+        pooled, _ = self.image_tower(images)
         return pooled.astype(jnp.float32)
 
     def encode_text(self, tokens: jnp.ndarray) -> jnp.ndarray:

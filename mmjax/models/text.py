@@ -12,7 +12,26 @@ def last_token_index(tokens: jnp.ndarray, pad_id: int = 0) -> jnp.ndarray:
     return jnp.maximum(jnp.sum(tokens != pad_id, axis=-1) - 1, 0)
 
 
-POOLS = ("eot", "last")
+def pool_index(tokens: jnp.ndarray, pool: str, pad_id: int, eos_id: int | None) -> jnp.ndarray:
+    """Per-row position of the pooled token.
+
+    `eot`: last non-pad token (mmjax's tokenizers end every caption with end-of-text);
+    `argmax`: the largest token id, OpenAI CLIP's end-of-text (open_clip's default);
+    `eos`: the first `eos_id` (HF CLIP, where padding may repeat the end-of-text id);
+    `last`: the final position (SigLIP, whose captions are padded to full length).
+    """
+    if pool == "eot":
+        return last_token_index(tokens, pad_id)
+    if pool == "argmax":
+        return jnp.argmax(tokens, axis=-1)
+    if pool == "eos":
+        if eos_id is None:
+            raise ValueError("text pool 'eos' needs eos_id")
+        return jnp.argmax(tokens == eos_id, axis=-1)
+    return jnp.full(tokens.shape[:1], tokens.shape[1] - 1)
+
+
+POOLS = ("eot", "argmax", "eos", "last")
 
 
 class TextTransformer(nn.Module):
@@ -32,7 +51,9 @@ class TextTransformer(nn.Module):
     pool: str = "eot"
     mask_padding: bool = True
     pad_id: int = 0
+    eos_id: int | None = None
     activation: str = "gelu"
+    norm_eps: float = 1e-5
     remat: bool = False
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
@@ -40,6 +61,10 @@ class TextTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(
+                f"text must be integer token ids [batch, length], got {tokens.dtype} {tokens.shape}"
+            )
         if tokens.shape[1] > self.max_len:
             raise ValueError(f"text length {tokens.shape[1]} exceeds max_len {self.max_len}")
         if self.pool not in POOLS:
@@ -68,13 +93,12 @@ class TextTransformer(nn.Module):
             self.mlp_dim,
             activation=self.activation,
             causal=self.causal,
+            norm_eps=self.norm_eps,
             remat=self.remat,
             attention_impl=self.attention_impl,
             name="encoder",
             **kw,
         )(x, segment_ids)
-        x = LayerNorm(name="norm_final", **kw)(x)
-        if self.pool == "last":
-            return x[:, -1], x
-        index = last_token_index(tokens, self.pad_id)
+        x = LayerNorm(name="norm_final", epsilon=self.norm_eps, **kw)(x)
+        index = pool_index(tokens, self.pool, self.pad_id, self.eos_id)
         return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0], x

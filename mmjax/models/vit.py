@@ -23,7 +23,9 @@ class VisionTransformer(nn.Module):
     mlp_dim: int
     pool: str = "cls"
     pre_norm: bool = True  # CLIP's ln_pre before the encoder; SigLIP has none
+    patch_bias: bool = True
     activation: str = "gelu"
+    norm_eps: float = 1e-5
     remat: bool = False
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
@@ -34,12 +36,24 @@ class VisionTransformer(nn.Module):
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; valid: {POOLS}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = PatchEmbed(self.patch_size, self.width, name="patch_embed", **kw)(images)
+        _check_images(images)
+        x = PatchEmbed(
+            self.patch_size, self.width, use_bias=self.patch_bias, name="patch_embed", **kw
+        )(images)
         if self.pool == "cls":
             cls = self.param(
                 "cls", logical(nn.initializers.normal(0.02), None, "embed"), (1, self.width)
             )
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], *cls.shape)), x], axis=1)
+        if self.has_variable("params", "pos_embedding"):
+            built = self.get_variable("params", "pos_embedding")
+            built = getattr(built, "value", built).shape[0]  # unbox logical partitioning
+            if built != x.shape[1]:
+                raise ValueError(
+                    f"images of {images.shape[1]}x{images.shape[2]} give {x.shape[1]} tokens "
+                    f"(patch {self.patch_size}, pool {self.pool!r}), but this model was built for "
+                    f"{built} tokens"
+                )
         pos = self.param(
             "pos_embedding",
             logical(nn.initializers.normal(0.02), "position", "embed"),
@@ -49,23 +63,41 @@ class VisionTransformer(nn.Module):
         x = (x + pos).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         if self.pre_norm:
-            x = LayerNorm(name="norm_pre", **kw)(x)
+            x = LayerNorm(name="norm_pre", epsilon=self.norm_eps, **kw)(x)
         x = Transformer(
             self.depth,
             self.num_heads,
             self.mlp_dim,
             activation=self.activation,
+            norm_eps=self.norm_eps,
             remat=self.remat,
             attention_impl=self.attention_impl,
             name="encoder",
             **kw,
         )(x)
-        x = LayerNorm(name="norm_post", **kw)(x)
+        x = LayerNorm(name="norm_post", epsilon=self.norm_eps, **kw)(x)
         if self.pool == "cls":
             return x[:, 0], x
         if self.pool == "gap":
             return x.mean(axis=1), x
         head = MAPHead(
-            self.num_heads, self.mlp_dim, attention_impl=self.attention_impl, name="map_head", **kw
+            self.num_heads,
+            self.mlp_dim,
+            activation=self.activation,
+            norm_eps=self.norm_eps,
+            attention_impl=self.attention_impl,
+            name="map_head",
+            **kw,
         )
         return head(x), x
+
+
+def _check_images(images: jnp.ndarray) -> None:
+    """Clear errors for what would otherwise fail deep inside the patch projection."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be [batch, height, width, channels], got {images.shape}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(
+            f"images must be floating point (normalised pixels), got {images.dtype}; "
+            "convert uint8 images with mmjax.data image ops first"
+        )

@@ -15,6 +15,7 @@ class PatchEmbed(nn.Module):
 
     patch_size: int
     width: int
+    use_bias: bool = True  # OpenAI CLIP's patch convolution has none
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
@@ -24,10 +25,18 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+        built = self.variables.get("params", {}).get("proj", {}).get("kernel")
+        built = getattr(built, "value", built)  # unbox logical partitioning
+        if built is not None and built.shape[0] != p * p * images.shape[-1]:
+            raise ValueError(
+                f"images have {images.shape[-1]} channels, but this model was built for "
+                f"{built.shape[0] // (p * p)}"
+            )
         patches = einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
         return DenseGeneral(
             (self.width,),
             ("patch", "embed"),
+            use_bias=self.use_bias,
             init="lecun_normal",
             dtype=self.dtype,
             param_dtype=self.param_dtype,

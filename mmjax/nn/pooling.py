@@ -15,6 +15,8 @@ class MAPHead(nn.Module):
 
     num_heads: int
     mlp_dim: int
+    activation: str = "gelu"
+    norm_eps: float = 1e-5
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -30,5 +32,6 @@ class MAPHead(nn.Module):
         y = MultiHeadAttention(self.num_heads, impl=self.attention_impl, name="attn", **kw)(
             probe, x
         )
-        y = y + Mlp(self.mlp_dim, name="mlp", **kw)(LayerNorm(name="norm", **kw)(y))
+        y_norm = LayerNorm(name="norm", epsilon=self.norm_eps, **kw)(y)
+        y = y + Mlp(self.mlp_dim, activation=self.activation, name="mlp", **kw)(y_norm)
         return y[:, 0]

@@ -17,6 +17,7 @@ class TransformerBlock(nn.Module):
     mlp_dim: int
     activation: str = "gelu"
     causal: bool = False
+    norm_eps: float = 1e-5
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -24,12 +25,12 @@ class TransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        y = LayerNorm(name="norm1", **kw)(x)
+        y = LayerNorm(name="norm1", epsilon=self.norm_eps, **kw)(x)
         y = MultiHeadAttention(self.num_heads, impl=self.attention_impl, name="attn", **kw)(
             y, segment_ids=segment_ids, causal=self.causal
         )
         x = nn.with_logical_constraint(x + y, ACT)
-        y = LayerNorm(name="norm2", **kw)(x)
+        y = LayerNorm(name="norm2", epsilon=self.norm_eps, **kw)(x)
         y = Mlp(self.mlp_dim, activation=self.activation, name="mlp", **kw)(y)
         return nn.with_logical_constraint(x + y, ACT)
 
@@ -42,6 +43,7 @@ class Transformer(nn.Module):
     mlp_dim: int
     activation: str = "gelu"
     causal: bool = False
+    norm_eps: float = 1e-5
     remat: bool = False
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
@@ -56,6 +58,7 @@ class Transformer(nn.Module):
                 self.mlp_dim,
                 activation=self.activation,
                 causal=self.causal,
+                norm_eps=self.norm_eps,
                 attention_impl=self.attention_impl,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
