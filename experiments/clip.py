@@ -39,6 +39,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.distributed = False
     c.max_bad_steps = 5  # NaN/Inf updates skipped in a row before training stops
+    # Pretrained weights (mmjax.convert): format hf_clip | hf_siglip | open_clip, a local path,
+    # and for open_clip the model name; their architecture replaces c.model's.
+    c.init_from = dict(format="", path="", name="")
     c.optimizer = dict(
         name="adamw",
         lr=5e-4,

@@ -251,3 +251,98 @@ def test_text_of_the_wrong_dtype_is_named():
         module.apply(
             {"params": imported.params}, jnp.zeros((2, CONTEXT)), method=module.encode_text
         )
+
+
+def save_digits_clip(directory) -> "transformers.CLIPModel":
+    """A random HF CLIP for 8x8 digits with a word-level HF tokenizer of the digit captions,
+    saved as a checkpoint directory would be (weights + tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from mmjax.data import data_config
+    from mmjax.data.pipeline import class_names, prompt_templates
+    from mmjax.data.sources import build_source, sample_captions
+
+    cfg = data_config(source="digits")
+    texts = [*sample_captions(build_source(cfg, "train"), 2000), *prompt_templates(cfg)]
+    texts += class_names(cfg)
+    words = sorted({w for t in texts for w in t.replace("{}", " ").split()} | set("0123456789"))
+    vocab = {"[PAD]": 0, "[UNK]": 1, "<s>": 2, "</s>": 3}
+    vocab.update({w: i + 4 for i, w in enumerate(words)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)]
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="[PAD]",
+        unk_token="[UNK]",
+    )  # fmt: skip
+    fast.save_pretrained(directory)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(fast), max_position_embeddings=16, hidden_size=32,
+                         num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                         eos_token_id=3, pad_token_id=0, bos_token_id=2),
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64, image_size=8, patch_size=2),
+        projection_dim=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def init_from_config(directory, **overrides):
+    from helpers import tiny_clip_config
+
+    return tiny_clip_config(
+        **{
+            "init_from.format": "hf_clip",
+            "init_from.path": str(directory),
+            "data.tokenizer": "hf",
+            "data.tokenizer_path": str(directory),
+            "data.max_text_len": 16,
+            "total_steps": 0,
+            **overrides,
+        }
+    )
+
+
+def test_training_starts_from_imported_weights_and_evaluates_with_their_tokenizer(tmp_path):
+    import flax
+
+    from mmjax.train.loop import Trainer, TrainingRun
+
+    save_digits_clip(tmp_path / "ckpt")
+    trainer = Trainer(init_from_config(tmp_path / "ckpt"), str(tmp_path / "run"))
+    with TrainingRun(trainer, str(tmp_path / "run")) as run:
+        final = run.train()
+        got = flax.traverse_util.flatten_dict(run.state.params, sep="/")
+    want = flax.traverse_util.flatten_dict(trainer.imported.params, sep="/")
+    assert got.keys() == want.keys()
+    for path in want:
+        np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+    assert 0.0 <= final["zero_shot_accuracy"] <= 1.0
+    assert trainer.config.model.text.pool == "eos"
+
+
+def test_import_with_a_mismatched_tokenizer_or_image_size_fails_clearly(tmp_path):
+    from mmjax.train.loop import Trainer, TrainingRun
+
+    save_digits_clip(tmp_path / "ckpt")
+    byte = init_from_config(tmp_path / "ckpt", **{"data.tokenizer": "byte"})
+    with pytest.raises(UserError, match=r"ByteTokenizer\(\) has 259 ids but the imported text"):
+        Trainer(byte, str(tmp_path / "a"))
+    long = init_from_config(tmp_path / "ckpt", **{"data.max_text_len": 40})
+    with pytest.raises(UserError, match="max_text_len 40 exceeds the imported text context of 16"):
+        Trainer(long, str(tmp_path / "a"))
+    big = init_from_config(tmp_path / "ckpt", **{"data.image_size": 16})
+    trainer = Trainer(big, str(tmp_path / "b"))
+    with (
+        pytest.raises(
+            UserError,
+            match=r"gives 16x16x3 images but .* trained on 8x8x3",
+        ),
+        TrainingRun(trainer, str(tmp_path / "b")) as run,
+    ):
+        run.train()

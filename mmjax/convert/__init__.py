@@ -5,17 +5,43 @@
   emb = module.apply({"params": imported.params}, images, method=module.encode_image)
 
 Images are NHWC floats normalised as the source model expects; text is the source tokenizer's
-ids. Each converter checks the architecture, every tensor's presence and every shape against
-the mmjax model it builds, and fails with one line naming what differs.
+ids. To fine-tune or evaluate imported weights, an experiment sets
+`config.init_from = dict(format="hf_clip", path=DIR)` (open_clip: `name=` and `path=` a local
+checkpoint file) with `config.data.tokenizer = "hf"` and the checkpoint's tokenizer directory
+in `config.data.tokenizer_path`.
+
+Each converter checks the architecture, every tensor's presence and every shape against the
+mmjax model it builds, and fails with one line naming what differs.
 """
+
+import os
+from collections.abc import Mapping
+from typing import Any
 
 from mmjax.convert import hf_clip, hf_siglip, open_clip
 from mmjax.convert.imported import Imported, check_vocab
+from mmjax.errors import UserError
 
 from_hf_clip = hf_clip.convert
 from_hf_siglip = hf_siglip.convert
 from_open_clip = open_clip.convert
 CONVERTERS = {"hf_clip": from_hf_clip, "hf_siglip": from_hf_siglip, "open_clip": from_open_clip}
+
+
+def load(init_from: Mapping[str, Any]) -> Imported:
+    """Imports what a config's `init_from` names: {format, path[, name for open_clip]}."""
+    fmt = init_from.get("format")
+    if fmt not in CONVERTERS:
+        raise UserError(f"init_from.format {fmt!r} is not one of {sorted(CONVERTERS)}")
+    path = init_from.get("path", "")
+    if not path or not os.path.exists(path):
+        raise UserError(f"init_from.path {path!r} does not exist")
+    if fmt == "open_clip":
+        if not init_from.get("name"):
+            raise UserError("init_from.format=open_clip needs init_from.name (the model name)")
+        return from_open_clip(init_from["name"], pretrained=path)
+    return CONVERTERS[fmt](path)
+
 
 __all__ = [
     "CONVERTERS",
@@ -24,4 +50,5 @@ __all__ = [
     "from_hf_clip",
     "from_hf_siglip",
     "from_open_clip",
+    "load",
 ]

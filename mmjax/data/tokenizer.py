@@ -17,7 +17,7 @@ from mmjax.data.sources import build_source, sample_captions
 from mmjax.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.model"
-TOKENIZERS = ("sentencepiece", "byte")
+TOKENIZERS = ("sentencepiece", "byte", "hf")
 # Enough text to fit a small vocabulary; bounds the read of a large dataset.
 _MAX_TRAINING_CAPTIONS = 100_000
 
@@ -136,6 +136,45 @@ class ByteTokenizer(Tokenizer):
         return "ByteTokenizer()"
 
 
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer from a local directory: the vocabulary of imported weights.
+
+    `tokenize` frames and pads as the checkpoint was trained (HF's own special tokens, padding
+    to `max_len`), so imported CLIP and SigLIP models see the ids they expect.
+    """
+
+    def __init__(self, path: str) -> None:
+        try:
+            import transformers
+
+            self._tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (ImportError, OSError, ValueError) as e:
+            raise UserError(f"cannot load a transformers tokenizer from {path!r}: {e}") from e
+        self.path = path
+        self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
+        self.bos_id = self._tok.bos_token_id if self._tok.bos_token_id is not None else -1
+        self.eos_id = self._tok.eos_token_id if self._tok.eos_token_id is not None else -1
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+    def tokenize(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+        ids = self._tok(list(texts), padding="max_length", truncation=True, max_length=max_len)[
+            "input_ids"
+        ]
+        return np.asarray(ids, dtype=np.int32)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r})"
+
+
 def load_or_train_tokenizer(data_cfg: ConfigDict, workdir: str | None, *, write: bool) -> Tokenizer:
     """The tokenizer named by `data_cfg.tokenizer`.
 
@@ -146,6 +185,10 @@ def load_or_train_tokenizer(data_cfg: ConfigDict, workdir: str | None, *, write:
     kind = data_cfg.tokenizer
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "hf":
+        if not data_cfg.get("tokenizer_path"):
+            raise UserError("data.tokenizer=hf needs data.tokenizer_path (a local directory)")
+        return HFTokenizer(data_cfg.tokenizer_path)
     if kind != "sentencepiece":
         raise UserError(f"unknown data.tokenizer '{kind}' (valid: {', '.join(TOKENIZERS)})")
     path = epath.Path(workdir) / TOKENIZER_FILE if workdir else None

@@ -17,8 +17,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from mmjax import convert, evals, models, objectives, parallel
 from mmjax import data as mmdata
-from mmjax import evals, models, objectives, parallel
 from mmjax.errors import TrainingError, UserError
 from mmjax.train.checkpoint import Checkpointer, abstract_like
 from mmjax.train.metrics import MetricWriter
@@ -114,11 +114,37 @@ class Trainer:
             config.data, workdir, write=self.is_main and workdir is not None
         )
         fill_vocab_size(config.model, self.tokenizer.vocab_size)
+        init_from = config.get("init_from", {})
+        self.imported = self._import(config) if init_from.get("format") else None
         self.model = models.build_model(config.model)
         self.loss_fn = objectives.build_loss(
             config.objective.name, self.apply_fn, **config.objective.get("kwargs", {})
         )
         self.tx, self.schedule = make_optimizer(config.optimizer, config.total_steps)
+
+    def _import(self, config: ml_collections.ConfigDict) -> convert.Imported:
+        """Imports `config.init_from`; its architecture replaces `config.model`'s."""
+        imported = convert.load(config.init_from)
+        convert.check_vocab(imported, self.tokenizer.vocab_size, repr(self.tokenizer))
+        if config.data.max_text_len > imported.text_len:
+            raise UserError(
+                f"data.max_text_len {config.data.max_text_len} exceeds the imported text "
+                f"context of {imported.text_len} tokens"
+            )
+        kept = {k: config.model[k] for k in ("dtype", "attention_impl") if k in config.model}
+        config.model = ml_collections.ConfigDict({**imported.model, **kept})
+        return imported
+
+    def imported_params(self, example_batch: Mapping[str, np.ndarray], shardings: Any) -> Any:
+        """The imported parameters placed with `shardings`, once the data is known to fit them."""
+        got = tuple(example_batch["image"].shape[1:])
+        want = (*self.imported.image_size, self.imported.channels)
+        if got != want:
+            raise UserError(
+                f"the data gives {'x'.join(map(str, got))} images but the imported model was "
+                f"trained on {'x'.join(map(str, want))}: set data.image_size"
+            )
+        return jax.device_put(self.imported.params, shardings)
 
     def apply_fn(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> Any:
         return self.model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
@@ -192,7 +218,8 @@ class TrainingRun:
     def __init__(self, trainer: Trainer, workdir: str):
         self.trainer, self.config = trainer, trainer.config
         self.data_iter = trainer.data_iterator()
-        self.state, self.shardings = trainer.init_state(next(trainer.data_iterator()))
+        self.example_batch = next(trainer.data_iterator())
+        self.state, self.shardings = trainer.init_state(self.example_batch)
         self.ckpt = Checkpointer(workdir, keep=self.config.get("keep_checkpoints", 3))
         self.writer = MetricWriter(workdir, active=trainer.is_main)
         self.preemption = _Preemption()
@@ -219,6 +246,10 @@ class TrainingRun:
             print(
                 f"Resuming from step {self.start} (checkpoint in {self.ckpt.directory})", flush=True
             )
+        elif trainer.imported is not None:
+            params = trainer.imported_params(self.example_batch, self.shardings.params)
+            self.state = self.state.replace(params=params)
+            print(f"Initialised from {dict(self.config.init_from)}", flush=True)
         if trainer.is_main:  # only once the workdir's checkpoints are known to fit this config
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
