@@ -2,6 +2,7 @@
 to mmjax, give the same embeddings (1e-4, f32) and logits; wrong inputs fail with one clear line.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def assert_parity(imported: convert.Imported, reference, ids: torch.Tensor) -> N
         "image": jnp.asarray(pixels.permute(0, 2, 3, 1).numpy()),
         "text": jnp.asarray(ids.numpy()),
     }
-    out = module.apply(variables, batch)
+    out = jax.jit(module.apply)(variables, batch)
     with torch.no_grad():
         ref_image, ref_text, ref_logits = reference(pixels, ids)
     normalize = torch.nn.functional.normalize
