@@ -1,9 +1,11 @@
-"""Building blocks: attention, MLPs, norms, patch embeddings, transformer stacks."""
+"""Building blocks: attention, MLPs, norms, RoPE, patch and timestep embeddings, transformers."""
 
 from mmjax.nn.attention import MultiHeadAttention
 from mmjax.nn.mlp import Mlp
-from mmjax.nn.norms import LayerNorm
+from mmjax.nn.norms import LayerNorm, RMSNorm, make_norm
 from mmjax.nn.patch_embed import PatchEmbed
+from mmjax.nn.rope import apply_rope
+from mmjax.nn.timestep import TimestepEmbed, sinusoidal
 from mmjax.nn.transformer import Transformer, TransformerBlock
 
 __all__ = [
@@ -11,6 +13,11 @@ __all__ = [
     "Mlp",
     "MultiHeadAttention",
     "PatchEmbed",
+    "RMSNorm",
+    "TimestepEmbed",
     "Transformer",
     "TransformerBlock",
+    "apply_rope",
+    "make_norm",
+    "sinusoidal",
 ]

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from mmjax import kernels
 from mmjax.nn.dense import DenseGeneral
+from mmjax.nn.rope import apply_rope
 
 
 class MultiHeadAttention(nn.Module):
@@ -12,12 +13,14 @@ class MultiHeadAttention(nn.Module):
 
     The mask comes from token metadata (segment/span ids, causal, window) exactly as
     `mmjax.kernels.attention` defines it; `impl` picks the kernel ("auto", "xla", ...).
+    With `rope_theta`, q and k are rotated by the `positions` passed at call time.
     """
 
     num_heads: int
     num_kv_heads: int | None = None
     head_dim: int | None = None
     use_bias: bool = True
+    rope_theta: float | None = None
     impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -34,6 +37,8 @@ class MultiHeadAttention(nn.Module):
         kv_span_ids: jnp.ndarray | None = None,
         causal: bool = False,
         window: int | None = None,
+        positions: jnp.ndarray | None = None,
+        kv_positions: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         width = x.shape[-1]
         if self.head_dim is None and width % self.num_heads:
@@ -56,6 +61,12 @@ class MultiHeadAttention(nn.Module):
         q = project("query", x, self.num_heads)
         k = project("key", kv, kv_heads)
         v = project("value", kv, kv_heads)
+        if self.rope_theta is not None:
+            if positions is None:
+                raise ValueError("attention with rope_theta needs token positions")
+            kv_positions = positions if kv_positions is None else kv_positions
+            q = apply_rope(q, positions, self.rope_theta)
+            k = apply_rope(k, kv_positions, self.rope_theta)
         out = kernels.attention(
             q,
             k,

@@ -22,7 +22,7 @@ class DenseGeneral(nn.Module):
     kernel_axes: Sequence[str | None]
     num_in: int = 1
     use_bias: bool = True
-    init: str = "xavier_uniform"
+    init: str = "xavier_uniform"  # | lecun_normal | zeros
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
@@ -35,15 +35,18 @@ class DenseGeneral(nn.Module):
                 f"kernel_axes {self.kernel_axes} do not match kernel rank "
                 f"{len(in_shape) + len(features)}"
             )
-        mode, distribution = INITS[self.init]
         n_in = len(in_shape)
-        init = nn.initializers.variance_scaling(
-            1.0,
-            mode,
-            distribution,
-            in_axis=tuple(range(n_in)),
-            out_axis=tuple(range(n_in, n_in + len(features))),
-        )
+        if self.init == "zeros":
+            init = nn.initializers.zeros_init()
+        else:
+            mode, distribution = INITS[self.init]
+            init = nn.initializers.variance_scaling(
+                1.0,
+                mode,
+                distribution,
+                in_axis=tuple(range(n_in)),
+                out_axis=tuple(range(n_in, n_in + len(features))),
+            )
         kernel = self.param(
             "kernel", logical(init, *self.kernel_axes), (*in_shape, *features), self.param_dtype
         )

@@ -22,10 +22,14 @@ ACTIVATIONS = {
 
 
 class Mlp(nn.Module):
-    """Dense(hidden) -> activation -> Dense(width), with `mlp`-sharded hidden units."""
+    """Dense(hidden) -> activation -> Dense(width), with `mlp`-sharded hidden units.
+
+    `gated`: act(gate(x)) * fc1(x) -> fc2, the GLU variants (SwiGLU with `silu`, Llama).
+    """
 
     hidden_dim: int
     activation: str = "gelu"
+    gated: bool = False
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
@@ -39,5 +43,9 @@ class Mlp(nn.Module):
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = DenseGeneral((self.hidden_dim,), ("embed", "mlp"), name="fc1", **dense)(x)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
-        h = ACTIVATIONS[self.activation](h)
+        if self.gated:
+            gate = DenseGeneral((self.hidden_dim,), ("embed", "mlp"), name="gate", **dense)(x)
+            h = ACTIVATIONS[self.activation](gate) * h
+        else:
+            h = ACTIVATIONS[self.activation](h)
         return DenseGeneral((width,), ("mlp", "embed"), name="fc2", **dense)(h)

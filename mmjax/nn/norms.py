@@ -22,3 +22,30 @@ class LayerNorm(nn.Module):
             scale_init=logical(nn.initializers.ones_init(), "embed"),
             bias_init=logical(nn.initializers.zeros_init(), "embed"),
         )(x)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich, 2019) as in Llama; scale labelled `embed`."""
+
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return nn.RMSNorm(
+            epsilon=self.epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            scale_init=logical(nn.initializers.ones_init(), "embed"),
+        )(x)
+
+
+NORMS = {"layer": LayerNorm, "rms": RMSNorm}
+
+
+def make_norm(kind: str, **kwargs) -> nn.Module:
+    """`NORMS[kind](**kwargs)`, with a clear error for an unknown kind."""
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm {kind!r}; valid: {sorted(NORMS)}")
+    return NORMS[kind](**kwargs)

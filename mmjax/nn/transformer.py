@@ -1,37 +1,63 @@
-"""Pre-norm transformer blocks and stacks shared by the vision and text towers."""
+"""Pre-norm transformer blocks and stacks shared by the vision and text towers and decoders.
+
+The defaults are ViT/CLIP's block (LayerNorm, GELU MLP, biases); `norm="rms"`, `gated_mlp`,
+`activation="silu"`, `use_bias=False` and `rope_theta` give the Llama block that Transfusion
+and the other decoders use.
+"""
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.nn.attention import MultiHeadAttention
 from mmjax.nn.mlp import Mlp
-from mmjax.nn.norms import LayerNorm
+from mmjax.nn.norms import make_norm
 
 ACT = ("batch", "length", "act_embed")
 
 
 class TransformerBlock(nn.Module):
-    """x + Attn(LN(x)), then x + MLP(LN(x)) (pre-norm, as ViT and CLIP)."""
+    """x + Attn(Norm(x)), then x + MLP(Norm(x))."""
 
     num_heads: int
     mlp_dim: int
     activation: str = "gelu"
     causal: bool = False
+    norm: str = "layer"
     norm_eps: float = 1e-5
+    gated_mlp: bool = False
+    use_bias: bool = True
+    rope_theta: float | None = None
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        segment_ids: jnp.ndarray | None = None,
+        span_ids: jnp.ndarray | None = None,
+        positions: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        y = LayerNorm(name="norm1", epsilon=self.norm_eps, **kw)(x)
-        y = MultiHeadAttention(self.num_heads, impl=self.attention_impl, name="attn", **kw)(
-            y, segment_ids=segment_ids, causal=self.causal
+        y = make_norm(self.norm, name="norm1", epsilon=self.norm_eps, **kw)(x)
+        y = MultiHeadAttention(
+            self.num_heads,
+            use_bias=self.use_bias,
+            rope_theta=self.rope_theta,
+            impl=self.attention_impl,
+            name="attn",
+            **kw,
+        )(
+            y,
+            segment_ids=segment_ids,
+            span_ids=span_ids,
+            causal=self.causal,
+            positions=positions,
         )
         x = nn.with_logical_constraint(x + y, ACT)
-        y = LayerNorm(name="norm2", epsilon=self.norm_eps, **kw)(x)
-        y = Mlp(self.mlp_dim, activation=self.activation, name="mlp", **kw)(y)
+        y = make_norm(self.norm, name="norm2", epsilon=self.norm_eps, **kw)(x)
+        y = Mlp(self.mlp_dim, activation=self.activation, gated=self.gated_mlp, name="mlp", **kw)(y)
         return nn.with_logical_constraint(x + y, ACT)
 
 
@@ -43,14 +69,24 @@ class Transformer(nn.Module):
     mlp_dim: int
     activation: str = "gelu"
     causal: bool = False
+    norm: str = "layer"
     norm_eps: float = 1e-5
+    gated_mlp: bool = False
+    use_bias: bool = True
+    rope_theta: float | None = None
     remat: bool = False
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        segment_ids: jnp.ndarray | None = None,
+        span_ids: jnp.ndarray | None = None,
+        positions: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
         block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
         for i in range(self.depth):
             x = block(
@@ -58,10 +94,14 @@ class Transformer(nn.Module):
                 self.mlp_dim,
                 activation=self.activation,
                 causal=self.causal,
+                norm=self.norm,
                 norm_eps=self.norm_eps,
+                gated_mlp=self.gated_mlp,
+                use_bias=self.use_bias,
+                rope_theta=self.rope_theta,
                 attention_impl=self.attention_impl,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"block{i}",
-            )(x, segment_ids)
+            )(x, segment_ids, span_ids, positions)
         return x
