@@ -5,6 +5,7 @@ from typing import Any
 import ml_collections
 
 from mmjax.data.image_ops import DEFAULT_IMAGE_OPS
+from mmjax.data.sequences import SEQUENCE_DEFAULTS
 
 DATA_DEFAULTS: dict[str, Any] = dict(
     source="digits",  # digits | skimage | shapes | array_record | tfds
@@ -25,6 +26,7 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     tfds_text_key="",
     tfds_label_key="label",
     class_names=(),
+    sequence=SEQUENCE_DEFAULTS,  # mixed-modal layout (mmjax.data.sequences); kind "" = pairs
 )
 
 
@@ -33,4 +35,11 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
     unknown = sorted(set(overrides) - set(DATA_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown data config keys {unknown}; valid: {sorted(DATA_DEFAULTS)}")
-    return ml_collections.ConfigDict({**DATA_DEFAULTS, **overrides})
+    sequence = dict(overrides.pop("sequence", {}))
+    unknown = sorted(set(sequence) - set(SEQUENCE_DEFAULTS))
+    if unknown:
+        valid = sorted(SEQUENCE_DEFAULTS)
+        raise ValueError(f"unknown data.sequence keys {unknown}; valid: {valid}")
+    return ml_collections.ConfigDict(
+        {**DATA_DEFAULTS, **overrides, "sequence": {**SEQUENCE_DEFAULTS, **sequence}}
+    )

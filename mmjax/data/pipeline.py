@@ -14,6 +14,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, build_augment_ops, build_image_ops
+from mmjax.data.sequences import transfusion_example
 from mmjax.data.sources import (
     DIGIT_NAMES,
     DIGIT_PROMPT_TEMPLATES,
@@ -53,12 +54,20 @@ def _train_preprocess_fn(
     preprocess = _preprocess_fn(data_cfg, tokenizer)
     augment = build_augment_ops(tuple(data_cfg.get("augment", ())), int(data_cfg.image_size))
 
+    seq = data_cfg.get("sequence", {})
+
     def apply(record: dict[str, Any], rng: np.random.Generator) -> Batch:
         captions = record.get("captions")
         if captions:
             record = {**record, "caption": captions[rng.integers(len(captions))]}
         example = preprocess(record)
-        return {**example, "image": augment(example["image"], rng)}
+        image = augment(example["image"], rng)
+        if seq.get("kind"):
+            ids = tokenizer.encode(record["caption"])
+            return transfusion_example(image, ids, tokenizer, seq, rng) | {
+                "label": example["label"]
+            }
+        return {**example, "image": image}
 
     return apply
 

@@ -175,7 +175,41 @@ class HFTokenizer(Tokenizer):
         return f"HFTokenizer({self.path!r})"
 
 
+class WithImageMarkers(Tokenizer):
+    """A tokenizer plus two ids after its vocabulary: <BOI> and <EOI>, the brackets of an
+    image inside a mixed-modal sequence (Transfusion Sec. 2.2)."""
+
+    def __init__(self, base: Tokenizer) -> None:
+        self.base = base
+        self.pad_id, self.bos_id, self.eos_id = base.pad_id, base.bos_id, base.eos_id
+        self.boi_id, self.eoi_id = base.vocab_size, base.vocab_size + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size + 2
+
+    def encode(self, text: str) -> list[int]:
+        return self.base.encode(text)
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self.base._decode_ids([i for i in ids if i < self.base.vocab_size])
+
+    def tokenize(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+        return self.base.tokenize(texts, max_len)
+
+    def __repr__(self) -> str:
+        return f"WithImageMarkers({self.base!r})"
+
+
 def load_or_train_tokenizer(data_cfg: ConfigDict, workdir: str | None, *, write: bool) -> Tokenizer:
+    """The tokenizer of `data_cfg`, with <BOI>/<EOI> ids when its sequences hold images."""
+    tokenizer = _base_tokenizer(data_cfg, workdir, write=write)
+    if data_cfg.get("sequence", {}).get("kind"):
+        return WithImageMarkers(tokenizer)
+    return tokenizer
+
+
+def _base_tokenizer(data_cfg: ConfigDict, workdir: str | None, *, write: bool) -> Tokenizer:
     """The tokenizer named by `data_cfg.tokenizer`.
 
     SentencePiece: loads `workdir/tokenizer.model` when present (so a resumed run keeps its

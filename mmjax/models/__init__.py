@@ -6,9 +6,13 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models import clip, siglip
+from mmjax.models import clip, siglip, transfusion
 
-MODELS = {"clip": clip.Model, "siglip": siglip.Model}
+MODELS = {
+    "clip": clip.Model,
+    "siglip": siglip.Model,
+    "transfusion": transfusion.Model,
+}
 
 
 def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:

@@ -11,6 +11,7 @@ from mmjax.objectives.contrastive import (
     siglip_loss,
     siglip_loss_sharded,
 )
+from mmjax.objectives.transfusion import make_transfusion_loss
 
 ApplyFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], Mapping[str, jax.Array]]
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
@@ -38,7 +39,11 @@ def _siglip(apply_fn: ApplyFn) -> LossFn:
     return loss_fn
 
 
-OBJECTIVES: dict[str, Callable[..., LossFn]] = {"clip": _clip, "siglip": _siglip}
+OBJECTIVES: dict[str, Callable[..., LossFn]] = {
+    "clip": _clip,
+    "siglip": _siglip,
+    "transfusion": make_transfusion_loss,
+}
 
 
 def build_loss(name: str, apply_fn: ApplyFn, **kwargs: Any) -> LossFn:

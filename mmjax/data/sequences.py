@@ -1,0 +1,99 @@
+"""Mixed-modal sequences: an image-caption record laid out as Transfusion trains on it.
+
+  caption first:  <bos> caption <BOI> p_1 ... p_P <EOI> <eos> pad ...
+  image first:    <bos> <BOI> p_1 ... p_P <EOI> caption <eos> pad ...
+
+The caption comes first with probability `caption_first` (0.8, Transfusion Sec. 4.1) and is
+dropped from a caption-first example with probability `caption_drop` (0.1, for
+classifier-free guidance); image-first examples teach captioning. Patch slots hold the pad id;
+the model writes the image's patch embeddings there (`image_positions`).
+"""
+
+from typing import Any
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from mmjax.errors import UserError
+
+SEQUENCE_DEFAULTS: dict[str, Any] = dict(
+    kind="",  # "" (image-caption pairs) | transfusion
+    max_len=32,
+    patch_size=2,
+    channels=3,  # 1 keeps the first channel (grey images such as the digits)
+    caption_first=0.8,
+    caption_drop=0.1,
+)
+KINDS = ("transfusion",)
+
+
+def check_sequence_config(seq: ConfigDict, image_size: int) -> int:
+    """Validates `data.sequence` against the image size; returns patches per image."""
+    if seq.kind not in KINDS:
+        raise UserError(f"unknown data.sequence.kind {seq.kind!r}; valid: {KINDS}")
+    p = int(seq.patch_size)
+    if image_size % p:
+        raise UserError(f"data.image_size {image_size} is not divisible by patch_size {p}")
+    num_patches = (image_size // p) ** 2
+    if num_patches + 4 > seq.max_len:
+        raise UserError(
+            f"data.sequence.max_len {seq.max_len} cannot hold an image of {num_patches} "
+            "patches plus <bos> <BOI> <EOI> <eos>"
+        )
+    return num_patches
+
+
+def transfusion_example(
+    image: np.ndarray,
+    caption_ids: list[int],
+    tokenizer: Any,
+    seq: ConfigDict,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """One sequence: tokens/positions/segment_ids/span_ids/lm_mask [L], images [1, H, W, C],
+    image_positions [1, P], image_valid [1]. `tokenizer` has boi_id/eoi_id (WithImageMarkers)."""
+    num_patches = check_sequence_config(seq, image.shape[0])
+    max_len = int(seq.max_len)
+    caption_first = rng.random() < seq.caption_first
+    if caption_first and rng.random() < seq.caption_drop:
+        caption_ids = []
+    caption_ids = list(caption_ids)[: max_len - num_patches - 4]
+    image_block = [tokenizer.boi_id] + [tokenizer.pad_id] * num_patches + [tokenizer.eoi_id]
+    body = caption_ids + image_block if caption_first else image_block + caption_ids
+    ids = [tokenizer.bos_id, *body, tokenizer.eos_id]
+    start = 2 + (len(caption_ids) if caption_first else 0)  # first patch slot
+    return layout(ids, [start], num_patches, max_len, tokenizer.pad_id) | {
+        "images": image[None, ..., : int(seq.channels)].astype(np.float32),
+        "image_valid": np.ones((1,), np.float32),
+    }
+
+
+def layout(
+    ids: list[int], image_starts: list[int], num_patches: int, max_len: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    """Token arrays of one sequence whose images occupy `num_patches` slots from each start.
+
+    `lm_mask[i]` is 1 where token i is a text target (not an image slot, not the first token,
+    not padding); image k gets span id k + 1, so its patches see each other.
+    """
+    n = len(ids)
+    if n > max_len:
+        raise UserError(f"sequence of {n} tokens exceeds data.sequence.max_len {max_len}")
+    tokens = np.full((max_len,), pad_id, np.int32)
+    tokens[:n] = ids
+    span_ids = np.zeros((max_len,), np.int32)
+    image_positions = np.zeros((len(image_starts), num_patches), np.int32)
+    for k, start in enumerate(image_starts):
+        image_positions[k] = np.arange(start, start + num_patches)
+        span_ids[start : start + num_patches] = k + 1
+    segment_ids = (np.arange(max_len) < n).astype(np.int32)
+    lm_mask = ((segment_ids == 1) & (span_ids == 0)).astype(np.float32)
+    lm_mask[0] = 0.0
+    return {
+        "tokens": tokens,
+        "positions": np.arange(max_len, dtype=np.int32),
+        "segment_ids": segment_ids,
+        "span_ids": span_ids,
+        "lm_mask": lm_mask,
+        "image_positions": image_positions,
+    }
