@@ -92,6 +92,19 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
         attention_impl="auto",
     )
     c.optimizer.update(lr=1e-3, warmup_steps=100)
+    c.evals = dict(
+        generation=dict(
+            type="transfusion",
+            split="test",
+            num_samples=200,
+            sampler="ddim",
+            num_steps=250,  # Sec. 4.1
+            cfg_scale=3.0,
+            clip_x0=1.0,  # pixel space: images in [-1, 1]
+            schedule=c.objective.kwargs.schedule,
+            num_train_steps=c.objective.kwargs.num_train_steps,
+        )
+    )
 
 
 def _paper(c: ml_collections.ConfigDict, arg: str) -> None:

@@ -45,7 +45,7 @@ def evaluate(workdir: str, overrides: Sequence[str] = ()) -> dict[str, float]:
         step, state = restored
         with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
             evaluators = evals.build_evaluators(
-                config.evals, trainer.model, trainer.tokenizer, config.data, trainer.mesh
+                config.evals, trainer.model, trainer.tokenizer, config.data, trainer.mesh, workdir
             )
             record = {}
             for evaluator in evaluators.values():

@@ -8,12 +8,18 @@ import ml_collections
 from jax.sharding import Mesh
 
 from mmjax.errors import UserError
-from mmjax.evals.features import SplitEmbedder
+from mmjax.evals.features import EvalContext
 from mmjax.evals.linear_probe import LinearProbe
 from mmjax.evals.retrieval import Retrieval
+from mmjax.evals.transfusion import TransfusionEval
 from mmjax.evals.zero_shot import ZeroShotClassifier
 
-EVALUATORS = {"zero_shot": ZeroShotClassifier, "retrieval": Retrieval, "linear_probe": LinearProbe}
+EVALUATORS = {
+    "zero_shot": ZeroShotClassifier,
+    "retrieval": Retrieval,
+    "linear_probe": LinearProbe,
+    "transfusion": TransfusionEval,
+}
 
 Evaluator = Callable[[Any], dict[str, float]]
 
@@ -24,15 +30,16 @@ def build_evaluators(
     tokenizer,
     data_cfg: ml_collections.ConfigDict,
     mesh: Mesh,
+    workdir: str | None = None,
 ) -> dict[str, Evaluator]:
     """One evaluator per entry of `config.evals` (`{name: {type: ..., ...}}`)."""
     evaluators = {}
-    embedder = SplitEmbedder(model, mesh)  # shared: each model method compiles once
+    ctx = EvalContext(model, tokenizer, data_cfg, mesh, workdir)
     for name, cfg in evals_cfg.items():
         if cfg.type not in EVALUATORS:
             raise UserError(
                 f"evals.{name}.type {cfg.type!r} is unknown; valid: {sorted(EVALUATORS)}"
             )
         cfg = ml_collections.ConfigDict({**cfg.to_dict(), "name": name})
-        evaluators[name] = EVALUATORS[cfg.type](cfg, embedder, tokenizer, data_cfg)
+        evaluators[name] = EVALUATORS[cfg.type](cfg, ctx)
     return evaluators

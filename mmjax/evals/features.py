@@ -1,5 +1,7 @@
 """Embedding a whole eval split with a two-tower model: the common first step of its evals."""
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,17 +74,30 @@ class SplitEmbedder:
         return {k: np.concatenate(v) for k, v in collected.items()}
 
 
-class SplitEval:
-    """Base of the evals: holds the eval's config, the shared embedder, tokenizer and data."""
+@dataclasses.dataclass
+class EvalContext:
+    """What every evaluator may use: the model, tokenizer, data config, mesh and workdir
+    (where evals that generate write `samples/`; None when there is none)."""
 
-    def __init__(
-        self,
-        cfg: ml_collections.ConfigDict,
-        embedder: SplitEmbedder,
-        tokenizer: mmdata.Tokenizer,
-        data_cfg: ml_collections.ConfigDict,
-    ):
-        self.cfg, self.embedder, self.tokenizer, self.data_cfg = cfg, embedder, tokenizer, data_cfg
+    model: nn.Module
+    tokenizer: mmdata.Tokenizer
+    data_cfg: ml_collections.ConfigDict
+    mesh: Mesh
+    workdir: str | None = None
+
+    @functools.cached_property
+    def embedder(self) -> SplitEmbedder:
+        """Shared by the two-tower evals, so each model method compiles once."""
+        return SplitEmbedder(self.model, self.mesh)
+
+
+class SplitEval:
+    """Base of the two-tower evals: holds the eval's config, the shared embedder, tokenizer
+    and data."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
+        self.cfg, self.embedder = cfg, ctx.embedder
+        self.tokenizer, self.data_cfg = ctx.tokenizer, ctx.data_cfg
 
     def embed(self, params: Any, split: str, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """`SplitEmbedder` outputs for `split` in batches of `cfg.batch_size`."""

@@ -8,7 +8,7 @@ import numpy as np
 
 from mmjax import data as mmdata
 from mmjax.errors import UserError
-from mmjax.evals.features import SplitEmbedder, SplitEval
+from mmjax.evals.features import EvalContext, SplitEmbedder, SplitEval
 
 
 def class_embeddings(
@@ -29,14 +29,9 @@ def class_embeddings(
 class ZeroShotClassifier(SplitEval):
     """Accuracy of labelling `split` images with their nearest class prompt ensemble."""
 
-    def __init__(
-        self,
-        cfg: ml_collections.ConfigDict,
-        embedder: SplitEmbedder,
-        tokenizer: mmdata.Tokenizer,
-        data_cfg: ml_collections.ConfigDict,
-    ):
-        super().__init__(cfg, embedder, tokenizer, data_cfg)
+    def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
+        super().__init__(cfg, ctx)
+        data_cfg = ctx.data_cfg
         self.names = mmdata.class_names(data_cfg)
         if not self.names:
             raise UserError(

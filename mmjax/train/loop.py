@@ -255,7 +255,12 @@ class TrainingRun:
                 f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
         with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
             self.evaluators = evals.build_evaluators(
-                self.config.evals, trainer.model, trainer.tokenizer, self.config.data, trainer.mesh
+                self.config.evals,
+                trainer.model,
+                trainer.tokenizer,
+                self.config.data,
+                trainer.mesh,
+                self.workdir,
             )
             if self.start >= self.config.total_steps:
                 print(f"Training already finished at step {self.start}.")
