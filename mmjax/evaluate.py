@@ -10,7 +10,6 @@ appends the same record to `DIR/metrics.jsonl`.
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -21,41 +20,24 @@ def evaluate(workdir: str, overrides: Sequence[str] = ()) -> dict[str, float]:
     """Evaluates the latest checkpoint in `workdir`; returns {metric: value, "step": step}."""
     import flax.linen as nn
     import jax
-    import ml_collections
 
     from mmjax import evals
-    from mmjax.train.checkpoint import Checkpointer, abstract_like
-    from mmjax.train.config_cli import apply_overrides
-    from mmjax.train.loop import Trainer
     from mmjax.train.metrics import MetricWriter
+    from mmjax.train.restore import load_trained
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist: is {workdir!r} a training workdir?")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    apply_overrides(config, overrides)
-    trainer = Trainer(config, workdir)
-    state, shardings = trainer.init_state(next(trainer.data_iterator()))
-    ckpt = Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
-    try:
-        restored = ckpt.restore_latest(abstract_like(state, shardings), trainer.data_iterator())
-        if restored is None:
-            raise UserError(f"no checkpoint to evaluate in {ckpt.directory}")
-        step, state = restored
-        with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-            evaluators = evals.build_evaluators(
-                config.evals, trainer.model, trainer.tokenizer, config.data, trainer.mesh, workdir
-            )
-            record = {}
-            for evaluator in evaluators.values():
-                record.update(evaluator(state.params))
-    finally:
-        ckpt.close()
+    trained = load_trained(workdir, overrides)
+    config, trainer = trained.config, trained.trainer
+    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+        evaluators = evals.build_evaluators(
+            config.evals, trainer.model, trainer.tokenizer, config.data, trainer.mesh, workdir
+        )
+        record = {}
+        for evaluator in evaluators.values():
+            record.update(evaluator(trained.params))
     writer = MetricWriter(workdir, active=trainer.is_main)
-    writer.write(step, record)
+    writer.write(trained.step, record)
     writer.close()
-    return {"step": step, **record}
+    return {"step": trained.step, **record}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

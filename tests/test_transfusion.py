@@ -109,3 +109,61 @@ def test_a_sequence_too_long_for_its_images_is_a_config_error(tmp_path):
     with pytest.raises(UserError, match="max_len 16 cannot hold an image of 16 patches"):
         trainer = Trainer(tiny_config(**{"data.sequence.max_len": 16}), str(tmp_path))
         next(trainer.data_iterator())
+
+
+def test_unpaired_image_markers_are_an_error():
+    ids = [BOS, BOI, PAD, PAD, PAD, EOS]  # no <EOI>
+    with pytest.raises(UserError, match=r"<BOI>/<EOI> do not pair .* <EOI> at \[\]"):
+        layout(ids, [2], 3, 8, PAD, markers=(BOI, EOI))
+    ids = [BOS, 5, PAD, PAD, PAD, EOI, BOI, EOS]  # <BOI> after the image
+    with pytest.raises(UserError, match=r"<BOI> at \[6\], <EOI> at \[5\], expected \[1\]"):
+        layout(ids, [2], 3, 8, PAD, markers=(BOI, EOI))
+
+
+class _Tokenizer:
+    """Word-per-id tokenizer with the markers the sequences need."""
+
+    pad_id, bos_id, eos_id, boi_id, eoi_id = 0, 1, 2, 3, 4
+    words = ("a", "digit", "one", "two", "three")
+
+    def encode(self, text):
+        return [5 + self.words.index(w) for w in text.split()]
+
+    def decode(self, ids):
+        out = []
+        for i in ids:
+            if i == self.eos_id:
+                break
+            if i >= 5:
+                out.append(self.words[i - 5])
+        return " ".join(out)
+
+
+def test_diffusion_sampling_is_deterministic_for_a_seed_and_prompts_must_fit():
+    from mmjax.models import build_model
+    from mmjax.objectives.diffusion import cosine_schedule
+    from mmjax.sampling.transfusion import caption_images, generate_images
+
+    c = tiny_config()
+    c.model.vocab_size = 16
+    model = build_model(c.model)
+    tok = _Tokenizer()
+    seq = layout([BOS, BOI, *[PAD] * 16, EOI, EOS], [2], 16, 32, PAD)
+    batch = {k: jnp.asarray(v)[None] for k, v in seq.items()}
+    params = model.init(jax.random.key(0), {**batch, "images": jnp.zeros((1, 1, 8, 8, 1))})
+    apply_fn = lambda b: model.apply(params, b)  # noqa: E731
+    kw = dict(image_shape=(8, 8, 1), num_patches=16, max_len=32, schedule=cosine_schedule())
+    prompts = ["a digit one", "a digit two"]
+    sample = lambda seed, **extra: generate_images(  # noqa: E731
+        apply_fn, tok, prompts, jax.random.key(seed), num_steps=5, **kw, **extra
+    )
+    first, again, other = sample(0), sample(0), sample(1)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+    ddpm = sample(3, sampler="ddpm", clip_x0=1.0)
+    np.testing.assert_array_equal(ddpm, sample(3, sampler="ddpm", clip_x0=1.0))
+    assert np.abs(ddpm).max() <= 1.0 + 1e-6 or ddpm.shape == (2, 8, 8, 1)
+    captions = caption_images(apply_fn, tok, np.zeros((2, 8, 8, 1)), num_patches=16, max_len=32)
+    assert len(captions) == 2 and all(isinstance(s, str) for s in captions)
+    with pytest.raises(UserError, match="a prompt of 15 tokens and an image of 16 patches need 34"):
+        generate_images(apply_fn, tok, ["a " * 15], jax.random.key(0), num_steps=2, **kw)

@@ -62,23 +62,49 @@ def transfusion_example(
     body = caption_ids + image_block if caption_first else image_block + caption_ids
     ids = [tokenizer.bos_id, *body, tokenizer.eos_id]
     start = 2 + (len(caption_ids) if caption_first else 0)  # first patch slot
-    return layout(ids, [start], num_patches, max_len, tokenizer.pad_id) | {
+    markers = (tokenizer.boi_id, tokenizer.eoi_id)
+    return layout(ids, [start], num_patches, max_len, tokenizer.pad_id, markers) | {
         "images": image[None, ..., : int(seq.channels)].astype(np.float32),
         "image_valid": np.ones((1,), np.float32),
     }
 
 
+def check_markers(
+    ids: list[int], image_starts: list[int], num_patches: int, boi_id: int, eoi_id: int
+) -> None:
+    """<BOI> right before and <EOI> right after each image's slots, and nowhere else."""
+    expected_boi = {s - 1 for s in image_starts}
+    expected_eoi = {s + num_patches for s in image_starts}
+    boi = {i for i, t in enumerate(ids) if t == boi_id}
+    eoi = {i for i, t in enumerate(ids) if t == eoi_id}
+    if boi != expected_boi or eoi != expected_eoi:
+        raise UserError(
+            f"<BOI>/<EOI> do not pair with the images: <BOI> at {sorted(boi)}, <EOI> at "
+            f"{sorted(eoi)}, expected {sorted(expected_boi)} and {sorted(expected_eoi)} for "
+            f"images of {num_patches} patches starting at {image_starts}"
+        )
+
+
 def layout(
-    ids: list[int], image_starts: list[int], num_patches: int, max_len: int, pad_id: int
+    ids: list[int],
+    image_starts: list[int],
+    num_patches: int,
+    max_len: int,
+    pad_id: int,
+    markers: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Token arrays of one sequence whose images occupy `num_patches` slots from each start.
 
     `lm_mask[i]` is 1 where token i is a text target (not an image slot, not the first token,
-    not padding); image k gets span id k + 1, so its patches see each other.
+    not padding); image k gets span id k + 1, so its patches see each other. With `markers`
+    (boi_id, eoi_id), every image must sit between a <BOI> and an <EOI> and no marker may
+    stand elsewhere.
     """
     n = len(ids)
     if n > max_len:
         raise UserError(f"sequence of {n} tokens exceeds data.sequence.max_len {max_len}")
+    if markers is not None:
+        check_markers(ids, image_starts, num_patches, *markers)
     tokens = np.full((max_len,), pad_id, np.int32)
     tokens[:n] = ids
     span_ids = np.zeros((max_len,), np.int32)

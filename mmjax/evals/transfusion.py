@@ -44,7 +44,8 @@ class TransfusionEval:
         source = build_source(ctx.data_cfg, cfg.split)
         records = [source[i] for i in range(min(int(cfg.num_samples), len(source)))]
         self.captions = [r["caption"] for r in records]
-        self.images = np.stack([_pixels(r, ctx.data_cfg) for r in records])[..., : seq.channels]
+        pixels = np.stack([record_pixels(r, ctx.data_cfg) for r in records])
+        self.images = pixels[..., : int(seq.channels)]
         self.records = records
         self.step = 0
 
@@ -101,7 +102,7 @@ class TransfusionEval:
         generation.write_sample_grid(path, images[:n], self.captions[:n], correct[:n])
 
 
-def _pixels(record: dict, data_cfg: ml_collections.ConfigDict) -> np.ndarray:
+def record_pixels(record: dict, data_cfg: ml_collections.ConfigDict) -> np.ndarray:
     """A record's image through the data pipeline's image ops: float [-1, 1], [S, S, 3]."""
     ops = tuple(data_cfg.get("image_ops", DEFAULT_IMAGE_OPS))
     return build_image_ops(ops, int(data_cfg.image_size))(record["image"])

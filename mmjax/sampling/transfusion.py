@@ -37,7 +37,9 @@ def image_prompts(
                 f"a prompt of {len(ids)} tokens and an image of {num_patches} patches need "
                 f"{len(seq) + 1} positions; the model's context is {max_len}"
             )
-        rows.append(layout([*seq, tokenizer.eoi_id], [len(ids) + 2], num_patches, max_len, 0))
+        markers = (tokenizer.boi_id, tokenizer.eoi_id)
+        seq = [*seq, tokenizer.eoi_id]
+        rows.append(layout(seq, [len(ids) + 2], num_patches, max_len, tokenizer.pad_id, markers))
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 

@@ -1,0 +1,47 @@
+"""The latest trained state of a workdir, for commands that evaluate or sample from it."""
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from mmjax.errors import UserError
+
+
+@dataclasses.dataclass
+class Trained:
+    """A workdir's config (with overrides), its Trainer and the newest checkpoint's params."""
+
+    config: ml_collections.ConfigDict
+    trainer: Any  # mmjax.train.loop.Trainer
+    step: int
+    params: Any
+
+
+def load_trained(workdir: str, overrides: Sequence[str] = ()) -> Trained:
+    """Reads `workdir/config.json`, applies `--config.*` overrides and restores the newest
+    readable checkpoint onto this machine's devices."""
+    from mmjax.train.checkpoint import Checkpointer, abstract_like
+    from mmjax.train.config_cli import apply_overrides
+    from mmjax.train.loop import Trainer
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist: is {workdir!r} a training workdir?")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    apply_overrides(config, overrides)
+    trainer = Trainer(config, workdir)
+    state, shardings = trainer.init_state(next(trainer.data_iterator()))
+    ckpt = Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
+    try:
+        restored = ckpt.restore_latest(abstract_like(state, shardings), trainer.data_iterator())
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise UserError(f"no checkpoint in {ckpt.directory}")
+    step, state = restored
+    return Trained(config, trainer, step, state.params)
