@@ -47,9 +47,7 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
     kwargs = dict(config.objective.get("kwargs", {}))
     out_dir = os.path.join(args.workdir, "samples")
 
-    def apply_fn(batch):
-        return trainer.model.apply({"params": trained.params}, batch)
-
+    decoder = trainer.model.clone(decode=True)
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
         if args.prompt is not None:
             num_train_steps = int(kwargs.get("num_train_steps", 1000))
@@ -57,7 +55,8 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
             if settings["sampler"] != "euler":
                 schedule = make_schedule(kwargs.get("schedule", "cosine"), num_train_steps)
             images = generate_images(
-                apply_fn,
+                decoder,
+                trained.params,
                 trainer.tokenizer,
                 [args.prompt] * args.num,
                 jax.random.key(args.seed),
@@ -79,7 +78,12 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
         records = [source[i] for i in range(min(args.caption, len(source)))]
         images = np.stack([record_pixels(r, config.data) for r in records])[..., : seq.channels]
         captions = caption_images(
-            apply_fn, trainer.tokenizer, images, num_patches=num_patches, max_len=int(seq.max_len)
+            decoder,
+            trained.params,
+            trainer.tokenizer,
+            images,
+            num_patches=num_patches,
+            max_len=int(seq.max_len),
         )
         print("\n".join(captions))
         path = os.path.join(out_dir, "captions.png")

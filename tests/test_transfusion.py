@@ -1,5 +1,7 @@
 """Transfusion: the sequence layout and its attention mask, losses that fall, clear errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,11 +153,11 @@ def test_diffusion_sampling_is_deterministic_for_a_seed_and_prompts_must_fit():
     seq = layout([BOS, BOI, *[PAD] * 16, EOI, EOS], [2], 16, 32, PAD)
     batch = {k: jnp.asarray(v)[None] for k, v in seq.items()}
     params = model.init(jax.random.key(0), {**batch, "images": jnp.zeros((1, 1, 8, 8, 1))})
-    apply_fn = lambda b: model.apply(params, b)  # noqa: E731
+    decoder = model.clone(decode=True)
     kw = dict(image_shape=(8, 8, 1), num_patches=16, max_len=32, schedule=cosine_schedule())
     prompts = ["a digit one", "a digit two"]
     sample = lambda seed, **extra: generate_images(  # noqa: E731
-        apply_fn, tok, prompts, jax.random.key(seed), num_steps=5, **kw, **extra
+        decoder, params["params"], tok, prompts, jax.random.key(seed), num_steps=5, **kw, **extra
     )
     first, again, other = sample(0), sample(0), sample(1)
     np.testing.assert_array_equal(first, again)
@@ -163,7 +165,53 @@ def test_diffusion_sampling_is_deterministic_for_a_seed_and_prompts_must_fit():
     ddpm = sample(3, sampler="ddpm", clip_x0=1.0)
     np.testing.assert_array_equal(ddpm, sample(3, sampler="ddpm", clip_x0=1.0))
     assert np.abs(ddpm).max() <= 1.0 + 1e-6 or ddpm.shape == (2, 8, 8, 1)
-    captions = caption_images(apply_fn, tok, np.zeros((2, 8, 8, 1)), num_patches=16, max_len=32)
+    captions = caption_images(
+        decoder, params["params"], tok, np.zeros((2, 8, 8, 1)), num_patches=16, max_len=32
+    )
     assert len(captions) == 2 and all(isinstance(s, str) for s in captions)
     with pytest.raises(UserError, match="a prompt of 15 tokens and an image of 16 patches need 34"):
-        generate_images(apply_fn, tok, ["a " * 15], jax.random.key(0), num_steps=2, **kw)
+        generate_images(
+            decoder, params["params"], tok, ["a " * 15], jax.random.key(0), num_steps=2, **kw
+        )
+
+
+def test_kv_cache_decoder_equals_a_full_forward_pass():
+    from mmjax.models import build_model
+
+    c = tiny_config()
+    c.model.vocab_size = 16
+    model = build_model(c.model)
+    decoder = build_model({**c.model.to_dict(), "decode": True})
+    ids = [BOS, 5, 6, BOI, *[PAD] * 16, EOI, 7, 8, EOS]
+    seq = layout(ids, [4], 16, 32, PAD, markers=(BOI, EOI))
+    batch = {k: jnp.broadcast_to(v, (2, *v.shape)) for k, v in seq.items()}
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(2, 1, 8, 8, 1)), jnp.float32)
+    timesteps = jnp.asarray([[10.0], [500.0]])
+    batch = {**batch, "images": images, "timesteps": timesteps}
+    params = model.init(jax.random.key(0), batch)["params"]
+    full = model.apply({"params": params}, batch)
+    cache = decoder.init(jax.random.key(0), batch)["cache"]
+    keys = ("tokens", "positions", "segment_ids", "span_ids")
+
+    apply = jax.jit(functools.partial(decoder.apply, mutable=["cache"]))
+
+    def step(cache, start, stop, **extra):
+        chunk = {k: batch[k][:, start:stop] for k in keys}
+        out, state = apply(
+            {"params": params, "cache": cache},
+            {**chunk, "cache_offset": jnp.full((2,), start), **extra},
+        )
+        np.testing.assert_allclose(out["logits"], full["logits"][:, start:stop], atol=1e-5)
+        return out, state["cache"]
+
+    _, cache = step(cache, 0, 4)  # prompt prefill
+    image_chunk = dict(
+        images=images,
+        timesteps=timesteps,
+        image_positions=jnp.broadcast_to(jnp.arange(16), (2, 1, 16)),
+    )
+    out, cache = step(cache, 4, 20, **image_chunk)  # the image block against the cached prompt
+    np.testing.assert_allclose(out["image_pred"], full["image_pred"], atol=1e-5)
+    for i in range(20, len(ids)):  # then text one token at a time
+        _, cache = step(cache, i, i + 1)

@@ -49,18 +49,15 @@ class TransfusionEval:
         self.records = records
         self.step = 0
 
-    def _apply(self, params: Any):
-        model = self.ctx.model
-        return lambda batch: model.apply({"params": params}, batch)
-
     def __call__(self, params: Any) -> dict[str, float]:
         cfg, ctx, seq = self.cfg, self.ctx, self.ctx.data_cfg.sequence
-        apply_fn = self._apply(params)
+        decoder = ctx.model.clone(decode=True)
         schedule = None
         if cfg.sampler != "euler":
             schedule = make_schedule(cfg.schedule, int(cfg.num_train_steps))
         generated = generate_images(
-            apply_fn,
+            decoder,
+            params,
             ctx.tokenizer,
             self.captions,
             jax.random.key(cfg.get("seed", 0)),
@@ -75,7 +72,7 @@ class TransfusionEval:
             clip_x0=cfg.get("clip_x0"),
         )
         captions = caption_images(
-            apply_fn, ctx.tokenizer, self.images, num_patches=self.num_patches,
+            decoder, params, ctx.tokenizer, self.images, num_patches=self.num_patches,
             max_len=int(seq.max_len),
         )  # fmt: skip
         if ctx.data_cfg.source == "digits":

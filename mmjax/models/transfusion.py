@@ -40,6 +40,7 @@ class Transfusion(nn.Module):
     patch_encoder: str = "linear"
     bidirectional_images: bool = True  # the Sec. 4.3 ablation sets False: causal patches
     rope_theta: float = 10_000.0
+    decode: bool = False  # KV cache: batches are chunks written at `cache_offset`
     norm_eps: float = 1e-5
     remat: bool = False
     attention_impl: str = "auto"
@@ -82,6 +83,7 @@ class Transfusion(nn.Module):
             gated_mlp=True,
             use_bias=False,
             rope_theta=self.rope_theta,
+            decode=self.decode,
             remat=self.remat,
             attention_impl=self.attention_impl,
             **kw,
@@ -122,27 +124,30 @@ class Transfusion(nn.Module):
         )
 
     def hidden_states(self, batch: dict) -> jnp.ndarray:
-        """The decoder's final hidden states [B, L, width] for a mixed sequence."""
-        self._check(batch)
+        """The decoder's final hidden states [B, L, width] for a mixed sequence (or, with
+        `decode`, a chunk of one; a chunk without images may omit the image keys)."""
         tokens = batch["tokens"]
         x = self.token_embedding(tokens).astype(self.dtype)
-        images = batch["images"]
-        timesteps = batch.get("timesteps", jnp.zeros(images.shape[:2], jnp.float32))
-        patches = self.embed_images(images, timesteps)
-        x = jax.vmap(_scatter)(x, batch["image_positions"], patches)
+        if "images" in batch:
+            self._check(batch)
+            images = batch["images"]
+            timesteps = batch.get("timesteps", jnp.zeros(images.shape[:2], jnp.float32))
+            patches = self.embed_images(images, timesteps)
+            x = jax.vmap(_scatter)(x, batch["image_positions"], patches)
         x = nn.with_logical_constraint(x, ACT)
         span_ids = batch["span_ids"] if self.bidirectional_images else None
-        x = self.decoder(x, batch["segment_ids"], span_ids, batch["positions"])
+        x = self.decoder(
+            x, batch["segment_ids"], span_ids, batch["positions"], batch.get("cache_offset")
+        )
         return self.norm_final(x)
 
     def __call__(self, batch: dict, *, train: bool = False) -> dict[str, jnp.ndarray]:
         del train  # no dropout
         x = self.hidden_states(batch)
-        patches = jax.vmap(_gather)(x, batch["image_positions"])
-        return {
-            "logits": self.lm_head(x).astype(jnp.float32),
-            "image_pred": self.read_images(patches),
-        }
+        out = {"logits": self.lm_head(x).astype(jnp.float32)}
+        if "images" in batch:
+            out["image_pred"] = self.read_images(jax.vmap(_gather)(x, batch["image_positions"]))
+        return out
 
 
 def _scatter(x: jnp.ndarray, positions: jnp.ndarray, patches: jnp.ndarray) -> jnp.ndarray:

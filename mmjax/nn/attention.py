@@ -1,6 +1,7 @@
 """Multi-head (grouped-query) attention layer on top of `mmjax.kernels.attention`."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax import kernels
@@ -14,6 +15,12 @@ class MultiHeadAttention(nn.Module):
     The mask comes from token metadata (segment/span ids, causal, window) exactly as
     `mmjax.kernels.attention` defines it; `impl` picks the kernel ("auto", "xla", ...).
     With `rope_theta`, q and k are rotated by the `positions` passed at call time.
+
+    `decode=True` keeps a KV cache (flax collection "cache": keys, values and their segment
+    and span ids, sized by the first call, which only creates it). Later calls write their
+    chunk's keys and values at `cache_offset` (int [B]) and attend to the whole cache, with
+    the chunk's queries at positions `cache_offset + i`: one token when decoding text, or a
+    whole image block re-denoised against a cached prompt.
     """
 
     num_heads: int
@@ -21,6 +28,7 @@ class MultiHeadAttention(nn.Module):
     head_dim: int | None = None
     use_bias: bool = True
     rope_theta: float | None = None
+    decode: bool = False
     impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -39,6 +47,7 @@ class MultiHeadAttention(nn.Module):
         window: int | None = None,
         positions: jnp.ndarray | None = None,
         kv_positions: jnp.ndarray | None = None,
+        cache_offset: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         width = x.shape[-1]
         if self.head_dim is None and width % self.num_heads:
@@ -67,6 +76,11 @@ class MultiHeadAttention(nn.Module):
             kv_positions = positions if kv_positions is None else kv_positions
             q = apply_rope(q, positions, self.rope_theta)
             k = apply_rope(k, kv_positions, self.rope_theta)
+        q_offset = 0
+        if self.decode:
+            k, v, kv_segment_ids, kv_span_ids, q_offset = self._cached(
+                k, v, segment_ids, span_ids, cache_offset
+            )
         out = kernels.attention(
             q,
             k,
@@ -77,6 +91,7 @@ class MultiHeadAttention(nn.Module):
             kv_span_ids=kv_span_ids,
             causal=causal,
             window=window,
+            q_offset=q_offset,
             impl=self.impl,
         )
         return DenseGeneral(
@@ -88,3 +103,37 @@ class MultiHeadAttention(nn.Module):
             param_dtype=self.param_dtype,
             name="out",
         )(out)
+
+    def _cached(self, k, v, segment_ids, span_ids, offset):
+        """Writes this chunk into the cache at `offset`; returns the whole cache to attend to."""
+        batch, chunk = k.shape[:2]
+        ids = jnp.ones((batch, chunk), jnp.int32)
+        segment_ids = ids if segment_ids is None else segment_ids
+        span_ids = jnp.zeros_like(ids) if span_ids is None else span_ids
+        initialised = self.has_variable("cache", "cached_key")
+        entries = {
+            "cached_key": k,
+            "cached_value": v,
+            "cached_segment_ids": segment_ids,
+            "cached_span_ids": span_ids,
+        }
+        cache = {
+            name: self.variable("cache", name, jnp.zeros, x.shape, x.dtype)
+            for name, x in entries.items()
+        }
+        if not initialised:  # the sizing call: attend within the chunk as without a cache
+            return k, v, segment_ids, span_ids, 0
+        if offset is None:
+            raise ValueError("attention with decode=True needs cache_offset")
+        offset = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (batch,))
+        for name, x in entries.items():
+            cache[name].value = jax.vmap(_write)(
+                cache[name].value, x.astype(cache[name].value.dtype), offset
+            )
+        return (*(c.value for c in cache.values()), offset)
+
+
+def _write(cache: jnp.ndarray, chunk: jnp.ndarray, offset: jnp.ndarray) -> jnp.ndarray:
+    """One row: cache[offset : offset + len(chunk)] = chunk."""
+    start = (offset,) + (0,) * (cache.ndim - 1)
+    return jax.lax.dynamic_update_slice(cache, chunk, start)

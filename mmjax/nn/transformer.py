@@ -27,6 +27,7 @@ class TransformerBlock(nn.Module):
     gated_mlp: bool = False
     use_bias: bool = True
     rope_theta: float | None = None
+    decode: bool = False
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -38,6 +39,7 @@ class TransformerBlock(nn.Module):
         segment_ids: jnp.ndarray | None = None,
         span_ids: jnp.ndarray | None = None,
         positions: jnp.ndarray | None = None,
+        cache_offset: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = make_norm(self.norm, name="norm1", epsilon=self.norm_eps, **kw)(x)
@@ -45,6 +47,7 @@ class TransformerBlock(nn.Module):
             self.num_heads,
             use_bias=self.use_bias,
             rope_theta=self.rope_theta,
+            decode=self.decode,
             impl=self.attention_impl,
             name="attn",
             **kw,
@@ -54,6 +57,7 @@ class TransformerBlock(nn.Module):
             span_ids=span_ids,
             causal=self.causal,
             positions=positions,
+            cache_offset=cache_offset,
         )
         x = nn.with_logical_constraint(x + y, ACT)
         y = make_norm(self.norm, name="norm2", epsilon=self.norm_eps, **kw)(x)
@@ -74,6 +78,7 @@ class Transformer(nn.Module):
     gated_mlp: bool = False
     use_bias: bool = True
     rope_theta: float | None = None
+    decode: bool = False  # KV cache (nn.attention.MultiHeadAttention)
     remat: bool = False
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
@@ -86,6 +91,7 @@ class Transformer(nn.Module):
         segment_ids: jnp.ndarray | None = None,
         span_ids: jnp.ndarray | None = None,
         positions: jnp.ndarray | None = None,
+        cache_offset: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
         for i in range(self.depth):
@@ -99,9 +105,10 @@ class Transformer(nn.Module):
                 gated_mlp=self.gated_mlp,
                 use_bias=self.use_bias,
                 rope_theta=self.rope_theta,
+                decode=self.decode,
                 attention_impl=self.attention_impl,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"block{i}",
-            )(x, segment_ids, span_ids, positions)
+            )(x, segment_ids, span_ids, positions, cache_offset)
         return x

@@ -1,17 +1,20 @@
-"""Transfusion sampling (Zhou et al., 2024, Sec. 2.2 "Inference").
+"""Transfusion sampling (Zhou et al., 2024, Sec. 2.2 "Inference"), with a KV cache.
 
 Text -> image: the prompt is followed by <BOI> and an image block of pure noise, denoised by
 DDIM (250 steps by default) or DDPM, or Euler steps for a rectified-flow model, with
 classifier-free guidance against the caption-less sequence <bos> <BOI> (scale 3 by default);
-<EOI> closes the block. Image -> text: the clean image (timestep 0) in <bos> <BOI> ... <EOI>,
-then greedy next-token decoding until <eos>.
+<EOI> closes the block. The prompt is encoded once into the cache; each denoising step runs
+only the image block against it. Image -> text: the clean image (timestep 0) in
+<bos> <BOI> ... <EOI> is prefilled, then text is decoded greedily one cached token at a time
+until <eos>.
 
-Every step runs the decoder over the whole fixed-length sequence, which is exact (causal
-attention makes later slots invisible to earlier ones).
+`decoder` is the model built with `decode=True` (same parameters as the training model).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +24,8 @@ from mmjax.errors import UserError
 from mmjax.objectives.diffusion import Schedule
 from mmjax.sampling.diffusion import cfg, ddim_sample, ddpm_sample, euler_sample
 
-ApplyFn = Callable[[dict], dict]  # batch -> {"logits", "image_pred"}
 SAMPLERS = ("ddim", "ddpm", "euler")
+TOKEN_KEYS = ("tokens", "positions", "segment_ids", "span_ids")
 
 
 def image_prompts(
@@ -30,21 +33,38 @@ def image_prompts(
 ) -> dict[str, np.ndarray]:
     """Batch of `<bos> caption <BOI> [P slots] <EOI>` sequences for text -> image."""
     rows = []
+    markers = (tokenizer.boi_id, tokenizer.eoi_id)
     for ids in captions:
         seq = [tokenizer.bos_id, *ids, tokenizer.boi_id, *[tokenizer.pad_id] * num_patches]
-        if len(seq) + 1 > max_len:
+        seq.append(tokenizer.eoi_id)
+        if len(seq) > max_len:
             raise UserError(
                 f"a prompt of {len(ids)} tokens and an image of {num_patches} patches need "
-                f"{len(seq) + 1} positions; the model's context is {max_len}"
+                f"{len(seq)} positions; the model's context is {max_len}"
             )
-        markers = (tokenizer.boi_id, tokenizer.eoi_id)
-        seq = [*seq, tokenizer.eoi_id]
         rows.append(layout(seq, [len(ids) + 2], num_patches, max_len, tokenizer.pad_id, markers))
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def _empty_cache(decoder: nn.Module, batch: dict) -> Any:
+    """Zeros shaped as the cache `decoder` keeps for full-length `batch`es."""
+    shapes = jax.eval_shape(decoder.init, jax.random.key(0), batch)["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _run(decoder: nn.Module, params: Any, cache: Any, chunk: dict) -> tuple[dict, Any]:
+    out, state = decoder.apply({"params": params, "cache": cache}, chunk, mutable=["cache"])
+    return out, state["cache"]
+
+
+def _rows_slice(x: jax.Array, starts: jax.Array, size: int) -> jax.Array:
+    """Per row b: x[b, starts[b] : starts[b] + size]."""
+    return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, size, 0))(x, starts)
+
+
 def generate_images(
-    apply_fn: ApplyFn,
+    decoder: nn.Module,
+    params: Any,
     tokenizer,
     captions: Sequence[str],
     rng: jax.Array,
@@ -70,19 +90,27 @@ def generate_images(
     cond = image_prompts([tokenizer.encode(c) for c in captions], tokenizer, num_patches, max_len)
     uncond = image_prompts([[]] * n, tokenizer, num_patches, max_len)
     both = {k: jnp.concatenate([cond[k], uncond[k]]) for k in cond}
-
-    def denoise(x_t: jax.Array, t: jax.Array) -> jax.Array:
-        time = t.astype(jnp.float32) * (num_train_steps if sampler == "euler" else 1.0)
-        batch = {
-            **both,
-            "images": jnp.concatenate([x_t, x_t])[:, None],
-            "timesteps": jnp.concatenate([time, time])[:, None],
-        }
-        pred = apply_fn(batch)["image_pred"][:, 0]
-        return cfg(pred[:n], pred[n:], cfg_scale)
+    starts = both["image_positions"][:, 0, 0]
+    block = {k: _rows_slice(both[k], starts, num_patches) for k in TOKEN_KEYS}
+    block["image_positions"] = jnp.broadcast_to(jnp.arange(num_patches), (2 * n, 1, num_patches))
+    block["cache_offset"] = starts
 
     @jax.jit
-    def run(rng: jax.Array) -> jax.Array:
+    def run(params: Any, rng: jax.Array) -> jax.Array:
+        # Prompt prefill: causality makes the prompt's keys independent of the image slots.
+        full = {**both, "images": jnp.zeros((2 * n, 1, *image_shape)), "cache_offset": 0}
+        _, cache = _run(decoder, params, _empty_cache(decoder, full), full)
+
+        def denoise(x_t: jax.Array, t: jax.Array) -> jax.Array:
+            time = t.astype(jnp.float32) * (num_train_steps if sampler == "euler" else 1.0)
+            chunk = {
+                **block,
+                "images": jnp.concatenate([x_t, x_t])[:, None],
+                "timesteps": jnp.concatenate([time, time])[:, None],
+            }
+            pred = _run(decoder, params, cache, chunk)[0]["image_pred"][:, 0]
+            return cfg(pred[:n], pred[n:], cfg_scale)
+
         noise_rng, step_rng = jax.random.split(rng)
         x_T = jax.random.normal(noise_rng, (n, *image_shape), jnp.float32)
         if sampler == "euler":
@@ -93,33 +121,49 @@ def generate_images(
             )
         return ddim_sample(denoise, x_T, schedule, num_steps=num_steps, clip_x0=clip_x0)
 
-    return np.asarray(run(rng))
+    return np.asarray(run(params, rng))
 
 
 def caption_images(
-    apply_fn: ApplyFn, tokenizer, images: np.ndarray, *, num_patches: int, max_len: int
+    decoder: nn.Module,
+    params: Any,
+    tokenizer,
+    images: np.ndarray,
+    *,
+    num_patches: int,
+    max_len: int,
 ) -> list[str]:
     """Greedy captions of clean images [N, H, W, C]."""
     n = images.shape[0]
     start = num_patches + 3  # <bos> <BOI> patches <EOI>
     prefix = [tokenizer.bos_id, tokenizer.boi_id, *[tokenizer.pad_id] * num_patches]
-    row = layout([*prefix, tokenizer.eoi_id], [2], num_patches, max_len, tokenizer.pad_id)
+    markers = (tokenizer.boi_id, tokenizer.eoi_id)
+    row = layout([*prefix, tokenizer.eoi_id], [2], num_patches, max_len, tokenizer.pad_id, markers)
+    row["segment_ids"] = np.ones_like(row["segment_ids"])  # slots still to be decoded
     batch = {k: jnp.broadcast_to(v, (n, *v.shape)) for k, v in row.items()}
-    batch["segment_ids"] = jnp.ones_like(batch["segment_ids"])  # causal: later slots unseen
     batch["images"] = jnp.asarray(images, jnp.float32)[:, None]
 
     @jax.jit
-    def run(batch: dict) -> jax.Array:
+    def run(params: Any, batch: dict) -> jax.Array:
+        cache = _empty_cache(decoder, {**batch, "cache_offset": 0})
+        prompt = {k: batch[k][:, :start] for k in TOKEN_KEYS}
+        prompt.update(images=batch["images"], image_positions=batch["image_positions"])
+        out, cache = _run(decoder, params, cache, {**prompt, "cache_offset": 0})
+        tokens = batch["tokens"]
+        first = jnp.argmax(out["logits"][:, -1], -1).astype(tokens.dtype)
+
         def step(i, carry):
-            tokens, done = carry
-            logits = apply_fn({**batch, "tokens": tokens})["logits"]
-            next_id = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, i - 1, 1, False), -1)
+            tokens, cache, next_id, done = carry
             next_id = jnp.where(done, tokenizer.pad_id, next_id).astype(tokens.dtype)
             tokens = jax.lax.dynamic_update_index_in_dim(tokens, next_id, i, 1)
-            return tokens, done | (next_id == tokenizer.eos_id)
+            done = done | (next_id == tokenizer.eos_id)
+            chunk = {k: jax.lax.dynamic_slice_in_dim(batch[k], i, 1, 1) for k in TOKEN_KEYS}
+            chunk.update(tokens=next_id[:, None], cache_offset=jnp.full((n,), i))
+            out, cache = _run(decoder, params, cache, chunk)
+            return tokens, cache, jnp.argmax(out["logits"][:, 0], -1), done
 
-        done = jnp.zeros((n,), bool)
-        return jax.lax.fori_loop(start, max_len, step, (batch["tokens"], done))[0]
+        carry = (tokens, cache, first, jnp.zeros((n,), bool))
+        return jax.lax.fori_loop(start, max_len, step, carry)[0]
 
-    tokens = np.asarray(run(batch))
+    tokens = np.asarray(run(params, batch))
     return [tokenizer.decode(t[start:]) for t in tokens]
