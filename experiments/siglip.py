@@ -12,7 +12,6 @@ et al., 2023, used by SigLIP).
 """
 
 import math
-import os
 
 import ml_collections
 
@@ -32,8 +31,7 @@ VARIANTS = ("tiny", *SHAPES)
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"unknown siglip variant {arg!r}; valid: {VARIANTS}")
-    clip = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip.py")
-    c = load_config(f"{clip}:{'tiny' if arg == 'tiny' else 'B/16'}")
+    c = load_config(f"clip.py:{'tiny' if arg == 'tiny' else 'B/16'}", relative_to=__file__)
     c.objective = dict(name="siglip")
     c.model.name = "siglip"
     for tower in (c.model.image, c.model.text):

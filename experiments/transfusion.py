@@ -101,8 +101,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
             num_steps=250,  # Sec. 4.1
             cfg_scale=3.0,
             clip_x0=1.0,  # pixel space: images in [-1, 1]
-            schedule=c.objective.kwargs.schedule,
-            num_train_steps=c.objective.kwargs.num_train_steps,
+            loss=c.objective.kwargs,
         )
     )
 

@@ -16,6 +16,8 @@ import re
 import sys
 from collections.abc import Sequence
 
+import ml_collections
+
 from mmjax.errors import UserError
 
 DEFAULTS = dict(sampler="ddim", num_steps=250, cfg_scale=3.0, clip_x0=None)
@@ -91,7 +93,7 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
         return [path]
 
 
-def _eval_settings(config) -> dict:
+def _eval_settings(config: ml_collections.ConfigDict) -> dict:
     for cfg in config.get("evals", {}).values():
         if cfg.get("type") == "transfusion":
             return {k: cfg[k] for k in DEFAULTS if k in cfg}

@@ -17,12 +17,13 @@ import ml_collections
 import numpy as np
 
 from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, build_image_ops
-from mmjax.data.sequences import check_sequence_config
+from mmjax.data.sequences import check_sequence_config, transfusion_example
 from mmjax.data.sources import build_source
 from mmjax.errors import UserError
 from mmjax.evals import generation
 from mmjax.evals.features import EvalContext
 from mmjax.objectives.diffusion import make_schedule
+from mmjax.objectives.transfusion import make_transfusion_loss
 from mmjax.sampling.transfusion import caption_images, generate_images
 
 SOURCES = ("digits", "shapes")
@@ -30,7 +31,12 @@ SOURCES = ("digits", "shapes")
 
 class TransfusionEval:
     """`evals.NAME = dict(type="transfusion", split, num_samples, sampler, num_steps,
-    cfg_scale, clip_x0, schedule, num_train_steps)`; the last two must match the objective's."""
+    cfg_scale, clip_x0, loss)`, `loss` being the objective's kwargs.
+
+    Also reports the held-out `heldout_diffusion_loss` and `heldout_lm_loss` of the same
+    records laid out caption-first, with noise and timesteps from a fixed key, so runs and
+    steps compare on equal draws (the paper's ablation metric, Sec. 4.3).
+    """
 
     def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
         if ctx.data_cfg.source not in SOURCES:
@@ -48,13 +54,18 @@ class TransfusionEval:
         self.images = pixels[..., : int(seq.channels)]
         self.records = records
         self.step = 0
+        self.heldout = _caption_first_batch(records, pixels, ctx)
+        apply_fn = lambda p, b, rng: ctx.model.apply({"params": p}, b)  # noqa: E731
+        self.loss_fn = jax.jit(make_transfusion_loss(apply_fn, **cfg.loss))
 
     def __call__(self, params: Any) -> dict[str, float]:
         cfg, ctx, seq = self.cfg, self.ctx, self.ctx.data_cfg.sequence
         decoder = ctx.model.clone(decode=True)
+        loss = dict(cfg.loss)
+        num_train_steps = int(loss.get("num_train_steps", 1000))
         schedule = None
         if cfg.sampler != "euler":
-            schedule = make_schedule(cfg.schedule, int(cfg.num_train_steps))
+            schedule = make_schedule(loss.get("schedule", "cosine"), num_train_steps)
         generated = generate_images(
             decoder,
             params,
@@ -68,7 +79,7 @@ class TransfusionEval:
             sampler=cfg.sampler,
             num_steps=int(cfg.num_steps),
             cfg_scale=float(cfg.cfg_scale),
-            num_train_steps=int(cfg.num_train_steps),
+            num_train_steps=num_train_steps,
             clip_x0=cfg.get("clip_x0"),
         )
         captions = caption_images(
@@ -88,6 +99,9 @@ class TransfusionEval:
             metrics = generation.compositional_metrics(generated, self.captions)
             metrics["caption_accuracy"] = generation.shapes_caption_accuracy(captions, self.records)
         self._write_grid(generated, correct)
+        _, heldout = self.loss_fn(params, self.heldout, jax.random.key(cfg.get("seed", 0)))
+        metrics["heldout_diffusion_loss"] = float(heldout["diffusion_loss"])
+        metrics["heldout_lm_loss"] = float(heldout["lm_loss"])
         return metrics
 
     def _write_grid(self, images: np.ndarray, correct: np.ndarray) -> None:
@@ -103,3 +117,15 @@ def record_pixels(record: dict, data_cfg: ml_collections.ConfigDict) -> np.ndarr
     """A record's image through the data pipeline's image ops: float [-1, 1], [S, S, 3]."""
     ops = tuple(data_cfg.get("image_ops", DEFAULT_IMAGE_OPS))
     return build_image_ops(ops, int(data_cfg.image_size))(record["image"])
+
+
+def _caption_first_batch(records: list[dict], pixels: np.ndarray, ctx: EvalContext) -> dict:
+    """The records as caption-first training sequences without caption dropout."""
+    seq = ml_collections.ConfigDict({**ctx.data_cfg.sequence, "caption_first": 1.0})
+    seq.caption_drop = 0.0
+    rng = np.random.default_rng(0)
+    rows = [
+        transfusion_example(image, ctx.tokenizer.encode(r["caption"]), ctx.tokenizer, seq, rng)
+        for r, image in zip(records, pixels, strict=True)
+    ]
+    return {k: jax.numpy.asarray(np.stack([row[k] for row in rows])) for k in rows[0]}

@@ -24,9 +24,15 @@ REQUIRED_KEYS = (
 )
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Imports `path.py[:arg]` and returns `get_config(arg)`, checking the required keys."""
+def load_config(spec: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
+    """Imports `path.py[:arg]` and returns `get_config(arg)`, checking the required keys.
+
+    `relative_to` (an experiment's `__file__`) resolves a relative path from that file's
+    folder: how one experiment builds on another.
+    """
     path, _, arg = spec.partition(":")
+    if relative_to is not None and not os.path.isabs(path):
+        path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(relative_to)), path))
     if not os.path.isfile(path):
         raise UserError(f"config file {path!r} does not exist")
     module_spec = importlib.util.spec_from_file_location("mmjax_experiment_config", path)
