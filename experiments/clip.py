@@ -18,7 +18,7 @@ import math
 import ml_collections
 
 from mmjax.data import data_config
-from mmjax.parallel import DEFAULT_RULES
+from mmjax.train.config_cli import base_config
 
 # name: (image patch, image width, depth, heads, text width, text heads, embed dim, lr)
 PAPER_SHAPES = {
@@ -32,27 +32,9 @@ VARIANTS = ("tiny", *PAPER_SHAPES)
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"unknown clip variant {arg!r}; valid: {VARIANTS}")
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES)
+    # AdamW with beta2 0.98, eps 1e-6, weight decay 0.2, 2k warmup steps (Sec. 2.5, Table 19)
+    c = base_config(lr=5e-4, b2=0.98, eps=1e-6, weight_decay=0.2, warmup_steps=2000)
     c.objective = dict(name="clip")
-    c.keep_checkpoints = 3
-    c.distributed = False
-    c.max_bad_steps = 5  # NaN/Inf updates skipped in a row before training stops
-    # Pretrained weights (mmjax.convert): format hf_clip | hf_siglip | open_clip, a local path,
-    # and for open_clip the model name; their architecture replaces c.model's.
-    c.init_from = dict(format="", path="", name="")
-    c.optimizer = dict(
-        name="adamw",
-        lr=5e-4,
-        b1=0.9,
-        b2=0.98,
-        eps=1e-6,
-        weight_decay=0.2,
-        warmup_steps=2000,
-        end_factor=0.0,
-        grad_clip_norm=1.0,
-    )
     if arg == "tiny":
         _tiny(c)
     else:

@@ -17,7 +17,7 @@ Variants: tiny, 0.16B, 0.37B, 0.76B, 1.4B, 7B.
 import ml_collections
 
 from mmjax.data import data_config
-from mmjax.parallel import DEFAULT_RULES
+from mmjax.train.config_cli import base_config
 
 # name: (layers, width, heads); Table 1 of the paper
 PAPER_SHAPES = {
@@ -33,31 +33,13 @@ VARIANTS = ("tiny", *PAPER_SHAPES)
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"unknown transfusion variant {arg!r}; valid: {VARIANTS}")
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES)
+    # AdamW, beta2 0.95, eps 1e-8, wd 0.1, 4k warmup, cosine decay to 1.5e-5 (Sec. 4.1)
+    c = base_config(b2=0.95, weight_decay=0.1, warmup_steps=4000, end_factor=0.05)
     # L = L_LM + lambda * L_DDPM, lambda = 5, cosine schedule over 1,000 steps (Sec. 4.1)
     c.objective = dict(
         name="transfusion",
         kwargs=dict(process="ddpm", schedule="cosine", num_train_steps=1000, diffusion_weight=5.0),
     )
-    c.keep_checkpoints = 3
-    c.distributed = False
-    c.max_bad_steps = 5
-    c.init_from = dict(format="", path="", name="")
-    # AdamW, beta2 0.95, eps 1e-8, wd 0.1, cosine decay to 1.5e-5 (Sec. 4.1)
-    c.optimizer = dict(
-        name="adamw",
-        lr=3e-4,
-        b1=0.9,
-        b2=0.95,
-        eps=1e-8,
-        weight_decay=0.1,
-        warmup_steps=4000,
-        end_factor=0.05,
-        grad_clip_norm=1.0,
-    )
-    c.evals = dict()
     if arg == "tiny":
         _tiny(c)
     else:

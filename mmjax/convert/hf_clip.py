@@ -29,6 +29,30 @@ def check_model_type(config: Any, expected: str, hint: str) -> None:
         raise UserError(f"expected a {expected!r} checkpoint but got a {got!r} one; {hint}")
 
 
+def tower(config: Any, source: str) -> dict:
+    """The shape keys shared by mmjax's ViT and text tower, from an HF CLIP/SigLIP sub-config."""
+    return dict(
+        width=config.hidden_size,
+        depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        mlp_dim=config.intermediate_size,
+        activation=activation(config.hidden_act, source),
+        norm_eps=config.layer_norm_eps,
+    )
+
+
+def text_tower_config(config: Any, source: str) -> dict:
+    """Text tower keys (vocabulary, context, padding) from an HF CLIP/SigLIP text config."""
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    return dict(
+        vocab_size=config.vocab_size,
+        max_len=config.max_position_embeddings,
+        pad_id=pad,
+        mask_padding=False,  # CLIP: padding follows the causal pooled token; SigLIP attends it
+        **tower(config, source),
+    )
+
+
 def model_config(config: Any) -> dict:
     """The mmjax `config.model` of an HF `CLIPConfig`."""
     v, t = config.vision_config, config.text_config
@@ -42,30 +66,12 @@ def model_config(config: Any) -> dict:
         dtype="float32",
         image=dict(
             patch_size=v.patch_size,
-            width=v.hidden_size,
-            depth=v.num_hidden_layers,
-            num_heads=v.num_attention_heads,
-            mlp_dim=v.intermediate_size,
             pool="cls",
             pre_norm=True,
             patch_bias=False,
-            activation=activation(v.hidden_act, SOURCE),
-            norm_eps=v.layer_norm_eps,
+            **tower(v, SOURCE),
         ),
-        text=dict(
-            vocab_size=t.vocab_size,
-            max_len=t.max_position_embeddings,
-            width=t.hidden_size,
-            depth=t.num_hidden_layers,
-            num_heads=t.num_attention_heads,
-            mlp_dim=t.intermediate_size,
-            causal=True,
-            mask_padding=False,  # padding follows the pooled token, which is causal
-            pad_id=t.pad_token_id if t.pad_token_id is not None else 0,
-            activation=activation(t.hidden_act, SOURCE),
-            norm_eps=t.layer_norm_eps,
-            **eos_pool,
-        ),
+        text=dict(causal=True, **eos_pool, **text_tower_config(t, SOURCE)),
     )
 
 

@@ -8,8 +8,15 @@ CLIP's, so the encoder and text tower readers are shared with hf_clip.
 
 from typing import Any
 
-from mmjax.convert.hf_clip import check_model_type, encoder, load, text_tower
-from mmjax.convert.imported import Imported, activation, finish
+from mmjax.convert.hf_clip import (
+    check_model_type,
+    encoder,
+    load,
+    text_tower,
+    text_tower_config,
+    tower,
+)
+from mmjax.convert.imported import Imported, finish
 from mmjax.convert.torch_layers import Reader
 from mmjax.errors import UserError
 
@@ -27,30 +34,12 @@ def model_config(config: Any) -> dict:
         dtype="float32",
         image=dict(
             patch_size=v.patch_size,
-            width=v.hidden_size,
-            depth=v.num_hidden_layers,
-            num_heads=v.num_attention_heads,
-            mlp_dim=v.intermediate_size,
             pool="map",
             pre_norm=False,
             patch_bias=True,
-            activation=activation(v.hidden_act, SOURCE),
-            norm_eps=v.layer_norm_eps,
+            **tower(v, SOURCE),
         ),
-        text=dict(
-            vocab_size=t.vocab_size,
-            max_len=t.max_position_embeddings,
-            width=t.hidden_size,
-            depth=t.num_hidden_layers,
-            num_heads=t.num_attention_heads,
-            mlp_dim=t.intermediate_size,
-            causal=False,
-            pool="last",
-            mask_padding=False,
-            pad_id=t.pad_token_id if t.pad_token_id is not None else 0,
-            activation=activation(t.hidden_act, SOURCE),
-            norm_eps=t.layer_norm_eps,
-        ),
+        text=dict(causal=False, pool="last", **text_tower_config(t, SOURCE)),
     )
 
 

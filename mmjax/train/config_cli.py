@@ -4,6 +4,7 @@ import ast
 import importlib.util
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
@@ -22,6 +23,38 @@ REQUIRED_KEYS = (
     "optimizer",
     "evals",
 )
+
+
+def base_config(**optimizer: Any) -> ml_collections.ConfigDict:
+    """The keys every experiment shares, at their defaults; experiments set the rest.
+
+    `optimizer` overrides AdamW's defaults (lr, b1, b2, eps, weight_decay, warmup_steps,
+    end_factor: the final lr as a fraction of the peak, grad_clip_norm).
+    """
+    from mmjax.parallel import DEFAULT_RULES
+
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES)
+    c.keep_checkpoints = 3
+    c.distributed = False
+    c.max_bad_steps = 5  # NaN/Inf updates skipped in a row before training stops
+    # Pretrained weights (mmjax.convert): format hf_clip | hf_siglip | open_clip, a local path,
+    # and for open_clip the model name; their architecture replaces c.model's.
+    c.init_from = dict(format="", path="", name="")
+    adamw = dict(
+        lr=3e-4,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        warmup_steps=0,
+        end_factor=0.0,
+        grad_clip_norm=1.0,
+    )
+    c.optimizer = dict(name="adamw", **{**adamw, **optimizer})
+    c.evals = dict()
+    return c
 
 
 def load_config(spec: str, relative_to: str | None = None) -> ml_collections.ConfigDict:
