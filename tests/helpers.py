@@ -29,12 +29,36 @@ SHRINK = [
 ]
 FAST = [f"--config.{item}" for item in SHRINK]  # the same, as CLI flags
 
+# experiments/transfusion.py:tiny shrunk the same way, with a token generation eval at the end.
+TRANSFUSION_FAST = [
+    f"--config.{item}"
+    for item in (
+        "model.depth=1",
+        "model.width=32",
+        "model.mlp_dim=64",
+        "batch_size=16",
+        "optimizer.warmup_steps=2",
+        "total_steps=6",
+        "log_every=2",
+        "eval_every=1000",
+        "checkpoint_every=3",
+        "evals.generation.num_samples=4",
+        "evals.generation.num_steps=2",
+    )
+]
+EXPERIMENTS = {
+    "clip": ("experiments/clip.py:tiny", FAST),
+    "transfusion": ("experiments/transfusion.py:tiny", TRANSFUSION_FAST),
+}
 
-def cli(workdir: str, *args: str, devices: int = 1, **popen) -> dict:
-    """subprocess keyword arguments running the shrunk tiny CLIP CLI on `devices` CPU devices."""
+
+def cli(workdir: str, *args: str, devices: int = 1, experiment: str = "clip", **popen) -> dict:
+    """subprocess keyword arguments running a shrunk tiny experiment's CLI (EXPERIMENTS) on
+    `devices` CPU devices."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    cmd = [sys.executable, "-m", "mmjax.train", "--config", "experiments/clip.py:tiny"]
-    return dict(args=[*cmd, "--workdir", workdir, *FAST, *args], cwd=REPO, env=env, **popen)
+    spec, fast = EXPERIMENTS[experiment]
+    cmd = [sys.executable, "-m", "mmjax.train", "--config", spec, "--workdir", workdir]
+    return dict(args=[*cmd, *fast, *args], cwd=REPO, env=env, **popen)
 
 
 def tiny_clip_config(**overrides: object) -> ml_collections.ConfigDict:

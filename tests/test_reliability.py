@@ -163,14 +163,18 @@ def _final_state(workdir: str, step: int):
         ]
 
 
-def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize(
+    "experiment", ["clip", pytest.param("transfusion", marks=pytest.mark.slow)]
+)
+def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, experiment):
     total = ["--config.total_steps=14", "--config.checkpoint_every=2", "--config.log_every=1"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    run = subprocess.run(**cli(straight, *total), capture_output=True, text=True, timeout=300)
+    kw = dict(experiment=experiment)
+    run = subprocess.run(**cli(straight, *total, **kw), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     kill_at = random.Random().randint(3, 11)
     proc = subprocess.Popen(
-        **cli(killed, *total), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        **cli(killed, *total, **kw), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -183,7 +187,9 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = subprocess.run(**cli(killed, *total), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        **cli(killed, *total, **kw), capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from step" in resumed.stdout, (kill_at, resumed.stdout)
     a, b = _final_state(straight, 14), _final_state(killed, 14)
