@@ -117,17 +117,22 @@ def measure(fn: Callable, args: tuple, repeats: int, skip_time: bool) -> dict:
     return result
 
 
-def attention_fn(impl: str, mask: str, seq: int, static_ids: bool, block: int | None):
+def pallas_options(args) -> dict:
+    """Keyword arguments of `pallas_attention` besides the mask: tiles and variant."""
+    return {"block_q": args.block, "block_kv": args.block, "variant": args.variant}
+
+
+def attention_fn(impl: str, mask: str, seq: int, static_ids: bool, options: dict):
     """(forward(q, k, v, ids), ids): the attention call of one impl, ids traced or closed."""
     import jax
 
-    from mmjax.kernels import attention
+    from mmjax.kernels import MaskSpec, attention
     from mmjax.kernels.pallas_attention import pallas_attention
 
     kw = mask_kwargs(mask, seq)
     ids = {name: kw.pop(name) for name in ("segment_ids", "span_ids") if name in kw}
     if impl == "pallas":
-        call = lambda q, k, v, **a: pallas_attention(q, k, v, block_q=block, block_kv=block, **a)  # noqa: E731
+        call = lambda q, k, v, **a: pallas_attention(q, k, v, MaskSpec(**a), **options)  # noqa: E731
     elif impl == "cudnn":
         call = lambda q, k, v, **a: jax.nn.dot_product_attention(  # noqa: E731
             q, k, v, is_causal=a.get("causal", False), implementation="cudnn"
@@ -137,7 +142,8 @@ def attention_fn(impl: str, mask: str, seq: int, static_ids: bool, block: int | 
 
         def call(q, k, v, **a):
             seg = a.get("segment_ids")
-            return mha(q, k, v, segment_ids=seg, causal=a.get("causal", False))
+            scale = 1.0 / q.shape[-1] ** 0.5
+            return mha(q, k, v, segment_ids=seg, sm_scale=scale, causal=a.get("causal", False))
     else:
         call = lambda q, k, v, **a: attention(q, k, v, impl=impl, **a)  # noqa: E731
     if static_ids:
@@ -150,12 +156,13 @@ def run_case(args, seq: int, mask: str, impl: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from mmjax.kernels.pallas_attention import _prepare, executed_kv_blocks
+    from mmjax.kernels import MaskSpec
+    from mmjax.kernels.pallas_attention import _defaults, _prepare, executed_kv_blocks
 
     shape = (1, seq, args.heads, args.head_dim)
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, ct = (jax.random.normal(key, shape, args.dtype) for key in keys)
-    forward, ids = attention_fn(impl, mask, seq, args.static_ids, args.block)
+    forward, ids = attention_fn(impl, mask, seq, args.static_ids, pallas_options(args))
 
     def fwd_bwd(q, k, v, ids):
         out, vjp = jax.vjp(lambda q, k, v: forward(q, k, v, ids), q, k, v)
@@ -170,11 +177,12 @@ def run_case(args, seq: int, mask: str, impl: str) -> dict:
     row["forward"] = measure(forward, (q, k, v, ids), args.repeats, skip_time)
     row["forward_backward"] = measure(fwd_bwd, (q, k, v, ids), args.repeats, skip_time)
     if impl == "pallas":
-        kw = mask_kwargs(mask, seq) | {"block_q": args.block, "block_kv": args.block}
+        spec = MaskSpec(**mask_kwargs(mask, seq))
+        row["variant"] = args.variant or _defaults(jax.default_backend()).variant
         if skip_time:  # the block map only: running the debug kernel costs a forward
-            bm = _prepare(q, k, v, **kw).bm
+            bm = _prepare(q, k, v, spec, **pallas_options(args)).bm
         else:
-            visits, bm = executed_kv_blocks(q, k, v, **kw)
+            visits, bm = executed_kv_blocks(q, k, v, spec, **pallas_options(args))
             row["executed_kv_blocks"] = int(jnp.sum(visits))
         row["nonempty_block_fraction"] = round(float(jnp.mean(bm.kind != 0)), 4)
         row["block"] = int(seq // bm.kind.shape[1])
@@ -199,6 +207,7 @@ def main() -> None:
     parser.add_argument("--head_dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--block", type=int, default=None, help="pallas tile (default: backend's)")
+    parser.add_argument("--variant", default=None, choices=["grid", "loop"], help="pallas variant")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--static_ids", action="store_true")
     parser.add_argument("--skip_time", action="store_true", help="memory rows only")

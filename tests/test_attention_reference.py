@@ -19,9 +19,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmjax.kernels import IMPLS, attention, attention_mask
+from mmjax.kernels import IMPLS, MaskSpec, attention, attention_mask
 
 PROPERTY_SETTINGS = settings(max_examples=30, deadline=None, database=None)
+# Tests compile one small program per example: skipping LLVM's optimisations roughly halves
+# compile time and leaves the program (the HLO) and its results as they are.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -59,8 +62,13 @@ class Case:
             q_offset=offset,
         )
 
-    def jit(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """`fn(*args, **kwargs())` under one jit: arrays traced, python values static.
+    def mask(self) -> MaskSpec:
+        """The case's metadata as the backends take it."""
+        return MaskSpec(**self.kwargs())
+
+    def jit(self, fn: Callable[..., Any], spec: bool = False) -> Callable[..., Any]:
+        """`fn(*args, **kwargs())` (or `fn(*args, mask())` with `spec`) under one jit:
+        arrays traced, python values static.
 
         One compile per example instead of one per eager op keeps the suite fast, and it
         checks that `attention` traces with ids and array offsets as tracers.
@@ -69,7 +77,11 @@ class Case:
         static = {name: kwargs.pop(name) for name in ("causal", "window")}
         if isinstance(kwargs["q_offset"], int):
             static["q_offset"] = kwargs.pop("q_offset")
-        jitted = jax.jit(lambda args, dynamic: fn(*args, **static, **dynamic))
+        if spec:
+            call = lambda args, dynamic: fn(*args, MaskSpec(**static, **dynamic))  # noqa: E731
+        else:
+            call = lambda args, dynamic: fn(*args, **static, **dynamic)  # noqa: E731
+        jitted = jax.jit(call, compiler_options=FAST_COMPILE)
         return lambda *args: jitted(args, kwargs)
 
     def qkv(self) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:

@@ -1,8 +1,9 @@
 """Attention kernels: the one public `attention` entry point, its mask semantics, backends.
 
-`attention` validates inputs and dispatches on `impl`: "xla" is the materialised-mask
-reference, "pallas" the block-sparse flash-attention kernel (Mosaic on TPU, interpret mode
-on CPU), and "auto" picks per backend (see `_resolve_impl`).
+`attention` validates inputs, gathers the mask keywords into one `MaskSpec` and dispatches
+on `impl`: "xla" is the materialised-mask reference, "pallas" the block-sparse
+flash-attention kernel (Mosaic on TPU, Triton on GPU, interpret mode on CPU), and "auto"
+picks per backend and size (see `_resolve_impl`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from mmjax.kernels.masks import attention_mask
+from mmjax.kernels.masks import MaskSpec, attention_mask
 from mmjax.kernels.pallas_attention import pallas_attention
 from mmjax.kernels.reference import attention_reference
 
-__all__ = ["IMPLS", "attention", "attention_mask"]
+__all__ = ["CPU_PALLAS_MIN_PAIRS", "IMPLS", "MaskSpec", "attention", "attention_mask"]
 
 Array = jnp.ndarray
 
@@ -29,30 +30,30 @@ _BACKENDS: dict[str, Callable[..., Array]] = {
 IMPLS: tuple[str, ...] = ("auto", *_BACKENDS)
 
 
-def _resolve_impl(impl: str) -> str:
+# On CPU, "auto" runs the Pallas kernel (interpret mode) from this many query x key pairs on.
+# Measured (benchmarks/attention.py, 8 heads, head_dim 64, causal, fwd+bwd per step): 128^2
+# 12 vs 10 ms, 256^2 82 vs 46 ms, 512^2 272 vs 121 ms, 1024^2 1.3 s vs 0.30 s (xla vs
+# pallas); the kernel compiles ~3 s slower, so below 512^2 the reference wins overall, and
+# above it the reference's S x S temporaries grow (1 GB at S = 4096) while the kernel's don't.
+CPU_PALLAS_MIN_PAIRS = 512 * 512
+
+
+def _resolve_impl(impl: str, q_len: int, kv_len: int) -> str:
     """Maps `impl` to a backend name; "auto" picks the faster one on the default backend.
 
-    TPU: "pallas" (Mosaic). CPU: "xla" -- the kernel only runs in interpret mode there, a
-    while loop over grid steps, measured 1.2-3.5x slower than the reference (forward and
-    forward+backward, S=1024-4096, benchmarks/attention.py), though ~13x lighter in memory.
-    GPU: "xla" until the kernel has a Triton / Mosaic GPU lowering: its scalar-prefetched
-    block lists are a TPU grid feature that Triton lacks.
+    TPU: "pallas" (Mosaic, grid variant). GPU: "pallas" (Triton, loop variant). CPU:
+    "pallas" (interpret mode, loop variant) from `CPU_PALLAS_MIN_PAIRS` on, else "xla".
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; valid choices: {', '.join(IMPLS)}")
-    if impl == "auto":
-        return "pallas" if jax.default_backend() == "tpu" else "xla"
-    return impl
+    if impl != "auto":
+        return impl
+    if jax.default_backend() in ("tpu", "gpu"):
+        return "pallas"
+    return "pallas" if q_len * kv_len >= CPU_PALLAS_MIN_PAIRS else "xla"
 
 
-def _check_shapes(
-    q: Array,
-    k: Array,
-    v: Array,
-    q_ids: dict[str, Array | None],
-    kv_ids: dict[str, Array | None],
-    q_offset: int | Array,
-) -> None:
+def _check_shapes(q: Array, k: Array, v: Array, mask: MaskSpec) -> None:
     """Raises ValueError for q/k/v or id shapes that break the contract of `attention`."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if jnp.ndim(x) != 4:
@@ -71,12 +72,18 @@ def _check_shapes(
         raise ValueError(f"q {q.shape} and k/v {k.shape} must have non-empty dimensions")
     if heads % kv_heads:
         raise ValueError(f"kv heads ({kv_heads}) must divide q heads ({heads})")
-    for ids, seq_len in ((q_ids, q_len), (kv_ids, kv_len)):
-        for name, x in ids.items():
-            if x is not None and jnp.shape(x) != (batch, seq_len):
-                raise ValueError(f"{name} must be shaped {(batch, seq_len)}, got {jnp.shape(x)}")
-    if jnp.shape(q_offset) not in ((), (batch,)):
-        raise ValueError(f"q_offset must be an int or shaped ({batch},), got {jnp.shape(q_offset)}")
+    for name in mask.array_fields():
+        x = getattr(mask, name)
+        if name == "q_offset":
+            expected = (batch,)
+        else:
+            expected = (batch, kv_len if name.startswith("kv_") else q_len)
+        if jnp.shape(x) != expected:
+            raise ValueError(f"{name} must be shaped {expected}, got {jnp.shape(x)}")
+    if jnp.ndim(mask.q_offset) > 1:
+        raise ValueError(
+            f"q_offset must be an int or shaped ({batch},), got {jnp.shape(mask.q_offset)}"
+        )
 
 
 def attention(
@@ -104,25 +111,15 @@ def attention(
     int array [B] (decoding against a KV cache). Rows that see nothing return 0. `scale`
     defaults to 1 / sqrt(D); `impl` is one of `IMPLS`.
     """
-    backend = _resolve_impl(impl)
-    _check_shapes(
-        q,
-        k,
-        v,
-        q_ids={"segment_ids": segment_ids, "span_ids": span_ids},
-        kv_ids={"kv_segment_ids": kv_segment_ids, "kv_span_ids": kv_span_ids},
-        q_offset=q_offset,
-    )
-    return _BACKENDS[backend](
-        q,
-        k,
-        v,
+    mask = MaskSpec(
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
         span_ids=span_ids,
         kv_span_ids=kv_span_ids,
+        q_offset=q_offset,
         causal=causal,
         window=window,
-        q_offset=q_offset,
-        scale=scale,
     )
+    _check_shapes(q, k, v, mask)
+    backend = _resolve_impl(impl, q.shape[1], k.shape[1])
+    return _BACKENDS[backend](q, k, v, mask.resolve(q.shape[1], k.shape[1]), scale=scale)

@@ -25,8 +25,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mmjax.kernels.masks import _kv_ids, _query_positions
+from mmjax.kernels.masks import MaskSpec
 
 Array = jnp.ndarray
 
@@ -57,17 +58,74 @@ class BlockMap:
     q_count: Array
 
 
-def _summaries(ids: Array, block: int) -> dict[str, Array]:
-    """Per-block min / max of the non-zero ids and whether the block has / is all zeros."""
-    batch, length = ids.shape
-    x = ids.reshape(batch, length // block, block)
-    nonzero = x != 0
-    big = jnp.iinfo(jnp.int32).max
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenMeta:
+    """The token metadata as the kernels read it: int32, padded to whole blocks.
+
+    Attributes:
+      q_segment, q_span, q_position: [B, Sq_padded]; segment 0 on padding, span 0 where
+        there is none, positions absolute (q_offset applied).
+      kv_segment, kv_span: [B, Sk_padded]; key positions are 0..Sk-1 implicitly.
+    """
+
+    q_segment: Array
+    q_span: Array
+    q_position: Array
+    kv_segment: Array
+    kv_span: Array
+
+
+# Sentinels of the per-block summaries: larger than any id, and positions far enough out to
+# stay clear of int32 overflow in the differences of `block_map`.
+_BIG = int(np.iinfo(np.int32).max)
+_FAR = 1 << 28
+
+
+def _summaries(segment: Array, span: Array, position: Array, block: int, xp) -> dict[str, Array]:
+    """Per-block summaries of one side's token metadata, [B, n] each.
+
+    For segment and span ids: the min / max of the non-zero ids and whether the block has /
+    is all zeros; the lowest / highest position of the non-padding (segment != 0) tokens.
+    Computed as one min and one max reduction over stacked features (a cheap compile).
+    """
+    batch, length = segment.shape
+    seg, spn, pos = (x.reshape(batch, length // block, block) for x in (segment, span, position))
+    seg_zero, span_zero = (seg == 0).astype(xp.int32), (spn == 0).astype(xp.int32)
+    low = xp.min(
+        xp.stack(
+            [
+                xp.where(seg_zero == 1, _BIG, seg),
+                xp.where(span_zero == 1, _BIG, spn),
+                seg_zero,
+                span_zero,
+                xp.where(seg_zero == 1, _FAR, pos),
+            ]
+        ),
+        axis=-1,
+    )
+    high = xp.max(
+        xp.stack(
+            [
+                xp.where(seg_zero == 1, -1, seg),
+                xp.where(span_zero == 1, -1, spn),
+                seg_zero,
+                span_zero,
+                xp.where(seg_zero == 1, -_FAR, pos),
+            ]
+        ),
+        axis=-1,
+    )
     return {
-        "min": jnp.min(jnp.where(nonzero, x, big), axis=-1),
-        "max": jnp.max(jnp.where(nonzero, x, -1), axis=-1),
-        "any_zero": jnp.any(~nonzero, axis=-1),
-        "all_zero": jnp.all(~nonzero, axis=-1),
+        "segment": {
+            "min": low[0],
+            "max": high[0],
+            "any_zero": high[2] == 1,
+            "all_zero": low[2] == 1,
+        },
+        "span": {"min": low[1], "max": high[1], "any_zero": high[3] == 1, "all_zero": low[3] == 1},
+        "lo": low[4],
+        "hi": high[4],
     }
 
 
@@ -86,117 +144,72 @@ def _same_nonzero_blocks(qs: dict[str, Array], ks: dict[str, Array]) -> tuple[Ar
     return none, every
 
 
-def _position_range(
-    positions: Array, segment_ids: Array, block: int, far: int
-) -> tuple[Array, Array]:
-    """Per-block (lowest, highest) position of the non-padding tokens: [B, n] each."""
-    batch, length = positions.shape
-    pos = positions.reshape(batch, length // block, block)
-    real = segment_ids.reshape(pos.shape) != 0
-    return (
-        jnp.min(jnp.where(real, pos, far), axis=-1),
-        jnp.max(jnp.where(real, pos, -far), axis=-1),
-    )
-
-
-def _compact(kind: Array) -> tuple[Array, Array, Array]:
+def _compact(kind: Array, xp) -> tuple[Array, Array, Array]:
     """Lists the non-empty entries of the last axis: (index, kind of index, count)."""
     nonempty = kind != EMPTY
-    count = jnp.sum(nonempty, axis=-1, dtype=jnp.int32)
+    count = xp.sum(nonempty, axis=-1, dtype=xp.int32)
     # Stable sort on "is empty" keeps the non-empty indices first, in increasing order.
-    order = jnp.argsort(~nonempty, axis=-1, stable=True).astype(jnp.int32)
-    slots = jnp.arange(kind.shape[-1], dtype=jnp.int32)
-    last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
-    index = jnp.where(slots < count[..., None], order, last)
-    index_kind = jnp.where(
-        slots < count[..., None], jnp.take_along_axis(kind, index, axis=-1), EMPTY
-    )
+    order = xp.argsort(~nonempty, axis=-1, stable=True).astype(xp.int32)
+    slots = xp.arange(kind.shape[-1], dtype=xp.int32)
+    last = xp.take_along_axis(order, xp.maximum(count - 1, 0)[..., None], axis=-1)
+    index = xp.where(slots < count[..., None], order, last)
+    index_kind = xp.where(slots < count[..., None], xp.take_along_axis(kind, index, axis=-1), EMPTY)
     return index, index_kind, count
 
 
 def block_map(
-    q_segment_ids: Array,
-    kv_segment_ids: Array,
-    q_span_ids: Array,
-    kv_span_ids: Array,
-    q_positions: Array,
-    *,
-    block_q: int,
-    block_kv: int,
-    causal: bool,
-    window: int | None,
+    meta: TokenMeta, *, block_q: int, block_kv: int, causal: bool, window: int | None, xp=jnp
 ) -> BlockMap:
     """Classifies every (q block, kv block) and lists the non-empty ones.
 
-    Inputs are the kernel's padded token metadata: int32 [B, Sq] (q_*) and [B, Sk] (kv_*),
-    with segment id 0 on padding and span id 0 where there is no span; `q_positions` are the
-    absolute query positions (q_offset applied), key positions are 0..Sk-1. Sq and Sk must
-    be multiples of `block_q` and `block_kv`.
+    `meta` is the kernels' padded token metadata (`padded_token_metadata`); its lengths must
+    be multiples of `block_q` and `block_kv`. Span ids only matter when `causal`. `xp` is
+    the array module: jax.numpy (traceable), or numpy for concrete metadata (no compile).
     """
-    batch, q_len = q_segment_ids.shape
-    kv_len = kv_segment_ids.shape[1]
+    batch, q_len = meta.q_segment.shape
+    kv_len = meta.kv_segment.shape[1]
     if q_len % block_q or kv_len % block_kv:
         raise ValueError(f"lengths {q_len}, {kv_len} not multiples of {block_q}, {block_kv}")
-    seg_none, seg_all = _same_nonzero_blocks(
-        _summaries(q_segment_ids, block_q), _summaries(kv_segment_ids, block_kv)
-    )
-    empty, full = seg_none, seg_all
+    k_pos = xp.broadcast_to(xp.arange(kv_len, dtype=xp.int32), (batch, kv_len))
+    qs = _summaries(meta.q_segment, meta.q_span, meta.q_position, block_q, xp)
+    ks = _summaries(meta.kv_segment, meta.kv_span, k_pos, block_kv, xp)
+    empty, full = _same_nonzero_blocks(qs["segment"], ks["segment"])
 
-    # Position ranges over the non-padding tokens (segment != 0) of each block only, so a
-    # block's padding never makes it look visible. All-padding blocks are EMPTY already;
-    # the sentinels stay far from int32 overflow in the differences below.
-    far = 1 << 28
-    k_pos = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (batch, kv_len))
-    q_lo, q_hi = _position_range(q_positions, q_segment_ids, block_q, far)
-    k_lo, k_hi = _position_range(k_pos, kv_segment_ids, block_kv, far)
-    q_lo, q_hi = q_lo[:, :, None], q_hi[:, :, None]  # [B, nq, 1]
-    k_lo, k_hi = k_lo[:, None, :], k_hi[:, None, :]  # [B, 1, nk]
+    # Position ranges cover the non-padding tokens (segment != 0) of each block only, so a
+    # block's padding never makes it look visible; all-padding blocks are EMPTY already.
+    q_lo, q_hi = qs["lo"][:, :, None], qs["hi"][:, :, None]  # [B, nq, 1]
+    k_lo, k_hi = ks["lo"][:, None, :], ks["hi"][:, None, :]  # [B, 1, nk]
     if causal:
-        span_none, span_all = _same_nonzero_blocks(
-            _summaries(q_span_ids, block_q), _summaries(kv_span_ids, block_kv)
-        )
+        span_none, span_all = _same_nonzero_blocks(qs["span"], ks["span"])
         empty = empty | ((k_lo > q_hi) & span_none)
         full = full & ((k_hi <= q_lo) | span_all)
     if window is not None:
         empty = empty | (k_lo - q_hi >= window) | (q_lo - k_hi >= window)
-        full = full & (jnp.maximum(q_hi - k_lo, k_hi - q_lo) < window)
-    kind = jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL)).astype(jnp.int32)
-    kv_index, kv_kind, kv_count = _compact(kind)
-    q_index, q_kind, q_count = _compact(jnp.swapaxes(kind, 1, 2))
+        full = full & (xp.maximum(q_hi - k_lo, k_hi - q_lo) < window)
+    kind = xp.where(empty, EMPTY, xp.where(full, FULL, PARTIAL)).astype(xp.int32)
+    kv_index, kv_kind, kv_count = _compact(kind, xp)
+    q_index, q_kind, q_count = _compact(xp.swapaxes(kind, 1, 2), xp)
     return BlockMap(kind, kv_index, kv_kind, kv_count, q_index, q_kind, q_count)
 
 
 def padded_token_metadata(
-    batch: int,
-    q_len: int,
-    kv_len: int,
-    q_padded: int,
-    kv_padded: int,
-    *,
-    segment_ids: Array | None = None,
-    kv_segment_ids: Array | None = None,
-    span_ids: Array | None = None,
-    kv_span_ids: Array | None = None,
-    q_offset: int | Array = 0,
-) -> tuple[Array, Array, Array, Array, Array]:
-    """The contract's metadata as the kernels read it, padded to whole blocks.
+    mask: MaskSpec, batch: int, q_len: int, kv_len: int, q_padded: int, kv_padded: int, xp=jnp
+) -> TokenMeta:
+    """The metadata of a resolved `mask` (`MaskSpec.resolve`) as the kernels read it.
 
-    Returns int32 (q_segment, kv_segment, q_span, kv_span, q_positions), [B, q_padded] or
-    [B, kv_padded]: missing segment ids become 1 (one segment), missing span ids 0, kv ids
-    default to the query ones as in `masks.attention_mask`, and padding gets segment 0 so
-    that it sees, and is seen by, nothing.
+    Missing segment ids become 1 (one segment), missing span ids 0, and the padding up to
+    `q_padded` / `kv_padded` gets segment 0 so that it sees, and is seen by, nothing. `xp`
+    as in `block_map`.
     """
-    kv_segment_ids = _kv_ids("segment_ids", segment_ids, kv_segment_ids, q_len, kv_len)
-    kv_span_ids = _kv_ids("span_ids", span_ids, kv_span_ids, q_len, kv_len)
 
     def ids(x: Array | None, length: int, padded: int, fill: int) -> Array:
-        x = jnp.full((batch, length), fill, jnp.int32) if x is None else x.astype(jnp.int32)
-        return jnp.pad(jnp.broadcast_to(x, (batch, length)), ((0, 0), (0, padded - length)))
+        x = xp.full((batch, length), fill, xp.int32) if x is None else xp.asarray(x, xp.int32)
+        return xp.pad(xp.broadcast_to(x, (batch, length)), ((0, 0), (0, padded - length)))
 
-    return (
-        ids(segment_ids, q_len, q_padded, 1),
-        ids(kv_segment_ids, kv_len, kv_padded, 1),
-        ids(span_ids, q_len, q_padded, 0),
-        ids(kv_span_ids, kv_len, kv_padded, 0),
-        jnp.broadcast_to(_query_positions(q_padded, q_offset), (batch, q_padded)),
+    return TokenMeta(
+        q_segment=ids(mask.segment_ids, q_len, q_padded, 1),
+        q_span=ids(mask.span_ids, q_len, q_padded, 0),
+        q_position=xp.broadcast_to(mask.query_positions(q_padded, xp), (batch, q_padded)),
+        kv_segment=ids(mask.kv_segment_ids, kv_len, kv_padded, 1),
+        kv_span=ids(mask.kv_span_ids, kv_len, kv_padded, 0),
     )

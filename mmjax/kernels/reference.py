@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mmjax.kernels.masks import attention_mask
+from mmjax.kernels.masks import MaskSpec
 
 Array = jnp.ndarray
 
@@ -22,24 +22,13 @@ _MASKED_LOGIT = -0.5 * float(jnp.finfo(jnp.float32).max)
 
 
 def attention_reference(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    segment_ids: Array | None = None,
-    kv_segment_ids: Array | None = None,
-    span_ids: Array | None = None,
-    kv_span_ids: Array | None = None,
-    causal: bool = False,
-    window: int | None = None,
-    q_offset: int | Array = 0,
-    scale: float | None = None,
+    q: Array, k: Array, v: Array, mask: MaskSpec | None = None, *, scale: float | None = None
 ) -> Array:
     """Masked softmax attention, q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> [B, Sq, H, D].
 
-    Query head h reads kv head h // (H // Hkv). The mask is `masks.attention_mask` of the
-    same keyword arguments. Logits and softmax run in f32 (matmuls at highest precision);
-    the result has q's dtype. `scale` defaults to 1 / sqrt(D). Shapes are assumed valid:
+    Query head h reads kv head h // (H // Hkv); `mask` (default: none) is materialised by
+    `MaskSpec.dense`. Logits and softmax run in f32 (matmuls at highest precision); the
+    result has q's dtype. `scale` defaults to 1 / sqrt(D). Shapes are assumed valid:
     `mmjax.kernels.attention` checks them.
     """
     batch, q_len, heads, head_dim = q.shape
@@ -47,17 +36,8 @@ def attention_reference(
     groups = heads // kv_heads
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    mask = attention_mask(
-        q_len,
-        kv_len,
-        segment_ids=segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        span_ids=span_ids,
-        kv_span_ids=kv_span_ids,
-        causal=causal,
-        window=window,
-        q_offset=q_offset,
-    )[:, None, None]  # [b, 1, 1, Sq, Sk] against logits [B, Hkv, G, Sq, Sk]
+    mask = (MaskSpec() if mask is None else mask).dense(q_len, kv_len)
+    mask = mask[:, None, None]  # [b, 1, 1, Sq, Sk] against logits [B, Hkv, G, Sq, Sk]
 
     highest = jax.lax.Precision.HIGHEST
     qg = q.astype(jnp.float32).reshape(batch, q_len, kv_heads, groups, head_dim)

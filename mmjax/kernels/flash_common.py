@@ -1,0 +1,163 @@
+"""The block math every flash-attention kernel variant shares, on values, not refs.
+
+A variant (`pallas_tpu`: one grid step per listed block; `pallas_gpu`: a loop over the
+listed blocks inside one program) only decides where blocks come from and where the running
+state lives (VMEM scratch or a loop carry); the token mask, the online-softmax update, the
+final normalisation and the backward's block updates are these functions. All accumulate
+in f32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.kernels.block_mask import FULL
+
+Array = jnp.ndarray
+
+# Finite stand-ins for -inf: masked logits and the running max start here, so a row that has
+# seen nothing yet computes exp(NEG - NEG) = 1 (then zeroed by the mask), never inf - inf.
+NEG = -0.7 * float(np.finfo(np.float32).max)
+# Log-sum-exp stored for rows that see nothing: exp(s - EMPTY_LSE) underflows to 0.
+EMPTY_LSE = 0.5 * float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static (hashable) parameters of one kernel call.
+
+    `kv_slots` / `q_slots` size the reduction axes of the grid variant: the largest
+    non-empty count when the metadata is known at trace time, None when it is traced (the
+    extent is then the traced maximum, a dynamic grid bound). The loop variant ignores them.
+    """
+
+    variant: str  # "grid" (TPU, scalar prefetch) or "loop" (GPU; CPU interpret mode)
+    block_q: int
+    block_kv: int
+    scale: float
+    causal: bool
+    window: int | None
+    use_span: bool
+    groups: int
+    num_q_blocks: int  # nq
+    num_kv_blocks: int  # nk
+    kv_slots: int | None
+    q_slots: int | None
+    interpret: object  # False, True, or pltpu.InterpretParams
+    debug: bool
+
+
+def dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
+    """a @ b contracting a's axis contract[0] with b's axis contract[1], f32 accumulation.
+
+    f32 operands ask for HIGHEST precision (TPU / GPU otherwise round them to bf16 / tf32
+    passes); bf16 operands use the native matrix-unit path.
+    """
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def token_mask(
+    q_ids: tuple[Array, Array, Array], kv_ids: tuple[Array, Array], kv_start: Array, cfg: Config
+) -> Array:
+    """[bq, bk] bool: the contract's rule for one block.
+
+    q_ids = (segment, span, position) columns [bq, 1]; kv_ids = (segment, span) rows
+    [1, bk]; the keys sit at positions kv_start + 0..bk-1.
+    """
+    q_seg, q_span, q_pos = q_ids
+    kv_seg, kv_span = kv_ids
+    mask = (q_seg == kv_seg) & (q_seg != 0)
+    kv_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_kv), 1)
+    if cfg.causal:
+        visible = kv_pos <= q_pos
+        if cfg.use_span:
+            visible = visible | ((q_span == kv_span) & (q_span != 0))
+        mask = mask & visible
+    if cfg.window is not None:
+        mask = mask & (jnp.abs(q_pos - kv_pos) < cfg.window)
+    return mask
+
+
+def full_or_masked(kind: Array, update: Callable, make_mask: Callable[[], Array], carry):
+    """update(carry, None) on FULL blocks (no mask built), else update(carry, make_mask())."""
+    return jax.lax.cond(
+        kind == FULL,
+        lambda c: update(c, None),
+        lambda c: update(c, make_mask()),
+        carry,
+    )
+
+
+def init_softmax(block_q: int, head_dim: int) -> tuple[Array, Array, Array]:
+    """Running (max m [bq, 1], sum l [bq, 1], weighted values acc [bq, D]) before any block."""
+    return (
+        jnp.full((block_q, 1), NEG, jnp.float32),
+        jnp.zeros((block_q, 1), jnp.float32),
+        jnp.zeros((block_q, head_dim), jnp.float32),
+    )
+
+
+def softmax_update(
+    state: tuple[Array, Array, Array], q: Array, k: Array, v: Array, mask: Array | None,
+    scale: float,
+) -> tuple[Array, Array, Array]:  # fmt: skip
+    """One kv block of the online softmax: the new (m, l, acc)."""
+    m_prev, l_prev, acc = state
+    s = dot(q, k, (1, 1)) * scale  # [bq, bk] f32
+    if mask is not None:
+        s = jnp.where(mask, s, NEG)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.exp(s - m_new)
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)  # a row with nothing visible yet has m_new = NEG
+    alpha = jnp.exp(m_prev - m_new)
+    l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+    return m_new, l_new, alpha * acc + dot(p.astype(v.dtype), v, (1, 0))
+
+
+def finish_softmax(state: tuple[Array, Array, Array]) -> tuple[Array, Array]:
+    """(o [bq, D] f32, lse [bq, 1]); rows that saw nothing give o = 0, lse = EMPTY_LSE."""
+    m, total, acc = state
+    seen = total > 0
+    safe = jnp.where(seen, total, 1.0)
+    return acc / safe, jnp.where(seen, m + jnp.log(safe), EMPTY_LSE)
+
+
+def probs_and_dscores(
+    q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array, mask: Array | None,
+    scale: float,
+) -> tuple[Array, Array]:  # fmt: skip
+    """Recomputed probabilities p [bq, bk] and dS = p * (dO V^T - delta), both f32."""
+    s = dot(q, k, (1, 1)) * scale
+    if mask is not None:
+        s = jnp.where(mask, s, NEG)
+    p = jnp.exp(s - lse)
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    return p, p * (dot(do, v, (1, 1)) - delta)
+
+
+def dq_update(
+    dq: Array, q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
+    mask: Array | None, scale: float,
+) -> Array:  # fmt: skip
+    """dq [bq, D] += dS K for one kv block (the caller multiplies by scale at the end)."""
+    _, ds = probs_and_dscores(q, k, v, do, lse, delta, mask, scale)
+    return dq + dot(ds.astype(k.dtype), k, (1, 0))
+
+
+def dkv_update(
+    dkv: tuple[Array, Array], q: Array, k: Array, v: Array, do: Array, lse: Array,
+    delta: Array, mask: Array | None, scale: float,
+) -> tuple[Array, Array]:  # fmt: skip
+    """(dk, dv) [bk, D] += (dS^T Q, P^T dO) for one q block (dk unscaled)."""
+    dk, dv = dkv
+    p, ds = probs_and_dscores(q, k, v, do, lse, delta, mask, scale)
+    return dk + dot(ds.astype(q.dtype), q, (0, 0)), dv + dot(p.astype(do.dtype), do, (0, 0))
