@@ -5,6 +5,7 @@ from typing import Any
 
 import jax
 
+from mmjax.objectives.autoencoder import vae_objective
 from mmjax.objectives.contrastive import (
     clip_loss,
     clip_loss_sharded,
@@ -42,6 +43,7 @@ def _siglip(apply_fn: ApplyFn) -> LossFn:
 OBJECTIVES: dict[str, Callable[..., LossFn]] = {
     "clip": _clip,
     "siglip": _siglip,
+    "vae": vae_objective,
     "transfusion": make_transfusion_loss,
 }
 
