@@ -100,9 +100,10 @@ def test_an_image_of_the_wrong_shape_is_named():
     model = build_model(c.model)
     seq = layout([BOS, BOI, *[PAD] * 16, EOI, EOS], [2], 16, 32, PAD)
     batch = {k: jnp.asarray(v)[None] for k, v in seq.items()}
-    params = model.init(jax.random.key(0), {**batch, "images": jnp.zeros((1, 1, 8, 8, 1))})
+    good = {**batch, "images": jnp.zeros((1, 1, 8, 8, 1))}
+    params = jax.eval_shape(model.init, jax.random.key(0), good)
     with pytest.raises(ValueError, match=r"images have shape \(8, 8, 3\) but .* \(8, 8, 1\)"):
-        model.apply(params, {**batch, "images": jnp.zeros((1, 1, 8, 8, 3))})
+        jax.eval_shape(model.apply, params, {**batch, "images": jnp.zeros((1, 1, 8, 8, 3))})
 
 
 def test_a_sequence_too_long_for_its_images_is_a_config_error(tmp_path):
@@ -152,19 +153,19 @@ def test_diffusion_sampling_is_deterministic_for_a_seed_and_prompts_must_fit():
     tok = _Tokenizer()
     seq = layout([BOS, BOI, *[PAD] * 16, EOI, EOS], [2], 16, 32, PAD)
     batch = {k: jnp.asarray(v)[None] for k, v in seq.items()}
-    params = model.init(jax.random.key(0), {**batch, "images": jnp.zeros((1, 1, 8, 8, 1))})
+    init = jax.jit(model.init)
+    params = init(jax.random.key(0), {**batch, "images": jnp.zeros((1, 1, 8, 8, 1))})
     decoder = model.clone(decode=True)
     kw = dict(image_shape=(8, 8, 1), num_patches=16, max_len=32, schedule=cosine_schedule())
     prompts = ["a digit one", "a digit two"]
     sample = lambda seed, **extra: generate_images(  # noqa: E731
         decoder, params["params"], tok, prompts, jax.random.key(seed), num_steps=5, **kw, **extra
     )
-    first, again, other = sample(0), sample(0), sample(1)
+    # DDPM draws fresh noise every step: the same key must still give the same images
+    first, again, other = (sample(seed, sampler="ddpm", clip_x0=1.0) for seed in (0, 0, 1))
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, other)
-    ddpm = sample(3, sampler="ddpm", clip_x0=1.0)
-    np.testing.assert_array_equal(ddpm, sample(3, sampler="ddpm", clip_x0=1.0))
-    assert np.abs(ddpm).max() <= 1.0 + 1e-6 or ddpm.shape == (2, 8, 8, 1)
+    assert first.shape == (2, 8, 8, 1) and np.abs(first).max() < 10
     captions = caption_images(
         decoder, params["params"], tok, np.zeros((2, 8, 8, 1)), num_patches=16, max_len=32
     )

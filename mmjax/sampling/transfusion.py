@@ -11,8 +11,9 @@ until <eos>.
 `decoder` is the model built with `decode=True` (same parameters as the training model).
 """
 
+import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -82,7 +83,8 @@ def generate_images(
     """Images [N, H, W, C] for `captions`, with classifier-free guidance.
 
     `clip_x0` clips each step's predicted clean image to [-clip_x0, clip_x0] (pixel-space
-    DDPM/DDIM on [-1, 1] images, Ho et al. 2020); None for latents.
+    DDPM/DDIM on [-1, 1] images, Ho et al. 2020); None for latents. Compiled once per
+    decoder, batch size and settings.
     """
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; valid: {SAMPLERS}")
@@ -90,38 +92,56 @@ def generate_images(
     cond = image_prompts([tokenizer.encode(c) for c in captions], tokenizer, num_patches, max_len)
     uncond = image_prompts([[]] * n, tokenizer, num_patches, max_len)
     both = {k: jnp.concatenate([cond[k], uncond[k]]) for k in cond}
+    settings = _Settings(
+        tuple(image_shape), num_patches, sampler, num_steps, cfg_scale, num_train_steps, clip_x0
+    )
+    return np.asarray(_generate(decoder, settings, params, both, schedule, rng))
+
+
+class _Settings(NamedTuple):
+    image_shape: tuple[int, int, int]
+    num_patches: int
+    sampler: str
+    num_steps: int
+    cfg_scale: float
+    num_train_steps: int
+    clip_x0: float | None
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _generate(
+    decoder: nn.Module, s: _Settings, params: Any, both: dict, schedule: Any, rng: jax.Array
+) -> jax.Array:
+    n = both["tokens"].shape[0] // 2
     starts = both["image_positions"][:, 0, 0]
-    block = {k: _rows_slice(both[k], starts, num_patches) for k in TOKEN_KEYS}
-    block["image_positions"] = jnp.broadcast_to(jnp.arange(num_patches), (2 * n, 1, num_patches))
+    block = {k: _rows_slice(both[k], starts, s.num_patches) for k in TOKEN_KEYS}
+    block["image_positions"] = jnp.broadcast_to(
+        jnp.arange(s.num_patches), (2 * n, 1, s.num_patches)
+    )
     block["cache_offset"] = starts
+    # Prompt prefill: causality makes the prompt's keys independent of the image slots.
+    full = {**both, "images": jnp.zeros((2 * n, 1, *s.image_shape)), "cache_offset": 0}
+    _, cache = _run(decoder, params, _empty_cache(decoder, full), full)
 
-    @jax.jit
-    def run(params: Any, rng: jax.Array) -> jax.Array:
-        # Prompt prefill: causality makes the prompt's keys independent of the image slots.
-        full = {**both, "images": jnp.zeros((2 * n, 1, *image_shape)), "cache_offset": 0}
-        _, cache = _run(decoder, params, _empty_cache(decoder, full), full)
+    def denoise(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        time = t.astype(jnp.float32) * (s.num_train_steps if s.sampler == "euler" else 1.0)
+        chunk = {
+            **block,
+            "images": jnp.concatenate([x_t, x_t])[:, None],
+            "timesteps": jnp.concatenate([time, time])[:, None],
+        }
+        pred = _run(decoder, params, cache, chunk)[0]["image_pred"][:, 0]
+        return cfg(pred[:n], pred[n:], s.cfg_scale)
 
-        def denoise(x_t: jax.Array, t: jax.Array) -> jax.Array:
-            time = t.astype(jnp.float32) * (num_train_steps if sampler == "euler" else 1.0)
-            chunk = {
-                **block,
-                "images": jnp.concatenate([x_t, x_t])[:, None],
-                "timesteps": jnp.concatenate([time, time])[:, None],
-            }
-            pred = _run(decoder, params, cache, chunk)[0]["image_pred"][:, 0]
-            return cfg(pred[:n], pred[n:], cfg_scale)
-
-        noise_rng, step_rng = jax.random.split(rng)
-        x_T = jax.random.normal(noise_rng, (n, *image_shape), jnp.float32)
-        if sampler == "euler":
-            return euler_sample(denoise, x_T, num_steps=num_steps)
-        if sampler == "ddpm":
-            return ddpm_sample(
-                denoise, x_T, step_rng, schedule, num_steps=num_steps, clip_x0=clip_x0
-            )
-        return ddim_sample(denoise, x_T, schedule, num_steps=num_steps, clip_x0=clip_x0)
-
-    return np.asarray(run(params, rng))
+    noise_rng, step_rng = jax.random.split(rng)
+    x_T = jax.random.normal(noise_rng, (n, *s.image_shape), jnp.float32)
+    if s.sampler == "euler":
+        return euler_sample(denoise, x_T, num_steps=s.num_steps)
+    if s.sampler == "ddpm":
+        return ddpm_sample(
+            denoise, x_T, step_rng, schedule, num_steps=s.num_steps, clip_x0=s.clip_x0
+        )
+    return ddim_sample(denoise, x_T, schedule, num_steps=s.num_steps, clip_x0=s.clip_x0)
 
 
 def caption_images(
@@ -133,7 +153,7 @@ def caption_images(
     num_patches: int,
     max_len: int,
 ) -> list[str]:
-    """Greedy captions of clean images [N, H, W, C]."""
+    """Greedy captions of clean images [N, H, W, C]. Compiled once per decoder and shape."""
     n = images.shape[0]
     start = num_patches + 3  # <bos> <BOI> patches <EOI>
     prefix = [tokenizer.bos_id, tokenizer.boi_id, *[tokenizer.pad_id] * num_patches]
@@ -142,28 +162,31 @@ def caption_images(
     row["segment_ids"] = np.ones_like(row["segment_ids"])  # slots still to be decoded
     batch = {k: jnp.broadcast_to(v, (n, *v.shape)) for k, v in row.items()}
     batch["images"] = jnp.asarray(images, jnp.float32)[:, None]
-
-    @jax.jit
-    def run(params: Any, batch: dict) -> jax.Array:
-        cache = _empty_cache(decoder, {**batch, "cache_offset": 0})
-        prompt = {k: batch[k][:, :start] for k in TOKEN_KEYS}
-        prompt.update(images=batch["images"], image_positions=batch["image_positions"])
-        out, cache = _run(decoder, params, cache, {**prompt, "cache_offset": 0})
-        tokens = batch["tokens"]
-        first = jnp.argmax(out["logits"][:, -1], -1).astype(tokens.dtype)
-
-        def step(i, carry):
-            tokens, cache, next_id, done = carry
-            next_id = jnp.where(done, tokenizer.pad_id, next_id).astype(tokens.dtype)
-            tokens = jax.lax.dynamic_update_index_in_dim(tokens, next_id, i, 1)
-            done = done | (next_id == tokenizer.eos_id)
-            chunk = {k: jax.lax.dynamic_slice_in_dim(batch[k], i, 1, 1) for k in TOKEN_KEYS}
-            chunk.update(tokens=next_id[:, None], cache_offset=jnp.full((n,), i))
-            out, cache = _run(decoder, params, cache, chunk)
-            return tokens, cache, jnp.argmax(out["logits"][:, 0], -1), done
-
-        carry = (tokens, cache, first, jnp.zeros((n,), bool))
-        return jax.lax.fori_loop(start, max_len, step, carry)[0]
-
-    tokens = np.asarray(run(params, batch))
+    ids = (start, tokenizer.pad_id, tokenizer.eos_id)
+    tokens = np.asarray(_caption(decoder, ids, params, batch))
     return [tokenizer.decode(t[start:]) for t in tokens]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _caption(decoder: nn.Module, ids: tuple[int, int, int], params: Any, batch: dict):
+    start, pad_id, eos_id = ids
+    n, max_len = batch["tokens"].shape
+    cache = _empty_cache(decoder, {**batch, "cache_offset": 0})
+    prompt = {k: batch[k][:, :start] for k in TOKEN_KEYS}
+    prompt.update(images=batch["images"], image_positions=batch["image_positions"])
+    out, cache = _run(decoder, params, cache, {**prompt, "cache_offset": 0})
+    tokens = batch["tokens"]
+    first = jnp.argmax(out["logits"][:, -1], -1).astype(tokens.dtype)
+
+    def step(i, carry):
+        tokens, cache, next_id, done = carry
+        next_id = jnp.where(done, pad_id, next_id).astype(tokens.dtype)
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, next_id, i, 1)
+        done = done | (next_id == eos_id)
+        chunk = {k: jax.lax.dynamic_slice_in_dim(batch[k], i, 1, 1) for k in TOKEN_KEYS}
+        chunk.update(tokens=next_id[:, None], cache_offset=jnp.full((n,), i))
+        out, cache = _run(decoder, params, cache, chunk)
+        return tokens, cache, jnp.argmax(out["logits"][:, 0], -1), done
+
+    carry = (tokens, cache, first, jnp.zeros((n,), bool))
+    return jax.lax.fori_loop(start, max_len, step, carry)[0]
