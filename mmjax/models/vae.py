@@ -29,82 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.nn.initializers import logical
+from mmjax.nn.conv import Conv, GroupNorm, ResnetBlock
 
 LOGVAR_CLIP = (-30.0, 20.0)  # LDM's DiagonalGaussianDistribution clamp
-ACT = ("batch", None, None, "act_embed")
-
-
-class Conv(nn.Module):
-    """A 2D conv whose kernel [k, k, in, out] puts the logical axis `embed` on `wide` (in|out)."""
-
-    features: int
-    kernel_size: int = 3
-    strides: int = 1
-    padding: str | Sequence[tuple[int, int]] = "SAME"
-    wide: str = "out"
-    dtype: jnp.dtype = jnp.bfloat16
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        axes_in, axes_out = ("embed", None) if self.wide == "in" else (None, "embed")
-        k = self.kernel_size
-        return nn.Conv(
-            self.features,
-            (k, k),
-            strides=(self.strides, self.strides),
-            padding=self.padding,
-            kernel_init=logical(nn.initializers.lecun_normal(), None, None, axes_in, axes_out),
-            bias_init=logical(nn.initializers.zeros_init(), axes_out),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="conv",
-        )(x)
-
-
-class GroupNorm(nn.Module):
-    """GroupNorm over the channel axis (statistics in f32); scale/bias labelled `embed`."""
-
-    num_groups: int
-    epsilon: float = 1e-6
-    dtype: jnp.dtype = jnp.bfloat16
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        channels = x.shape[-1]
-        if channels % self.num_groups:
-            raise ValueError(f"{channels} channels are not divisible by {self.num_groups} groups")
-        return nn.GroupNorm(
-            num_groups=self.num_groups,
-            epsilon=self.epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            scale_init=logical(nn.initializers.ones_init(), "embed"),
-            bias_init=logical(nn.initializers.zeros_init(), "embed"),
-            name="norm",
-        )(x)
-
-
-class ResnetBlock(nn.Module):
-    """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 conv shortcut if widths differ."""
-
-    features: int
-    norm_groups: int
-    dtype: jnp.dtype = jnp.bfloat16
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(GroupNorm(self.norm_groups, name="norm1", **kw)(x))
-        h = Conv(self.features, name="conv1", **kw)(h)
-        h = nn.silu(GroupNorm(self.norm_groups, name="norm2", **kw)(h))
-        h = Conv(self.features, name="conv2", **kw)(h)
-        if x.shape[-1] != self.features:
-            x = Conv(self.features, kernel_size=1, name="shortcut", **kw)(x)
-        return nn.with_logical_constraint(x.astype(h.dtype) + h, ACT)
 
 
 class Encoder(nn.Module):
