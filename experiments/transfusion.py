@@ -70,6 +70,9 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
         mlp_dim=384,
         image_shape=(8, 8, 1),
         patch_size=patch,
+        patch_encoder="linear",  # | unet (ablations/transfusion_encoder.py)
+        unet_channels=32,
+        bidirectional_images=True,
         dtype="float32",
         attention_impl="auto",
     )
@@ -114,6 +117,9 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
         mlp_dim=int(8 * width / 3 / 256 + 1) * 256,  # SwiGLU 8/3 width, rounded as Llama
         image_shape=(32, 32, 8),
         patch_size=2,
+        patch_encoder="linear",
+        unet_channels=256,
+        bidirectional_images=True,
         dtype="bfloat16",
         attention_impl="auto",
         remat=True,

@@ -65,6 +65,7 @@ def tiny_config(**overrides):
             "model.depth=2",
             "model.width=64",
             "model.mlp_dim=128",
+            "model.unet_channels=16",
             "batch_size=32",
             "optimizer.warmup_steps=5",
             "optimizer.lr=3e-3",
@@ -74,10 +75,12 @@ def tiny_config(**overrides):
     return c
 
 
-def test_a_few_steps_lower_both_losses(tmp_path):
+@pytest.mark.parametrize("encoder", ["linear", "unet"])
+def test_a_few_steps_lower_both_losses(tmp_path, encoder):
     from mmjax.train.loop import Trainer
 
-    trainer = Trainer(tiny_config(total_steps=40), str(tmp_path))
+    config = tiny_config(total_steps=40, **{"model.patch_encoder": encoder})
+    trainer = Trainer(config, str(tmp_path))
     it = trainer.data_iterator()
     batch = next(it)
     state, shardings = trainer.init_state(batch)
