@@ -1,5 +1,7 @@
 """Transformer feed-forward block."""
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,14 @@ def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+    """Exact GELU, x * Phi(x), in its erf form: the function torch computes, and on XLA:CPU
+    about twice as fast to differentiate as jax.nn.gelu's erfc form."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
     "relu": nn.relu,
