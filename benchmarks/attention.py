@@ -2,7 +2,8 @@
 
   python benchmarks/attention.py                          # S=1024, 4096; every mask; CPU
   python benchmarks/attention.py --seq 16384 --skip_time  # memory rows only (compile only)
-  python benchmarks/attention.py --backend gpu --dtype bfloat16 --head_dim 128
+  python benchmarks/attention.py --backend gpu --dtype bfloat16 --head_dim 128 \
+      --seq 4096 16384 --max_time_seq '{"xla": 16384}'      # one prepared GPU run
 
 One JSON line per (S, mask, impl): forward and forward+backward median wall time over
 `--repeats` runs after a compile run, compiled peak memory of both
@@ -14,12 +15,15 @@ debug counter, summed over batch, heads and q blocks). Masks, batch 1, heads 8:
 - packed: Transfusion packing, 4 samples of S/4 tokens, each text / image / text / image /
   text with causal text and bidirectional image spans of min(256, S/16) tokens.
 
-Ids are traced arguments by default (what a training step sees: the grid visits nk slots
-per q block, skipping the empty ones); `--static_ids` closes over them instead, so the
-block map is computed at trace time and the grid shrinks to the largest non-empty count.
-On CPU the kernel runs in Pallas interpret mode, and xla at S=16384 needs ~30 GB, so use
-`--skip_time` there. `--backend gpu` adds TFLOP/s (only unmasked pairs counted) and the
-cuDNN (`jax.nn.dot_product_attention`) and JAX Pallas `mha` baselines where they apply.
+Ids are traced arguments by default (what a training step sees: the block map is computed
+in the step); `--static_ids` closes over them instead, so it is computed at trace time
+(numpy) and the grid variant's slot axis is sized statically. `--variant` picks the Pallas
+variant ("grid": TPU-style grid step per listed block; "loop": an in-kernel loop over each
+block's list; default per backend: loop on CPU and GPU). On CPU the kernel runs in Pallas
+interpret mode, and xla at S=16384 needs ~30 GB, so use `--skip_time` there.
+`--backend gpu` adds TFLOP/s (only unmasked pairs counted, fwd+bwd counted as 3.5x the
+forward) and the cuDNN (`jax.nn.dot_product_attention`, full / causal) and JAX Pallas `mha`
+(no window, no span ids) baselines, with the device name.
 """
 
 from __future__ import annotations
@@ -164,7 +168,7 @@ def run_case(args, seq: int, mask: str, impl: str) -> dict:
     q, k, v, ct = (jax.random.normal(key, shape, args.dtype) for key in keys)
     forward, ids = attention_fn(impl, mask, seq, args.static_ids, pallas_options(args))
 
-    def fwd_bwd(q, k, v, ids):
+    def fwd_bwd(q, k, v, ids, ct):  # ct an argument: a closed-over one is constant-folded
         out, vjp = jax.vjp(lambda q, k, v: forward(q, k, v, ids), q, k, v)
         return out, vjp(ct)
 
@@ -173,9 +177,11 @@ def run_case(args, seq: int, mask: str, impl: str) -> dict:
     row |= {"dtype": args.dtype, "static_ids": args.static_ids}
     if mask == "packed":
         row["image_span"] = packed_ids(seq)[2]
+        if impl == "jax_pallas_mha":
+            row["mask_note"] = "segments + causal only: mha has no bidirectional spans"
     skip_time = args.skip_time or seq > args.max_time_seq.get(impl, 1 << 30)
     row["forward"] = measure(forward, (q, k, v, ids), args.repeats, skip_time)
-    row["forward_backward"] = measure(fwd_bwd, (q, k, v, ids), args.repeats, skip_time)
+    row["forward_backward"] = measure(fwd_bwd, (q, k, v, ids, ct), args.repeats, skip_time)
     if impl == "pallas":
         spec = MaskSpec(**mask_kwargs(mask, seq))
         row["variant"] = args.variant or _defaults(jax.default_backend()).variant

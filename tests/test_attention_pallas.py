@@ -229,18 +229,15 @@ def test_block_skipping_on_a_packed_causal_sequence() -> None:
 
 
 def test_tpu_interpret_mode_matches_reference() -> None:
-    """Mosaic-style 128-token blocks, scalar prefetch and VMEM scratch in TPU interpret mode."""
+    """Mosaic-style 128-token blocks, scalar prefetch, VMEM scratch and, with the ids traced,
+    a dynamic grid bound (the slot axis is the traced largest count) in TPU interpret mode."""
     from jax.experimental.pallas import tpu as pltpu
 
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(1, 256, 2, 64)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(1, 256, 1, 64)), jnp.float32) for _ in range(2))
-    mask = MaskSpec(
-        segment_ids=jnp.asarray(np.repeat([1, 2], [100, 156])[None], jnp.int32),
-        span_ids=jnp.asarray(np.repeat([0, 1, 0, 2, 0], [30, 40, 60, 50, 76])[None], jnp.int32),
-        causal=True,
-    )
-    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, mask) ** 2)  # noqa: E731
+    segment_ids = jnp.asarray(np.repeat([1, 2], [100, 156])[None], jnp.int32)
+    span_ids = jnp.asarray(np.repeat([0, 1, 0, 2, 0], [30, 40, 60, 50, 76])[None], jnp.int32)
     kernel = functools.partial(
         pallas_attention,
         block_q=128,
@@ -248,13 +245,17 @@ def test_tpu_interpret_mode_matches_reference() -> None:
         variant="grid",
         interpret=pltpu.InterpretParams(),
     )
-    both = jax.jit(
-        lambda q, k, v: [
-            jax.value_and_grad(loss(fn), (0, 1, 2))(q, k, v) for fn in (kernel, attention_reference)
-        ],
-        compiler_options=FAST_COMPILE,
-    )
-    ours, want = both(q, k, v)
+
+    def loss(fn, q, k, v, segment_ids, span_ids):
+        mask = MaskSpec(segment_ids=segment_ids, span_ids=span_ids, causal=True)
+        return jnp.sum(fn(q, k, v, mask) ** 2)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def both(*args):
+        of = lambda fn: jax.value_and_grad(functools.partial(loss, fn), (0, 1, 2))  # noqa: E731
+        return of(kernel)(*args), of(attention_reference)(*args)
+
+    ours, want = both(q, k, v, segment_ids, span_ids)
     np.testing.assert_allclose(ours[0], want[0], rtol=1e-5)
     for grad, expected in zip(ours[1], want[1], strict=True):
         np.testing.assert_allclose(grad, expected, atol=1e-4, rtol=1e-4)

@@ -12,11 +12,13 @@ per-block summaries (min / max of the non-zero ids, position ranges) prove them;
 doubt a block is PARTIAL, which is always correct, just slower. It is exact for causal and
 window masks with padding, and for packed sequences whose segments are contiguous.
 
-It also builds compact lists for the kernels' grids: for each q block the indices of its
+It also builds compact lists for the kernels: for each q block the indices of its
 non-empty kv blocks (forward and dq), and for each kv block the indices of its non-empty q
-blocks (dk / dv), each padded by repeating its last entry so that a grid step past the end
-maps to an already-resident block (no new copy on TPU) and is skipped by a `pl.when`.
-Everything is jnp and jit-able; with concrete inputs it also runs eagerly to size the grid.
+blocks (dk / dv), with their counts. The loop variant iterates exactly `count` entries; for
+the grid variant each list is padded by repeating its last entry, so that a grid step past
+the end maps to an already-resident block (no new copy on TPU) and is skipped by a
+`pl.when`. The code is written against an array module `xp`: jax.numpy (jit-able, traced
+ids) or numpy (concrete ids: no compile, and the grid is sized from the counts).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def _call(kernel, cfg: fc.Config, grid, out_specs, out_shape, name: str, *args: 
         in_specs=[_whole(x) for x in args],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(cfg, args[3].shape[-1]),  # args[3] is q
+        compiler_params=_compiler_params(cfg, jax.tree.leaves(out_shape)[0].shape[-1]),
         interpret=cfg.interpret,
         name=name,
     )(*args)
