@@ -1,15 +1,16 @@
 """Block-sparse flash attention in Pallas: forward and backward, every mask of the contract.
 
-The wrapper moves heads in front ([B, H, S, D]), pads S to whole blocks and D to what the
-backend likes, turns the `MaskSpec` into padded int32 token metadata (`TokenMeta`) and
+The wrapper pads S to whole blocks and D to what the backend likes, lays q/k/v out as the
+variant reads them, turns the `MaskSpec` into padded int32 token metadata (`TokenMeta`) and
 classifies each (q block, kv block) as empty / partial / full (`block_mask.block_map`),
 listing the non-empty blocks of every q block and (transposed) of every kv block. Empty
 blocks are neither loaded nor computed; full blocks never build the mask. Two variants
 share the block math of `flash_common` and run the same lists:
 
-- "grid" (`pallas_tpu`, Mosaic TPU): one grid step per listed block, lists scalar-prefetched;
+- "grid" (`pallas_tpu`, Mosaic TPU): one grid step per listed block, lists scalar-prefetched,
+  q/k/v as [B, H, S, D];
 - "loop" (`pallas_gpu`, Triton GPU, and interpret mode on CPU): one program per output block
-  looping over its list.
+  looping over its list, q/k/v left as [B, S, H, D].
 
 `jax.custom_vjp` ties them together: the forward saves o and the row log-sum-exp, the
 backward recomputes p = exp(s - lse) block by block (dq per q block; dk / dv per kv block,
@@ -17,8 +18,9 @@ accumulating a kv head's whole query-head group, so GQA needs no repeat). Rows t
 nothing give exactly 0 (output and gradients), never NaN.
 
 When the metadata is concrete at trace time (no ids, or ids closed over as constants, and
-an int `q_offset`), the block map is computed eagerly and the grid variant's reduction axis
-is sized to the largest non-empty count; otherwise that extent is the traced maximum.
+an int `q_offset`), the block map is computed with numpy (no compile) and the grid
+variant's reduction axis is sized to the largest non-empty count; otherwise the block map
+is part of the traced program and that extent is the traced maximum (a dynamic grid bound).
 """
 
 from __future__ import annotations
@@ -85,10 +87,11 @@ class _BackendDefaults:
 
 
 def _defaults(backend: str) -> _BackendDefaults:
-    """TPU: Mosaic grid variant, 128-lane tiles. GPU: Triton loop variant, power-of-two tiles
-    (128 x 64, as JAX's Pallas `mha`). CPU (interpret mode): the loop variant -- the grid
-    variant's interpreter copies every input at every grid step -- with 256-token tiles,
-    where per-iteration overhead is small against the block's matmuls (benchmarks/attention.py).
+    """TPU: Mosaic grid variant, 128-lane tiles. GPU: Triton loop variant, power-of-two
+    128 x 64 tiles (untuned: no GPU measured yet). CPU (interpret mode): the loop variant --
+    the HLO interpreter of the grid variant copies every whole input at every grid step,
+    O(S) per step -- with 256-token tiles, where per-iteration overhead is small against the
+    block's matmuls (benchmarks/attention.py).
     """
     if backend == "tpu":
         return _BackendDefaults("grid", 128, 128, pow2=False, d_multiple=128)
@@ -134,7 +137,16 @@ def _prepare(
     platform: str | None = None,
     debug: bool = False,
 ) -> _Prepared:
-    """Pads and transposes q/k/v, pads the metadata and builds the block map."""
+    """Pads (and for a HEADS_FIRST variant transposes) q/k/v, pads the metadata and builds
+    the block map.
+
+    Options: `scale` (default 1 / sqrt(D)); tile sizes `block_q` / `block_kv` (default per
+    backend, clipped to the padded lengths); `interpret` (default True on CPU; a
+    `pltpu.InterpretParams` runs TPU interpret mode); `variant` ("grid" / "loop", default
+    per backend, see `_defaults`); `platform` ("cpu" / "gpu" / "tpu": whose defaults to use;
+    default the default backend, another when lowering for it ahead of time); `debug` (the
+    forward also counts executed blocks, see `executed_kv_blocks`).
+    """
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     mask = (MaskSpec() if mask is None else mask).resolve(q_len, kv_len)
@@ -193,33 +205,16 @@ def _prepare(
 
 
 def pallas_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    mask: MaskSpec | None = None,
-    *,
-    scale: float | None = None,
-    block_q: int | None = None,
-    block_kv: int | None = None,
-    interpret: object = None,
-    variant: str | None = None,
-    platform: str | None = None,
+    q: Array, k: Array, v: Array, mask: MaskSpec | None = None, **options: object
 ) -> Array:
     """Block-sparse flash attention with the semantics of `attention_reference`.
 
     q [B, Sq, H, D], k/v [B, Sk, Hkv, D] (shapes assumed checked), `mask` a `MaskSpec`
-    (default: none), plus the tile sizes `block_q` / `block_kv` (defaults per backend;
-    clipped to the padded lengths), `interpret` (default: True on CPU; a
-    `pltpu.InterpretParams` runs TPU interpret mode), `variant` ("grid" / "loop"; default
-    per backend, see `_defaults`) and `platform` ("cpu" / "gpu" / "tpu": whose defaults to
-    use; default the default backend, another one when lowering for it ahead of time).
-    Differentiable in q, k and v.
+    (default: none); `options` are `_prepare`'s keywords (scale, tiles, interpret mode,
+    variant, platform). Differentiable in q, k and v.
     """
     q_len, head_dim = q.shape[1], q.shape[3]
-    p = _prepare(
-        q, k, v, mask, scale=scale, block_q=block_q, block_kv=block_kv,
-        interpret=interpret, variant=variant, platform=platform,
-    )  # fmt: skip
+    p = _prepare(q, k, v, mask, **options)
     out = _flash(p.cfg, p.q, p.k, p.v, p.meta, p.bm)
     if VARIANTS[p.cfg.variant].HEADS_FIRST:
         out = jnp.swapaxes(out, 1, 2)
