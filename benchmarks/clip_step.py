@@ -38,6 +38,8 @@ import statistics
 import sys
 import time
 
+from matmul_peak import matmul_probe  # benchmarks/ is on sys.path as the script's folder
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -171,32 +173,6 @@ def build_open_clip(args, batch, opt_cfg):
 
     params = sum(p.numel() for p in model.parameters())
     return run, params
-
-
-def matmul_probe(n: int):
-    """() -> {"jax": GFLOP/s, "torch": GFLOP/s} of one f32 n x n @ n x n matmul in each."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
-
-    a = np.random.default_rng(0).standard_normal((n, n), np.float32)
-    ja, jb = jnp.asarray(a), jnp.asarray(a.T.copy())
-    ta, tb = torch.from_numpy(a), torch.from_numpy(a.T.copy())
-    mm = jax.jit(jnp.matmul)
-    fns = {"jax": lambda: jax.block_until_ready(mm(ja, jb)), "torch": lambda: torch.mm(ta, tb)}
-    for fn in fns.values():
-        fn()
-
-    def probe() -> dict[str, float]:
-        out = {}
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            out[name] = 2 * n**3 / (time.perf_counter() - t0) / 1e9
-        return out
-
-    return probe
 
 
 def main() -> None:

@@ -68,6 +68,8 @@ import statistics
 import sys
 import time
 
+from matmul_peak import matmul_probe  # benchmarks/ is on sys.path as the script's folder
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -259,32 +261,6 @@ def build_torch(args, shp, samples, opt_cfg):
     opt.zero_grad(set_to_none=True)
     params = sum(p.numel() for p in model.parameters())
     return run, float(counter.get_total_flops()), params
-
-
-def matmul_probe(n: int):
-    """() -> {"jax": GFLOP/s, "torch": GFLOP/s} of one f32 n x n @ n x n matmul in each."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
-
-    a = np.random.default_rng(0).standard_normal((n, n), np.float32)
-    ja, jb = jnp.asarray(a), jnp.asarray(a.T.copy())
-    ta, tb = torch.from_numpy(a), torch.from_numpy(a.T.copy())
-    mm = jax.jit(jnp.matmul)
-    fns = {"jax": lambda: jax.block_until_ready(mm(ja, jb)), "torch": lambda: torch.mm(ta, tb)}
-    for fn in fns.values():
-        fn()
-
-    def probe() -> dict[str, float]:
-        out = {}
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            out[name] = 2 * n**3 / (time.perf_counter() - t0) / 1e9
-        return out
-
-    return probe
 
 
 def main() -> None:
