@@ -158,6 +158,18 @@ def test_add_noise_one_time_per_image(process):
     np.testing.assert_allclose(out.target[inside], expected_target[inside], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("process", ["ddpm", "flow"])
+def test_max_level_caps_each_rows_time(process):
+    """Rows capped at 0.5 draw t from the lower half of the range; the others from all of it."""
+    cap = jnp.where(jnp.arange(4000) % 2 == 0, 0.5, 1.0)
+    noise_fn = functools.partial(add_noise, process=process, max_level=cap)
+    t = np.asarray(jax.jit(noise_fn)(jax.random.key(3), jnp.zeros((4000, 2))).t)
+    top = 1000 if process == "ddpm" else 1.0
+    capped, free = t[0::2] / top, t[1::2] / top
+    assert capped.max() < 0.5 and capped.mean() == pytest.approx(0.25, abs=0.02)
+    assert free.max() > 0.95 and free.mean() == pytest.approx(0.5, abs=0.03)
+
+
 def test_logit_normal_times():
     """sigmoid(N(0, 1)): symmetric about 0.5, 73% within [0.25, 0.75] (uniform: 50%)."""
     draw = jax.jit(lambda k: sample_flow_times(k, (20000,), logit_normal=True))

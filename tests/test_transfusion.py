@@ -4,13 +4,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pytest
 from helpers import REPO
 
-from mmjax.data.sequences import layout
+from mmjax.data.sequences import SEQUENCE_DEFAULTS, layout, transfusion_example
+from mmjax.data.tokenizer import ByteTokenizer, WithImageMarkers
 from mmjax.errors import UserError
 from mmjax.kernels.masks import attention_mask
+from mmjax.objectives.transfusion import masked_token_ce, text_targets
 from mmjax.train.config_cli import apply_overrides, load_config
 
 BOS, EOS, BOI, EOI, PAD = 1, 2, 10, 11, 0
@@ -45,6 +49,44 @@ def test_mask_of_a_mixed_sequence_equals_the_hand_written_one():
     np.testing.assert_array_equal(mask, expected)
     np.testing.assert_array_equal(seq["lm_mask"], [0, 1, 1, 1, 0, 0, 0, 1, 1, 0])
     np.testing.assert_array_equal(seq["image_positions"], [[4, 5, 6]])
+
+
+def test_image_first_flags_the_images_laid_out_before_their_caption():
+    """The objective caps the noise of these (Sec. 4.3.4), so the flag must match the layout."""
+    tok = WithImageMarkers(ByteTokenizer())
+    seq = ml_collections.ConfigDict({**SEQUENCE_DEFAULTS, "kind": "transfusion", "channels": 1})
+    rng = np.random.default_rng(0)
+    flags = []
+    for _ in range(200):
+        ex = transfusion_example(np.zeros((4, 4, 1)), tok.encode("a 3"), tok, seq, rng)
+        eoi = list(ex["tokens"]).index(tok.eoi_id)
+        # a dropped caption (CFG) leaves <BOI> at 1 too, but no caption follows the image
+        image_first = ex["tokens"][1] == tok.boi_id and ex["tokens"][eoi + 1] != tok.eos_id
+        assert ex["image_first"].tolist() == [float(image_first)]
+        flags.append(image_first)
+    assert 0.1 < np.mean(flags) < 0.3  # caption first 80% of the time (Sec. 4.1)
+
+
+def test_text_logits_at_target_positions_give_the_full_sequence_loss():
+    """The LM loss from logits at text_targets' positions equals the loss over every position."""
+    tok = WithImageMarkers(ByteTokenizer())
+    seq = ml_collections.ConfigDict({**SEQUENCE_DEFAULTS, "kind": "transfusion", "max_len": 40})
+    seq.caption_first = 0.5
+    rng = np.random.default_rng(1)
+    rows = [
+        transfusion_example(np.zeros((8, 8, 3)), tok.encode("ab" * n), tok, seq, rng)
+        for n in rng.integers(0, 10, 16)
+    ]
+    tokens = np.stack([r["tokens"] for r in rows])
+    mask = np.stack([r["lm_mask"] for r in rows])
+    logits = jax.random.normal(jax.random.key(0), (*tokens.shape, tok.vocab_size))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+    full = np.sum(ce * mask[:, 1:]) / np.sum(mask[:, 1:])
+    positions, labels, weights = text_targets(jnp.asarray(tokens), jnp.asarray(mask), 1, 16)
+    assert positions.shape[1] == 40 - 1 - 15
+    at = jnp.take_along_axis(logits, positions[..., None], axis=1)
+    np.testing.assert_allclose(masked_token_ce(at, labels, weights), full, rtol=1e-6)
+    assert int(weights.sum()) == int(mask[:, 1:].sum())
 
 
 def test_two_images_get_separate_bidirectional_spans():

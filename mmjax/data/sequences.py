@@ -51,7 +51,8 @@ def transfusion_example(
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
     """One sequence: tokens/positions/segment_ids/span_ids/lm_mask [L], images [1, H, W, C],
-    image_positions [1, P], image_valid [1]. `tokenizer` has boi_id/eoi_id (WithImageMarkers)."""
+    image_positions [1, P], image_valid [1], image_first [1] (1 when the image precedes its
+    caption). `tokenizer` has boi_id/eoi_id (WithImageMarkers)."""
     num_patches = check_sequence_config(seq, image.shape[0])
     max_len = int(seq.max_len)
     caption_first = rng.random() < seq.caption_first
@@ -66,6 +67,7 @@ def transfusion_example(
     return layout(ids, [start], num_patches, max_len, tokenizer.pad_id, markers) | {
         "images": image[None, ..., : int(seq.channels)].astype(np.float32),
         "image_valid": np.ones((1,), np.float32),
+        "image_first": np.full((1,), float(not caption_first), np.float32),
     }
 
 

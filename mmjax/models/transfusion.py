@@ -13,7 +13,10 @@ Batch layout (built by mmjax.data.sequences): `tokens`, `positions`, `segment_id
 `span_ids` [B, L]; `images` [B, M, H, W, C] (noised by the objective) and their diffusion
 `timesteps` [B, M] (absent: 0, clean images, as when an image is the context of a caption);
 `image_positions` [B, M, P], the sequence position of each of an image's P patches (raster
-order). Images whose `image_valid` is 0 are padding: their positions may be anything.
+order). Images whose `image_valid` is 0 are padding: their slots must be distinct positions
+that no text target follows (a packer writes them into the row's padding). Optional
+`logit_positions` [B, K]: compute the LM head only at these positions (training reads text
+logits only where a text token comes next, about half of a sequence with an image).
 """
 
 import einops
@@ -244,7 +247,8 @@ class Transfusion(nn.Module):
     def __call__(self, batch: dict, *, train: bool = False) -> dict[str, jnp.ndarray]:
         del train  # no dropout
         x, context = self.hidden_states(batch)
-        out = {"logits": self.lm_head(x).astype(jnp.float32)}
+        at = x if "logit_positions" not in batch else jax.vmap(_gather)(x, batch["logit_positions"])
+        out = {"logits": self.lm_head(at).astype(jnp.float32)}
         if context is not None:
             patches = jax.vmap(_gather)(x, batch["image_positions"])
             out["image_pred"] = self.read_images(patches, context)
@@ -258,7 +262,7 @@ def _scatter(x: jnp.ndarray, positions: jnp.ndarray, patches: jnp.ndarray) -> jn
 
 
 def _gather(x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
-    """One row: x [L, D] at positions [M, P] -> [M, P, D] (clipped; padding images are masked)."""
+    """One row: x [L, D] at positions [...] -> [..., D] (clipped; padding images are masked)."""
     return jnp.take(x, positions, axis=0, mode="clip")
 
 

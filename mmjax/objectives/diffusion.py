@@ -115,12 +115,14 @@ def flow_sample(x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
     return (1.0 - t) * x0 + t * noise
 
 
-def sample_timesteps(rng: jax.Array, shape: tuple[int, ...], num_steps: int) -> jax.Array:
-    """Uniform discrete t in [0, num_steps), int32 (Ho et al., 2020, Algorithm 1).
+def sample_timesteps(
+    rng: jax.Array, shape: tuple[int, ...], num_steps: int, max_level: jax.Array | float = 1.0
+) -> jax.Array:
+    """Uniform discrete t in [0, max_level * num_steps), int32 (Ho et al., 2020, Algorithm 1).
 
     floor(U[0, 1) * T) rather than `randint`, which compiles several times slower on CPU.
     """
-    u = jax.random.uniform(rng, shape, jnp.float32)
+    u = jax.random.uniform(rng, shape, jnp.float32) * max_level
     return jnp.minimum(jnp.floor(u * num_steps), num_steps - 1).astype(jnp.int32)
 
 
@@ -168,6 +170,7 @@ def add_noise(
     group_ids: jax.Array | None = None,
     num_groups: int | None = None,
     logit_normal: bool = False,
+    max_level: jax.Array | float = 1.0,
 ) -> Noised:
     """Draws t and noise, and returns the noised input and regression target of `process`.
 
@@ -176,7 +179,8 @@ def add_noise(
     outside any group), one t per group: t is [..., num_groups] and every element of group g
     gets t[..., g] (one t per image in a packed sequence, Transfusion Sec. 2.2). Elements
     with id < 0 keep x0 and get target 0 and t_elem 0. "ddpm" uses `schedule` (default:
-    `cosine_schedule(1000)`); "flow" draws t uniformly or logit-normal.
+    `cosine_schedule(1000)`); "flow" draws t uniformly or logit-normal. `max_level`
+    (broadcastable to t, in (0, 1]) caps each t at that fraction of the noise range.
     """
     if process not in PROCESSES:
         raise ValueError(f"unknown diffusion process {process!r}; valid: {list(PROCESSES)}")
@@ -195,11 +199,11 @@ def add_noise(
     x = x0.astype(jnp.float32)
     if process == "ddpm":
         schedule = cosine_schedule() if schedule is None else schedule
-        t = sample_timesteps(k_t, t_shape, schedule.num_steps)
+        t = sample_timesteps(k_t, t_shape, schedule.num_steps, max_level)
         t_elem = t if group_ids is None else per_element(t, group_ids)
         x_t, target = q_sample(x, t_elem, noise, schedule), noise
     else:
-        t = sample_flow_times(k_t, t_shape, logit_normal=logit_normal)
+        t = sample_flow_times(k_t, t_shape, logit_normal=logit_normal) * max_level
         t_elem = t if group_ids is None else per_element(t, group_ids)
         x_t, target = flow_sample(x, t_elem, noise), noise - x
     if group_ids is not None:
