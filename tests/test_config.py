@@ -1,7 +1,6 @@
 """Experiment configs load, and `--config.key=value` overrides are typed and checked."""
 
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from helpers import REPO
 
 from mmjax.errors import UserError
 from mmjax.models import build_model
-from mmjax.train.config_cli import REQUIRED_KEYS, apply_overrides, load_config
+from mmjax.train.config_cli import REQUIRED_KEYS, apply_overrides, config_variants, load_config
 from mmjax.train.loop import fill_vocab_size
 
 CLIP = os.path.join(REPO, "experiments", "clip.py")
@@ -21,10 +20,7 @@ def _all_variants() -> list[str]:
     """`path:variant` for every VARIANTS entry of every experiment file, ablations included."""
     specs = []
     for path in sorted(glob.glob(os.path.join(REPO, "experiments", "**", "*.py"), recursive=True)):
-        module_spec = importlib.util.spec_from_file_location("experiment", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        specs += [f"{os.path.relpath(path, REPO)}:{v}" for v in module.VARIANTS]
+        specs += [f"{os.path.relpath(path, REPO)}:{v}" for v in config_variants(path)]
     return specs
 
 

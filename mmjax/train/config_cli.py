@@ -66,11 +66,7 @@ def load_config(spec: str, relative_to: str | None = None) -> ml_collections.Con
     path, _, arg = spec.partition(":")
     if relative_to is not None and not os.path.isabs(path):
         path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(relative_to)), path))
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location("mmjax_experiment_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = _import_config_file(path)
     if not hasattr(module, "get_config"):
         raise UserError(f"config file {path!r} defines no get_config(arg)")
     config = module.get_config(arg) if arg else module.get_config()
@@ -78,6 +74,23 @@ def load_config(spec: str, relative_to: str | None = None) -> ml_collections.Con
     if missing:
         raise UserError(f"config {spec!r} lacks the required top-level keys {missing}")
     return config
+
+
+def config_variants(path: str) -> tuple[str, ...]:
+    """The `VARIANTS` an experiment file declares (the `:arg` values its get_config takes)."""
+    module = _import_config_file(path)
+    if not hasattr(module, "VARIANTS"):
+        raise UserError(f"config file {path!r} declares no VARIANTS")
+    return tuple(module.VARIANTS)
+
+
+def _import_config_file(path: str):
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location("mmjax_experiment_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
