@@ -69,17 +69,17 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: jnp.ndarray) -> jnp.ndarray:
         """Images [B, H, W, C] -> L2-normalised embeddings [B, embed_dim] in f32."""
-        pooled, _ = self.image_tower(images)
+        pooled, _ = self.image_tower(images, pooled_only=True)
         return _normalize(self.image_head(pooled) if self.image_proj else pooled)
 
     def image_features(self, images: jnp.ndarray) -> jnp.ndarray:
         """Pooled image-tower features [B, width] in f32: what a linear probe reads."""
-        pooled, _ = self.image_tower(images)
+        pooled, _ = self.image_tower(images, pooled_only=True)
         return pooled.astype(jnp.float32)
 
     def encode_text(self, tokens: jnp.ndarray) -> jnp.ndarray:
         """Token ids [B, L] -> L2-normalised embeddings [B, embed_dim] in f32."""
-        pooled, _ = self.text_tower(tokens)
+        pooled, _ = self.text_tower(tokens, pooled_only=True)
         return _normalize(self.text_head(pooled))
 
     def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool = False) -> dict:

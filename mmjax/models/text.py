@@ -60,7 +60,11 @@ class TextTransformer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(
+        self, tokens: jnp.ndarray, *, pooled_only: bool = False
+    ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """(pooled [B, width], tokens [B, L, width]); `pooled_only` computes the last block at
+        the pooled token only (tokens: None)."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
                 f"text must be integer token ids [batch, length], got {tokens.dtype} {tokens.shape}"
@@ -87,6 +91,7 @@ class TextTransformer(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         # segment id 0: padding sees and is seen by nothing
         segment_ids = (tokens != self.pad_id).astype(jnp.int32) if self.mask_padding else None
+        index = pool_index(tokens, self.pool, self.pad_id, self.eos_id)
         x = Transformer(
             self.depth,
             self.num_heads,
@@ -98,7 +103,8 @@ class TextTransformer(nn.Module):
             attention_impl=self.attention_impl,
             name="encoder",
             **kw,
-        )(x, segment_ids)
+        )(x, segment_ids, read_at=index if pooled_only else None)
         x = LayerNorm(name="norm_final", epsilon=self.norm_eps, **kw)(x)
-        index = pool_index(tokens, self.pool, self.pad_id, self.eos_id)
+        if pooled_only:
+            return x[:, 0], None
         return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0], x

@@ -32,7 +32,11 @@ class VisionTransformer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(
+        self, images: jnp.ndarray, *, pooled_only: bool = False
+    ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """Images [B, H, W, C] -> (pooled [B, width], tokens [B, N, width]); `pooled_only`
+        skips the last block's other tokens under CLS pooling (tokens: None)."""
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; valid: {POOLS}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -64,6 +68,7 @@ class VisionTransformer(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         if self.pre_norm:
             x = LayerNorm(name="norm_pre", epsilon=self.norm_eps, **kw)(x)
+        read_cls = pooled_only and self.pool == "cls"
         x = Transformer(
             self.depth,
             self.num_heads,
@@ -74,10 +79,10 @@ class VisionTransformer(nn.Module):
             attention_impl=self.attention_impl,
             name="encoder",
             **kw,
-        )(x)
+        )(x, read_at=jnp.zeros(x.shape[:1], jnp.int32) if read_cls else None)
         x = LayerNorm(name="norm_post", epsilon=self.norm_eps, **kw)(x)
         if self.pool == "cls":
-            return x[:, 0], x
+            return x[:, 0], None if read_cls else x
         if self.pool == "gap":
             return x.mean(axis=1), x
         head = MAPHead(

@@ -15,6 +15,8 @@ class MultiHeadAttention(nn.Module):
     The mask comes from token metadata (segment/span ids, causal, window) exactly as
     `mmjax.kernels.attention` defines it; `impl` picks the kernel ("auto", "xla", ...).
     With `rope_theta`, q and k are rotated by the `positions` passed at call time.
+    `query_offset` (int [B]) places the queries at positions `query_offset + i` of the keys,
+    for the causal mask: how a block computes only the token it is read out at.
 
     `decode=True` keeps a KV cache (flax collection "cache": keys, values and their segment
     and span ids, sized by the first call, which only creates it). Later calls write their
@@ -48,6 +50,7 @@ class MultiHeadAttention(nn.Module):
         positions: jnp.ndarray | None = None,
         kv_positions: jnp.ndarray | None = None,
         cache_offset: jnp.ndarray | None = None,
+        query_offset: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         width = x.shape[-1]
         if self.head_dim is None and width % self.num_heads:
@@ -76,7 +79,7 @@ class MultiHeadAttention(nn.Module):
             kv_positions = positions if kv_positions is None else kv_positions
             q = apply_rope(q, positions, self.rope_theta)
             k = apply_rope(k, kv_positions, self.rope_theta)
-        q_offset = 0
+        q_offset = 0 if query_offset is None else query_offset
         if self.decode:
             k, v, kv_segment_ids, kv_span_ids, q_offset = self._cached(
                 k, v, segment_ids, span_ids, cache_offset
