@@ -6,12 +6,32 @@ Tiny run on the bundled real digits in pixel space (8x8 grey, 2x2 patches: 16 im
 
   python -m mmjax.train --config experiments/transfusion.py:tiny --workdir /tmp/tf_tiny
 
+Tiny run on the synthetic 32x32 shapes through a frozen VAE (experiments/vae.py:tiny, 8x8x4
+latents, 2x2 latent patches: 16 image tokens), judged by compositional_accuracy (every
+prompted shape, colour, count and relation right) and caption_accuracy; train the VAE, then
+the Transfusion on its latents (1,500 steps of batch 64 at about 1.1 steps/s on 2 shared CPU
+cores: 23 minutes, then 2 minutes of final eval: 200 prompts, 250 DDIM steps):
+
+  python -m mmjax.train --config experiments/vae.py:tiny --workdir /tmp/vae_tiny
+  python -m mmjax.train --config experiments/transfusion.py:tiny_shapes --workdir /tmp/tf_shapes \
+      [--config.latents.vae_workdir=/tmp/vae_tiny]
+
+The latent space is `c.latents = dict(vae_workdir, scaling_factor, sample)` (mmjax/train/
+latents.py): vae_workdir "" is pixel space (the digits); a trained VAE's workdir makes the
+model diffuse its latents. The VAE stays frozen; pipeline images are encoded to latents in the
+jitted train step, generated latents decoded to pixels for the judge and the sample grids
+(evals and `python -m mmjax.sample`). scaling_factor 0 (the default) estimates 1 / latent std
+from 2,048 training images at start and records it in the run's config.json; set a positive
+value to fix it (`mmjax.models.vae.estimate_scaling_factor` computes the same). With latents,
+model.image_shape is the latent shape and data.sequence.patch_size counts pixels
+(model.patch_size x the VAE's downsampling factor).
+
 Paper shapes (Table 1 of the paper; Llama-2 blocks, 2x2 patches of 32x32x8 VAE latents):
 
   python -m mmjax.train --config experiments/transfusion.py:7B --workdir /gcs/bucket/tf7b \
       --config.data.path=/data/shards
 
-Variants: tiny, 0.16B, 0.37B, 0.76B, 1.4B, 7B.
+Variants: tiny, tiny_shapes, 0.16B, 0.37B, 0.76B, 1.4B, 7B.
 """
 
 import ml_collections
@@ -27,7 +47,7 @@ PAPER_SHAPES = {
     "1.4B": (24, 2048, 16),
     "7B": (32, 4096, 32),
 }
-VARIANTS = ("tiny", *PAPER_SHAPES)
+VARIANTS = ("tiny", "tiny_shapes", *PAPER_SHAPES)
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -38,29 +58,48 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # L = L_LM + lambda * L_DDPM, lambda = 5, cosine schedule over 1,000 steps (Sec. 4.1)
     c.objective = dict(
         name="transfusion",
-        kwargs=dict(process="ddpm", schedule="cosine", num_train_steps=1000, diffusion_weight=5.0),
+        kwargs=dict(
+            process="ddpm",
+            schedule="cosine",
+            num_train_steps=1000,
+            diffusion_weight=5.0,
+            image_first_max_level=0.5,  # t <= 500 for images before their caption (Sec. 4.3.4)
+        ),
     )
+    # The latent space (mmjax/train/latents.py): "" = pixel space; else a trained VAE's workdir
+    c.latents = dict(vae_workdir="", scaling_factor=0.0, sample=False)
     if arg == "tiny":
         _tiny(c)
+    elif arg == "tiny_shapes":
+        _tiny_shapes(c)
     else:
         _paper(c, arg)
     return c
 
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
-    """4 layers of width 128 over 8x8 grey digits in pixel space: CPU minutes."""
-    c.total_steps = 3000
+    """4 layers of width 128 over 8x8 grey digits in pixel space: about 9 CPU minutes.
+
+    Two departures from the paper's large-scale mix, for captioning from 1,437 training
+    digits within the budget: half the examples put the image first (paper: 20%), and those
+    images are noised to t < 200 (paper: 500). Held-out caption accuracy measured here: paper
+    mix and cap 0.915 after 2,500 steps; half image-first 0.935 and with the lower cap 0.95
+    after 2,000; generation accuracy 0.99-1.0 in all three."""
+    c.total_steps = 2400
     c.batch_size = 64
     c.log_every = 50
-    c.eval_every = 1000
+    c.eval_every = c.total_steps  # the final eval only: its 200 samples x 250 steps take ~1 min
     c.checkpoint_every = 500
     patch = 2
     c.data = data_config(
         source="digits",
         image_size=8,
         vocab_size=128,
-        sequence=dict(kind="transfusion", max_len=32, patch_size=patch, channels=1),
+        sequence=dict(
+            kind="transfusion", max_len=32, patch_size=patch, channels=1, caption_first=0.5
+        ),
     )
+    c.objective.kwargs.image_first_max_level = 0.2
     c.model = dict(
         name="transfusion",
         vocab_size=0,
@@ -89,6 +128,24 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
             loss=c.objective.kwargs,
         )
     )
+
+
+def _tiny_shapes(c: ml_collections.ConfigDict) -> None:
+    """The tiny model on 8x8x4 latents of the 32x32 shapes (the tiny VAE, f = 4)."""
+    _tiny(c)
+    c.total_steps = 1500
+    c.eval_every = c.total_steps  # the final eval only
+    patch, f = 2, 4  # 2x2 latent patches = 8x8 pixels
+    c.data = data_config(
+        source="shapes",
+        image_size=32,
+        tokenizer="byte",
+        # 44 bytes of the longest caption + <bos> <BOI> 16 patches <EOI> <eos>
+        sequence=dict(kind="transfusion", max_len=64, patch_size=patch * f, channels=3),
+    )
+    c.model.update(image_shape=(8, 8, 4), patch_size=patch)
+    c.latents.vae_workdir = "/tmp/vae_tiny"
+    c.evals.generation.update(num_samples=200, clip_x0=None)  # latents: no x0 clipping
 
 
 def _paper(c: ml_collections.ConfigDict, arg: str) -> None:

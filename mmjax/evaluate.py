@@ -29,7 +29,13 @@ def evaluate(workdir: str, overrides: Sequence[str] = ()) -> dict[str, float]:
     config, trainer = trained.config, trained.trainer
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
         evaluators = evals.build_evaluators(
-            config.evals, trainer.model, trainer.tokenizer, config.data, trainer.mesh, workdir
+            config.evals,
+            trainer.model,
+            trainer.tokenizer,
+            config.data,
+            trainer.mesh,
+            workdir,
+            latents=trainer.latents,
         )
         record = {}
         for evaluator in evaluators.values():

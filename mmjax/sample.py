@@ -6,7 +6,8 @@
 Text -> image writes a PNG grid to `DIR/samples/<prompt>.png`; image -> text prints one
 caption per line and writes the captioned grid to `DIR/samples/captions.png`. Sampler
 defaults (DDIM, 250 steps, CFG scale 3, x0 clipping) come from the run's `transfusion`
-eval config when it has one; flags override them.
+eval config when it has one; flags override them. A run on VAE latents (`config.latents`)
+generates latents, decoded to pixels for the grid, and captions the latents of the images.
 """
 
 import argparse
@@ -33,6 +34,7 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
     from mmjax.data.sources import build_source
     from mmjax.evals.generation import write_sample_grid
     from mmjax.evals.transfusion import record_pixels
+    from mmjax.models.vae import LatentSpace
     from mmjax.objectives.diffusion import make_schedule
     from mmjax.sampling.transfusion import caption_images, generate_images
     from mmjax.train.restore import load_trained
@@ -44,6 +46,7 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
         raise UserError(f"{args.workdir} holds a {config.model.name!r} run, not a Transfusion one")
     size = int(config.data.image_size)
     num_patches = check_sequence_config(seq, size)
+    latents = trainer.latents or LatentSpace.pixels(int(seq.channels))
     settings = {**DEFAULTS, **_eval_settings(config)}
     settings.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
     kwargs = dict(config.objective.get("kwargs", {}))
@@ -62,7 +65,7 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
                 trainer.tokenizer,
                 [args.prompt] * args.num,
                 jax.random.key(args.seed),
-                image_shape=(size, size, int(seq.channels)),
+                image_shape=latents.latent_shape((size, size)),
                 num_patches=num_patches,
                 max_len=int(seq.max_len),
                 schedule=schedule,
@@ -72,6 +75,7 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
                 num_train_steps=num_train_steps,
                 clip_x0=settings["clip_x0"],
             )
+            images = np.asarray(jax.jit(latents.decode)(images))
             slug = re.sub(r"[^a-z0-9]+", "_", args.prompt.lower()).strip("_")[:60] or "prompt"
             path = os.path.join(out_dir, f"{slug}.png")
             write_sample_grid(path, images, [args.prompt] * args.num)
@@ -79,11 +83,12 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
         source = build_source(config.data, "test")
         records = [source[i] for i in range(min(args.caption, len(source)))]
         images = np.stack([record_pixels(r, config.data) for r in records])[..., : seq.channels]
+        encode = jax.jit(lambda x: latents.encode(x, jax.random.key(args.seed)))
         captions = caption_images(
             decoder,
             trained.params,
             trainer.tokenizer,
-            images,
+            encode(images),
             num_patches=num_patches,
             max_len=int(seq.max_len),
         )

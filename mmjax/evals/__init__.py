@@ -13,6 +13,7 @@ from mmjax.evals.linear_probe import LinearProbe
 from mmjax.evals.retrieval import Retrieval
 from mmjax.evals.transfusion import TransfusionEval
 from mmjax.evals.zero_shot import ZeroShotClassifier
+from mmjax.models.vae import LatentSpace
 
 EVALUATORS = {
     "zero_shot": ZeroShotClassifier,
@@ -31,10 +32,12 @@ def build_evaluators(
     data_cfg: ml_collections.ConfigDict,
     mesh: Mesh,
     workdir: str | None = None,
+    latents: LatentSpace | None = None,
 ) -> dict[str, Evaluator]:
-    """One evaluator per entry of `config.evals` (`{name: {type: ..., ...}}`)."""
+    """One evaluator per entry of `config.evals` (`{name: {type: ..., ...}}`); `latents` is
+    the frozen VAE of a latent diffusion model (models/vae.py `LatentSpace`), if any."""
     evaluators = {}
-    ctx = EvalContext(model, tokenizer, data_cfg, mesh, workdir)
+    ctx = EvalContext(model, tokenizer, data_cfg, mesh, workdir, latents)
     for name, cfg in evals_cfg.items():
         if cfg.type not in EVALUATORS:
             raise UserError(

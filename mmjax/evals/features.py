@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmjax import data as mmdata
+from mmjax.models.vae import LatentSpace
 from mmjax.parallel import global_batch
 
 # output name -> (model method, batch key it reads)
@@ -76,14 +77,16 @@ class SplitEmbedder:
 
 @dataclasses.dataclass
 class EvalContext:
-    """What every evaluator may use: the model, tokenizer, data config, mesh and workdir
-    (where evals that generate write `samples/`; None when there is none)."""
+    """What every evaluator may use: the model, tokenizer, data config, mesh, workdir
+    (where evals that generate write `samples/`; None when there is none) and the frozen VAE
+    of a latent diffusion model (models/vae.py `LatentSpace`; None in pixel space)."""
 
     model: nn.Module
     tokenizer: mmdata.Tokenizer
     data_cfg: ml_collections.ConfigDict
     mesh: Mesh
     workdir: str | None = None
+    latents: LatentSpace | None = None
 
     @functools.cached_property
     def embedder(self) -> SplitEmbedder:

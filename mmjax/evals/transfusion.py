@@ -7,6 +7,9 @@ count and relation right) on the synthetic shapes. Image -> text: the same recor
 are captioned greedily; `caption_accuracy` is the fraction naming the right digit / scene.
 A grid of the generations, framed green or red by the judge, goes to
 `workdir/samples/<name>_<k>.png` for the k-th evaluation of the run.
+
+A latent diffusion model (`config.latents`, a frozen VAE) generates latents, decoded to pixels
+before the judge and the grid; the held-out and captioned images are encoded to latents.
 """
 
 import os
@@ -22,6 +25,7 @@ from mmjax.data.sources import build_source
 from mmjax.errors import UserError
 from mmjax.evals import generation
 from mmjax.evals.features import EvalContext
+from mmjax.models.vae import LatentSpace
 from mmjax.objectives.diffusion import make_schedule
 from mmjax.objectives.transfusion import make_transfusion_loss
 from mmjax.sampling.transfusion import caption_images, generate_images
@@ -46,15 +50,20 @@ class TransfusionEval:
         self.cfg, self.ctx = cfg, ctx
         seq, size = ctx.data_cfg.sequence, int(ctx.data_cfg.image_size)
         self.num_patches = check_sequence_config(seq, size)
-        self.image_shape = (size, size, int(seq.channels))
+        self.latents = ctx.latents or LatentSpace.pixels(int(seq.channels))
+        self.latent_shape = self.latents.latent_shape((size, size))
         source = build_source(ctx.data_cfg, cfg.split)
         records = [source[i] for i in range(min(int(cfg.num_samples), len(source)))]
         self.captions = [r["caption"] for r in records]
         pixels = np.stack([record_pixels(r, ctx.data_cfg) for r in records])
-        self.images = pixels[..., : int(seq.channels)]
+        key = jax.random.key(cfg.get("seed", 0))
+        encode = jax.jit(lambda images: self.latents.encode(images, key))
+        self.decode = jax.jit(self.latents.decode)
+        self.image_latents = encode(pixels[..., : int(seq.channels)])  # to caption
         self.records = records
         self.step = 0
         self.heldout = _caption_first_batch(records, pixels, ctx)
+        self.heldout["images"] = encode(self.heldout["images"])
         apply_fn = lambda p, b, rng: ctx.model.apply({"params": p}, b)  # noqa: E731
         self.loss_fn = jax.jit(make_transfusion_loss(apply_fn, **cfg.loss))
 
@@ -72,7 +81,7 @@ class TransfusionEval:
             ctx.tokenizer,
             self.captions,
             jax.random.key(cfg.get("seed", 0)),
-            image_shape=self.image_shape,
+            image_shape=self.latent_shape,
             num_patches=self.num_patches,
             max_len=int(seq.max_len),
             schedule=schedule,
@@ -82,8 +91,9 @@ class TransfusionEval:
             num_train_steps=num_train_steps,
             clip_x0=cfg.get("clip_x0"),
         )
+        generated = np.asarray(self.decode(generated))  # pixels
         captions = caption_images(
-            decoder, params, ctx.tokenizer, self.images, num_patches=self.num_patches,
+            decoder, params, ctx.tokenizer, self.image_latents, num_patches=self.num_patches,
             max_len=int(seq.max_len),
         )  # fmt: skip
         if ctx.data_cfg.source == "digits":

@@ -16,13 +16,16 @@ Latents for diffusion: `images_to_latents` returns posterior samples (or means) 
 `scaling_factor`, and `latents_to_images` divides by it before decoding, so a diffusion model
 sees latents of about unit variance (Stable Diffusion's 0.18215). `estimate_scaling_factor`
 computes it from data as 1 / std of the posterior means; set the result as
-`model.scaling_factor` of the configs that use the trained VAE.
+`model.scaling_factor` of the configs that use the trained VAE. `LatentSpace` pairs a frozen
+VAE (or `Pixels`) with its parameters: what a diffusion model trains and samples through.
 
 Parameters: the wide (width-sized) channel axis of each conv kernel and GroupNorm is the
 logical axis `embed` (sharded by FSDP); the 3 image and `latent_channels` axes are replicated.
 """
 
+import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -241,6 +244,49 @@ def estimate_scaling_factor(
     if not std > 0:
         raise ValueError(f"latents have std {std}: is the VAE trained?")
     return 1.0 / std
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LatentSpace:
+    """Images <-> the scaled latents a diffusion model works in, through a frozen autoencoder.
+
+    `autoencoder` is a `VAE` (with its `scaling_factor`) or `Pixels`, `params` its parameters
+    (never trained: no gradient flows into them). `sample` encodes to posterior samples
+    instead of means and needs an rng. Images and latents may have any leading axes (e.g.
+    [B, M, H, W, C]). Jitted callers close over `params`, so they are constants of the program.
+    """
+
+    autoencoder: VAE | Pixels
+    params: Any
+    sample: bool = False
+
+    @classmethod
+    def pixels(cls, channels: int) -> "LatentSpace":
+        """Pixel space: latents are the images themselves."""
+        return cls(Pixels(in_channels=channels), {})
+
+    def latent_shape(self, image_shape: Sequence[int]) -> tuple[int, int, int]:
+        """(H, W, C) of images -> (H / f, W / f, latent_channels)."""
+        h, w = image_shape[:2]
+        f = self.autoencoder.downsample_factor
+        return (h // f, w // f, self.autoencoder.latent_channels)
+
+    def encode(self, images: jnp.ndarray, rng: jax.Array | None = None) -> jnp.ndarray:
+        """Images [..., H, W, C] in [-1, 1] -> scaled latents [..., H/f, W/f, c], f32."""
+        if self.sample and rng is None:
+            raise ValueError("LatentSpace(sample=True).encode needs an rng")
+        rngs = {"dropout": rng} if self.sample else {}
+        return self._apply(images, "images_to_latents", sample=self.sample, rngs=rngs)
+
+    def decode(self, latents: jnp.ndarray) -> jnp.ndarray:
+        """Scaled latents [..., h, w, c] -> images [..., h*f, w*f, C] in about [-1, 1], f32."""
+        return self._apply(latents, "latents_to_images")
+
+    def _apply(self, x: jnp.ndarray, method: str, **kwargs: Any) -> jnp.ndarray:
+        lead = x.shape[:-3]
+        flat = x.reshape(-1, *x.shape[-3:])
+        out = self.autoencoder.apply({"params": self.params}, flat, method=method, **kwargs)
+        return jax.lax.stop_gradient(out.reshape(*lead, *out.shape[1:]))
 
 
 Model = VAE

@@ -55,11 +55,32 @@ def build_loss(name: str, apply_fn: ApplyFn, **kwargs: Any) -> LossFn:
     return OBJECTIVES[name](apply_fn, **kwargs)
 
 
+def encode_images(
+    batch: Mapping[str, jax.Array], latents: Any, rng: jax.Array
+) -> dict[str, jax.Array]:
+    """`batch` with its pixel `images` [B, M, H, W, C] replaced by the scaled latents of the
+    frozen `latents` (models/vae.py `LatentSpace`; `rng` for posterior samples)."""
+    return {**batch, "images": latents.encode(batch["images"], rng)}
+
+
+def on_latents(loss_fn: LossFn, latents: Any) -> LossFn:
+    """`loss_fn` on latents: each batch's images are encoded first, in the same jit (the
+    objective then noises latents, not pixels)."""
+
+    def wrapped(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array):
+        encoded = encode_images(batch, latents, jax.random.fold_in(rng, 1))
+        return loss_fn(params, encoded, rng)
+
+    return wrapped
+
+
 __all__ = [
     "OBJECTIVES",
     "build_loss",
     "clip_loss",
     "clip_loss_sharded",
+    "encode_images",
+    "on_latents",
     "siglip_loss",
     "siglip_loss_sharded",
 ]

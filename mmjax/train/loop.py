@@ -21,6 +21,7 @@ from mmjax import convert, evals, models, objectives, parallel
 from mmjax import data as mmdata
 from mmjax.errors import TrainingError, UserError
 from mmjax.train.checkpoint import Checkpointer, abstract_like
+from mmjax.train.latents import load_latent_space
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
 from mmjax.train.state import TrainState
@@ -117,9 +118,13 @@ class Trainer:
         init_from = config.get("init_from", {})
         self.imported = self._import(config) if init_from.get("format") else None
         self.model = models.build_model(config.model)
+        # config.latents: a frozen VAE whose latents the model diffuses (None: pixel space)
+        self.latents = load_latent_space(config, self.mesh)
         self.loss_fn = objectives.build_loss(
             config.objective.name, self.apply_fn, **config.objective.get("kwargs", {})
         )
+        if self.latents is not None:
+            self.loss_fn = objectives.on_latents(self.loss_fn, self.latents)
         self.tx, self.schedule = make_optimizer(config.optimizer, config.total_steps)
 
     def _import(self, config: ml_collections.ConfigDict) -> convert.Imported:
@@ -159,18 +164,30 @@ class Trainer:
             process_count=jax.process_count(),
         )
 
-    def init_state(self, example_batch: Mapping[str, np.ndarray]) -> tuple[TrainState, Any]:
-        """Initialises the train state directly with its logical shardings."""
+    def _init_fn(self, example_batch: Mapping[str, np.ndarray]):
+        """rng -> the initial train state, its leaves boxed with their logical axes."""
         example = {k: jnp.asarray(v[:1]) for k, v in example_batch.items()}
+        if self.latents is not None:
+            example = objectives.encode_images(example, self.latents, jax.random.key(0))
 
         def init_fn(rng):
             params = self.model.init(rng, example)["params"]
             return TrainState.create(params, self.tx)
 
+        return init_fn
+
+    def init_state(self, example_batch: Mapping[str, np.ndarray]) -> tuple[TrainState, Any]:
+        """Initialises the train state directly with its logical shardings."""
+        init_fn, rng = self._init_fn(example_batch), jax.random.key(self.config.seed)
         with jax.set_mesh(self.mesh):
-            return parallel.init_sharded(
-                init_fn, jax.random.key(self.config.seed), self.mesh, self.rules
-            )
+            return parallel.init_sharded(init_fn, rng, self.mesh, self.rules)
+
+    def abstract_state(self, example_batch: Mapping[str, np.ndarray]) -> Any:
+        """The train state's shapes, dtypes and shardings, not computed: a restore target."""
+        with jax.set_mesh(self.mesh):
+            boxed = jax.eval_shape(self._init_fn(example_batch), jax.random.key(self.config.seed))
+        shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
+        return abstract_like(nn.meta.unbox(boxed), shardings)
 
     def jit_train_step(self, state_shardings: Any):
         step = make_train_step(self.loss_fn, self.tx, self.schedule, self.config.seed)
@@ -261,6 +278,7 @@ class TrainingRun:
                 self.config.data,
                 trainer.mesh,
                 self.workdir,
+                latents=trainer.latents,
             )
             if self.start >= self.config.total_steps:
                 print(f"Training already finished at step {self.start}.")

@@ -24,7 +24,7 @@ class Trained:
 def load_trained(workdir: str, overrides: Sequence[str] = ()) -> Trained:
     """Reads `workdir/config.json`, applies `--config.*` overrides and restores the newest
     readable checkpoint onto this machine's devices."""
-    from mmjax.train.checkpoint import Checkpointer, abstract_like
+    from mmjax.train.checkpoint import Checkpointer
     from mmjax.train.config_cli import apply_overrides
     from mmjax.train.loop import Trainer
 
@@ -32,16 +32,26 @@ def load_trained(workdir: str, overrides: Sequence[str] = ()) -> Trained:
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist: is {workdir!r} a training workdir?")
     with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        config = ml_collections.ConfigDict(_tuples(json.load(f)))
     apply_overrides(config, overrides)
     trainer = Trainer(config, workdir)
-    state, shardings = trainer.init_state(next(trainer.data_iterator()))
+    abstract = trainer.abstract_state(next(trainer.data_iterator()))
     ckpt = Checkpointer(workdir, keep=config.get("keep_checkpoints", 3))
     try:
-        restored = ckpt.restore_latest(abstract_like(state, shardings), trainer.data_iterator())
+        restored = ckpt.restore_latest(abstract, trainer.data_iterator())
     finally:
         ckpt.close()
     if restored is None:
         raise UserError(f"no checkpoint in {ckpt.directory}")
     step, state = restored
     return Trained(config, trainer, step, state.params)
+
+
+def _tuples(value: Any) -> Any:
+    """JSON's lists back to the tuples configs hold (modules with tuple fields stay hashable,
+    e.g. a Transfusion's `image_shape` for the jitted samplers)."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value

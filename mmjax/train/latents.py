@@ -1,0 +1,117 @@
+"""The frozen VAE whose latents a diffusion experiment trains on: `config.latents`.
+
+  c.latents = dict(vae_workdir="", scaling_factor=0.0, sample=False)
+
+`vae_workdir` "" keeps the model in pixel space. Otherwise it names the workdir of a trained
+`vae` run (experiments/vae.py): its newest checkpoint is restored and never trained further.
+The pipeline's pixel images [-1, 1] are encoded to its scaled latents inside the jitted train
+step (objectives.on_latents) and in the evals; generated latents are decoded to pixels for the
+judges and the sample grids. `scaling_factor` 0 estimates 1 / std of the latents from the
+first `SCALING_IMAGES` training images at start and records it in the run's config (so
+config.json holds the value that was used); a positive value is used as given. `sample`
+encodes to posterior samples instead of means.
+
+The data side stays in pixels: `data.sequence.patch_size` counts pixels, so it must be
+`model.patch_size` times the VAE's downsampling factor (2x2 latent patches of an f = 4 VAE:
+8x8 pixels), and `model.image_shape` must be the latent shape.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mmjax import models
+from mmjax.data.sources import build_source
+from mmjax.errors import UserError
+from mmjax.models.vae import VAE, LatentSpace, estimate_scaling_factor
+
+SCALING_IMAGES = 2048
+
+
+def load_latent_space(config: ml_collections.ConfigDict, mesh: Mesh) -> LatentSpace | None:
+    """The frozen VAE named by `config.latents` with its params replicated on `mesh`; None in
+    pixel space. Checks the VAE against the data and model configs first (UserError)."""
+    latents = config.get("latents")
+    if not latents or not latents.get("vae_workdir"):
+        return None
+    workdir = os.path.abspath(latents.vae_workdir)
+    where = f"latents.vae_workdir {latents.vae_workdir!r}"
+    vae_config = _vae_config(workdir, where)
+    vae = models.build_model(vae_config.model)
+    _check_shapes(config, vae, int(vae_config.data.image_size), where)
+
+    from mmjax.train.restore import load_trained  # restore imports the Trainer
+
+    try:
+        trained = load_trained(workdir)
+    except UserError as e:
+        raise UserError(f"{where} holds no trained VAE: {e}") from None
+    params = jax.device_put(trained.params, NamedSharding(mesh, PartitionSpec()))
+    factor = float(latents.get("scaling_factor", 0.0))
+    how = "given"
+    if factor <= 0:
+        factor = estimate_scaling_factor(vae, params, _training_images(config, SCALING_IMAGES))
+        how = f"estimated from {SCALING_IMAGES} training images"
+    latents.vae_workdir, latents.scaling_factor = workdir, factor  # recorded in config.json
+    space = LatentSpace(
+        vae.clone(scaling_factor=factor), params, sample=bool(latents.get("sample", False))
+    )
+    if jax.process_index() == 0:
+        size, c = int(config.data.image_size), int(config.data.sequence.channels)
+        shape = "x".join(map(str, space.latent_shape((size, size))))
+        print(
+            f"Latents: VAE of {workdir} (step {trained.step}), {size}x{size}x{c} images -> "
+            f"{shape}, scaling_factor {factor:.4f} ({how})",
+            flush=True,
+        )
+    return space
+
+
+def _vae_config(workdir: str, where: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{where} holds no trained VAE: {path} does not exist")
+    with open(path) as f:
+        vae_config = ml_collections.ConfigDict(json.load(f))
+    name = vae_config.get("model", {}).get("name")
+    if name != "vae":
+        raise UserError(f"{where} holds no trained VAE: its model is {name!r}, not 'vae'")
+    return vae_config
+
+
+def _check_shapes(config: ml_collections.ConfigDict, vae: VAE, vae_size: int, where: str) -> None:
+    """The VAE's images are the data's, its latents the model's images, patches agree."""
+    size, seq = int(config.data.image_size), config.data.sequence
+    channels = int(seq.channels)
+    if (vae_size, vae.in_channels) != (size, channels):
+        raise UserError(
+            f"{where}: the VAE was trained on {vae_size}x{vae_size}x{vae.in_channels} images "
+            f"but the data gives {size}x{size}x{channels} (data.image_size, "
+            "data.sequence.channels)"
+        )
+    f = vae.downsample_factor
+    latent = (size // f, size // f, vae.latent_channels)
+    if tuple(config.model.image_shape) != latent:
+        raise UserError(
+            f"{where}: the VAE maps {size}x{size} images to latents of shape {latent}, but "
+            f"model.image_shape is {tuple(config.model.image_shape)}"
+        )
+    if int(seq.patch_size) != int(config.model.patch_size) * f:
+        raise UserError(
+            f"{where}: data.sequence.patch_size counts pixels: with model.patch_size "
+            f"{config.model.patch_size} on latents downsampled {f}x it must be "
+            f"{int(config.model.patch_size) * f}, not {seq.patch_size}"
+        )
+
+
+def _training_images(config: ml_collections.ConfigDict, n: int) -> np.ndarray:
+    """The first `n` training images as the pipeline gives them: [n, S, S, channels]."""
+    from mmjax.evals.transfusion import record_pixels
+
+    source = build_source(config.data, config.data.split_train)
+    images = [record_pixels(source[i], config.data) for i in range(min(n, len(source)))]
+    return np.stack(images)[..., : int(config.data.sequence.channels)]
