@@ -13,12 +13,11 @@ training losses) goes into one table, printed and written to `WORKDIR/table.md` 
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from mmjax.errors import TrainingError, UserError
+from mmjax.errors import TrainingError, UserError, run_cli
 
 # Logged every few steps but not a result: left out of the table.
 BOOKKEEPING = ("learning_rate", "grad_norm", "examples_per_sec", "skipped_steps", "bad_steps")
@@ -104,14 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="one sub-folder per variant")
     parser.add_argument("--variants", nargs="*", help="a subset of the file's VARIANTS")
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mmjax").setLevel(logging.INFO)
-    try:
-        ablate(args.config, args.workdir, args.variants, overrides)
-    except (UserError, TrainingError) as e:
-        print(f"mmjax.ablate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(
+        "mmjax.ablate", lambda: ablate(args.config, args.workdir, args.variants, overrides)
+    )
 
 
 if __name__ == "__main__":

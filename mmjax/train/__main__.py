@@ -1,11 +1,10 @@
 """CLI: python -m mmjax.train --config experiments/NAME.py:VARIANT --workdir DIR [--config.k=v]."""
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-from mmjax.errors import TrainingError, UserError
+from mmjax.errors import run_cli
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -28,19 +27,16 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mmjax").setLevel(logging.INFO)
-    try:
+
+    def job() -> None:
         from mmjax.train.config_cli import apply_overrides, load_config
         from mmjax.train.loop import train_and_evaluate
 
         config = load_config(args.config)
         apply_overrides(config, overrides)
         train_and_evaluate(config, args.workdir)
-    except (UserError, TrainingError) as e:
-        print(f"mmjax.train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli("mmjax.train", job)
 
 
 if __name__ == "__main__":
