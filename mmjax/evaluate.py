@@ -21,22 +21,13 @@ def evaluate(workdir: str, overrides: Sequence[str] = ()) -> dict[str, float]:
     import flax.linen as nn
     import jax
 
-    from mmjax import evals
     from mmjax.train.metrics import MetricWriter
     from mmjax.train.restore import load_trained
 
     trained = load_trained(workdir, overrides)
-    config, trainer = trained.config, trained.trainer
+    trainer = trained.trainer
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-        evaluators = evals.build_evaluators(
-            config.evals,
-            trainer.model,
-            trainer.tokenizer,
-            config.data,
-            trainer.mesh,
-            workdir,
-            latents=trainer.latents,
-        )
+        evaluators = trainer.evaluators(workdir)
         record = {}
         for evaluator in evaluators.values():
             record.update(evaluator(trained.params))

@@ -11,7 +11,6 @@ import pytest
 from helpers import REPO
 from PIL import Image
 
-from mmjax import evals
 from mmjax.errors import UserError
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config_cli import apply_overrides, load_config
@@ -102,17 +101,8 @@ def test_training_on_latents_lowers_both_losses(trained):
 
 def test_the_eval_judges_decoded_pixels(trained):
     trainer, state, workdir, _ = trained
-    config = trainer.config
     with jax.set_mesh(trainer.mesh):
-        evaluator = evals.build_evaluators(
-            config.evals,
-            trainer.model,
-            trainer.tokenizer,
-            config.data,
-            trainer.mesh,
-            workdir,
-            latents=trainer.latents,
-        )["generation"]
+        evaluator = trainer.evaluators(workdir)["generation"]
         metrics = evaluator(state.params)
     for name in ("compositional_accuracy", "caption_accuracy", "heldout_diffusion_loss"):
         assert np.isfinite(metrics[name]), metrics

@@ -176,6 +176,19 @@ class Trainer:
 
         return init_fn
 
+    def evaluators(self, workdir: str | None) -> dict:
+        """`config.evals` built for this trainer's model, tokenizer, data, mesh and latents
+        (call inside the mesh and logical-axis-rules context)."""
+        return evals.build_evaluators(
+            self.config.evals,
+            self.model,
+            self.tokenizer,
+            self.config.data,
+            self.mesh,
+            workdir,
+            latents=self.latents,
+        )
+
     def init_state(self, example_batch: Mapping[str, np.ndarray]) -> tuple[TrainState, Any]:
         """Initialises the train state directly with its logical shardings."""
         init_fn, rng = self._init_fn(example_batch), jax.random.key(self.config.seed)
@@ -271,15 +284,7 @@ class TrainingRun:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
         with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-            self.evaluators = evals.build_evaluators(
-                self.config.evals,
-                trainer.model,
-                trainer.tokenizer,
-                self.config.data,
-                trainer.mesh,
-                self.workdir,
-                latents=trainer.latents,
-            )
+            self.evaluators = trainer.evaluators(self.workdir)
             if self.start >= self.config.total_steps:
                 print(f"Training already finished at step {self.start}.")
             elif not self._loop(trainer.jit_train_step(self.shardings)):
