@@ -39,6 +39,7 @@ import sys
 import time
 
 from matmul_peak import matmul_probe  # benchmarks/ is on sys.path as the script's folder
+from trainer_step import compile_trainer_step
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -80,24 +81,13 @@ def random_batch(args, seed: int = 0) -> dict:
 
 def build_mmjax(args, batch):
     """(run(k): k steps then block, compiled step FLOPs, config) for the trainer's step."""
-    import flax.linen as nn
     import jax
 
-    from mmjax import parallel
     from mmjax.train.loop import Trainer
 
     config = small_config(args)
     trainer = Trainer(config, workdir=None, devices=jax.devices()[:1])
-    state, shardings = trainer.init_state(batch)
-    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-        device_batch = parallel.global_batch(batch, trainer.mesh)
-        t0 = time.perf_counter()
-        compiled = trainer.jit_train_step(shardings).lower(state, device_batch).compile()
-        log(f"mmjax step compiled in {time.perf_counter() - t0:.1f}s")
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0]
-    flops = float(cost["flops"])
+    compiled, state, device_batch, flops = compile_trainer_step(trainer, batch, log)
     holder = {"state": state}
 
     def run(k: int) -> float:
