@@ -7,6 +7,18 @@ The caption comes first with probability `caption_first` (0.8, Transfusion Sec. 
 dropped from a caption-first example with probability `caption_drop` (0.1, for
 classifier-free guidance); image-first examples teach captioning. Patch slots hold the pad id;
 the model writes the image's patch embeddings there (`image_positions`).
+
+UniFluid (kind "unifluid", Fan et al., 2025) lays a record out for generation (probability
+`caption_first`; the caption dropped with probability `caption_drop` for classifier-free
+guidance) or for understanding:
+
+  generation:     <bos> caption <BOI> s_1 .. s_{m-1} v_1 ... v_P <EOI> <eos> pad ...
+  understanding:  <bos> <BOI> f_1 ... f_F <EOI> caption <eos> pad ...
+
+v_j are the P visual tokens in generation order, m = `tokens_per_step`: the hidden state m
+slots before v_j (<BOI>, a start slot s_i, or v_{j-m}) predicts it, so a decoding step feeds m
+known tokens and predicts the next m (`query_positions`). Generation slots are causal; the
+F = P image-feature slots f_i (a ViT's patch tokens) see each other.
 """
 
 from typing import Any
@@ -17,14 +29,15 @@ from ml_collections import ConfigDict
 from mmjax.errors import UserError
 
 SEQUENCE_DEFAULTS: dict[str, Any] = dict(
-    kind="",  # "" (image-caption pairs) | transfusion
+    kind="",  # "" (image-caption pairs) | transfusion | unifluid
     max_len=32,
     patch_size=2,
     channels=3,  # 1 keeps the first channel (grey images such as the digits)
     caption_first=0.8,
     caption_drop=0.1,
+    tokens_per_step=1,  # unifluid: visual tokens predicted per decoding step
 )
-KINDS = ("transfusion",)
+KINDS = ("transfusion", "unifluid")
 
 
 def check_sequence_config(seq: ConfigDict, image_size: int) -> int:
@@ -35,10 +48,19 @@ def check_sequence_config(seq: ConfigDict, image_size: int) -> int:
     if image_size % p:
         raise UserError(f"data.image_size {image_size} is not divisible by patch_size {p}")
     num_patches = (image_size // p) ** 2
-    if num_patches + 4 > seq.max_len:
+    extra = 0
+    if seq.kind == "unifluid":
+        m = int(seq.get("tokens_per_step", 1))
+        if m < 1 or num_patches % m:
+            raise UserError(
+                f"data.sequence.tokens_per_step {m} must be >= 1 and divide the {num_patches} "
+                "visual tokens of an image"
+            )
+        extra = m - 1  # start slots
+    if num_patches + extra + 4 > seq.max_len:
         raise UserError(
             f"data.sequence.max_len {seq.max_len} cannot hold an image of {num_patches} "
-            "patches plus <bos> <BOI> <EOI> <eos>"
+            f"patches{f' and {extra} start slots' if extra else ''} plus <bos> <BOI> <EOI> <eos>"
         )
     return num_patches
 
@@ -52,7 +74,10 @@ def transfusion_example(
 ) -> dict[str, np.ndarray]:
     """One sequence: tokens/positions/segment_ids/span_ids/lm_mask [L], images [1, H, W, C],
     image_positions [1, P], image_valid [1], image_first [1] (1 when the image precedes its
-    caption). `tokenizer` has boi_id/eoi_id (WithImageMarkers)."""
+    caption). `tokenizer` has boi_id/eoi_id (WithImageMarkers). Kind "unifluid" (the data
+    pipeline calls this function for every sequence kind) gives `unifluid_example`'s layout."""
+    if seq.kind == "unifluid":
+        return unifluid_example(image, caption_ids, tokenizer, seq, rng)
     num_patches = check_sequence_config(seq, image.shape[0])
     max_len = int(seq.max_len)
     caption_first = rng.random() < seq.caption_first
@@ -125,3 +150,59 @@ def layout(
         "lm_mask": lm_mask,
         "image_positions": image_positions,
     }
+
+
+def unifluid_example(
+    image: np.ndarray,
+    caption_ids: list[int],
+    tokenizer: Any,
+    seq: ConfigDict,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """One UniFluid sequence (module docstring): the token arrays [L] of `layout`, `images`
+    [1, H, W, C] (the generation target) and `understand_images` [1, H, W, C] (the ViT's input),
+    `image_positions` / `query_positions` [1, P] (each visual token's slot and the slot that
+    predicts it), `feature_positions` [1, F], `image_valid` [1] (1: a generation row) and
+    `image_first` [1] (1: an understanding row). Slots of the other kind are at L (unused)."""
+    num_patches = check_sequence_config(seq, image.shape[0])
+    generate = rng.random() < seq.caption_first
+    if generate and rng.random() < seq.caption_drop:
+        caption_ids = []
+    return unifluid_layout(
+        list(caption_ids), tokenizer, num_patches, seq, generate=generate
+    ) | unifluid_images(image, seq, generate)
+
+
+def unifluid_images(image: np.ndarray, seq: ConfigDict, generate: bool) -> dict[str, np.ndarray]:
+    """The image arrays of a UniFluid row: the same pixels as target and as ViT input."""
+    pixels = image[None, ..., : int(seq.channels)].astype(np.float32)
+    return {
+        "images": pixels,
+        "understand_images": pixels,
+        "image_valid": np.full((1,), float(generate), np.float32),
+        "image_first": np.full((1,), float(not generate), np.float32),
+    }
+
+
+def unifluid_layout(
+    caption_ids: list[int], tokenizer: Any, num_patches: int, seq: ConfigDict, *, generate: bool
+) -> dict[str, np.ndarray]:
+    """The token arrays and slot positions of a UniFluid row (see `unifluid_example`)."""
+    max_len, m = int(seq.max_len), int(seq.get("tokens_per_step", 1))
+    pad, markers = tokenizer.pad_id, (tokenizer.boi_id, tokenizer.eoi_id)
+    slots = num_patches + m - 1 if generate else num_patches
+    caption_ids = caption_ids[: max_len - slots - 4]
+    block = [tokenizer.boi_id, *[pad] * slots, tokenizer.eoi_id]
+    body = [*caption_ids, *block] if generate else [*block, *caption_ids]
+    first = 2 + (len(caption_ids) if generate else 0)  # the slot after <BOI>
+    out = layout([tokenizer.bos_id, *body, tokenizer.eos_id], [first], slots, max_len, pad, markers)
+    for key in ("image_positions", "query_positions", "feature_positions"):
+        out[key] = np.full((1, num_patches), max_len, np.int32)  # unused
+    if generate:
+        out["span_ids"] = np.zeros_like(out["span_ids"])  # causal: one token at a time
+        boi = first - 1
+        out["query_positions"] = boi + np.arange(num_patches, dtype=np.int32)[None]
+        out["image_positions"] = out["query_positions"] + m
+    else:
+        out["feature_positions"] = first + np.arange(num_patches, dtype=np.int32)[None]
+    return out

@@ -12,6 +12,7 @@ from mmjax.evals.features import EvalContext
 from mmjax.evals.linear_probe import LinearProbe
 from mmjax.evals.retrieval import Retrieval
 from mmjax.evals.transfusion import TransfusionEval
+from mmjax.evals.unifluid import UniFluidEval
 from mmjax.evals.zero_shot import ZeroShotClassifier
 from mmjax.models.vae import LatentSpace
 
@@ -20,6 +21,7 @@ EVALUATORS = {
     "retrieval": Retrieval,
     "linear_probe": LinearProbe,
     "transfusion": TransfusionEval,
+    "unifluid": UniFluidEval,
 }
 
 Evaluator = Callable[[Any], dict[str, float]]

@@ -33,14 +33,9 @@ from mmjax.sampling.transfusion import caption_images, generate_images
 SOURCES = ("digits", "shapes")
 
 
-class TransfusionEval:
-    """`evals.NAME = dict(type="transfusion", split, num_samples, sampler, num_steps,
-    cfg_scale, clip_x0, loss)`, `loss` being the objective's kwargs.
-
-    Also reports the held-out `heldout_diffusion_loss` and `heldout_lm_loss` of the same
-    records laid out caption-first, with noise and timesteps from a fixed key, so runs and
-    steps compare on equal draws (the paper's ablation metric, Sec. 4.3).
-    """
+class JudgedEval:
+    """What the generation evals of the unified models share: the first `num_samples` records
+    of `cfg.split` (captions, pixels, their latents), the judges and the sample grids."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
         if ctx.data_cfg.source not in SOURCES:
@@ -55,15 +50,61 @@ class TransfusionEval:
         source = build_source(ctx.data_cfg, cfg.split)
         records = [source[i] for i in range(min(int(cfg.num_samples), len(source)))]
         self.captions = [r["caption"] for r in records]
-        pixels = np.stack([record_pixels(r, ctx.data_cfg) for r in records])
+        self.pixels = np.stack([record_pixels(r, ctx.data_cfg) for r in records])
         key = jax.random.key(cfg.get("seed", 0))
-        encode = jax.jit(lambda images: self.latents.encode(images, key))
+        self.encode = jax.jit(lambda images: self.latents.encode(images, key))
         self.decode = jax.jit(self.latents.decode)
-        self.image_latents = encode(pixels[..., : int(seq.channels)])  # to caption
+        self.image_latents = self.encode(self.pixels[..., : int(seq.channels)])  # to caption
         self.records = records
         self.step = 0
-        self.heldout = _caption_first_batch(records, pixels, ctx)
-        self.heldout["images"] = encode(self.heldout["images"])
+
+    def judge(self, generated: np.ndarray, captions: list[str]) -> dict[str, float]:
+        """Metrics of generated latents [N, h, w, c] (decoded to pixels for the judge and the
+        grid) for the records' captions, and of the `captions` written for their images."""
+        generated = np.asarray(self.decode(generated))  # pixels
+        if self.ctx.data_cfg.source == "digits":
+            labels = [r["label"] for r in self.records]
+            correct = generation.digit_judge().predict(generated) == np.asarray(labels)
+            metrics = {
+                "generation_accuracy": float(np.mean(correct)),
+                "caption_accuracy": generation.caption_accuracy(captions, labels),
+            }
+        else:
+            verdicts = generation.compositional_verdicts(generated, self.captions)
+            correct = np.asarray([v["all"] for v in verdicts])
+            metrics = generation.compositional_metrics(generated, self.captions)
+            metrics["caption_accuracy"] = generation.shapes_caption_accuracy(captions, self.records)
+        self._write_grid(generated, correct)
+        return metrics
+
+    def heldout_batch(self, caption_first: float) -> dict:
+        """The records as training sequences of the run's layout without caption dropout,
+        caption first (1.0) or image first (0.0); images encoded to latents."""
+        batch = heldout_sequences(self.records, self.pixels, self.ctx, caption_first)
+        batch["images"] = self.encode(batch["images"])
+        return batch
+
+    def _write_grid(self, images: np.ndarray, correct: np.ndarray) -> None:
+        if self.ctx.workdir is None or jax.process_index() != 0:
+            return
+        self.step += 1
+        path = os.path.join(self.ctx.workdir, "samples", f"{self.cfg.name}_{self.step:03d}.png")
+        n = min(len(images), 32)
+        generation.write_sample_grid(path, images[:n], self.captions[:n], correct[:n])
+
+
+class TransfusionEval(JudgedEval):
+    """`evals.NAME = dict(type="transfusion", split, num_samples, sampler, num_steps,
+    cfg_scale, clip_x0, loss)`, `loss` being the objective's kwargs.
+
+    Also reports the held-out `heldout_diffusion_loss` and `heldout_lm_loss` of the same
+    records laid out caption-first, with noise and timesteps from a fixed key, so runs and
+    steps compare on equal draws (the paper's ablation metric, Sec. 4.3).
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
+        super().__init__(cfg, ctx)
+        self.heldout = self.heldout_batch(caption_first=1.0)
         apply_fn = lambda p, b, rng: ctx.model.apply({"params": p}, b)  # noqa: E731
         self.loss_fn = jax.jit(make_transfusion_loss(apply_fn, **cfg.loss))
 
@@ -91,36 +132,15 @@ class TransfusionEval:
             num_train_steps=num_train_steps,
             clip_x0=cfg.get("clip_x0"),
         )
-        generated = np.asarray(self.decode(generated))  # pixels
         captions = caption_images(
             decoder, params, ctx.tokenizer, self.image_latents, num_patches=self.num_patches,
             max_len=int(seq.max_len),
         )  # fmt: skip
-        if ctx.data_cfg.source == "digits":
-            labels = [r["label"] for r in self.records]
-            correct = generation.digit_judge().predict(generated) == np.asarray(labels)
-            metrics = {
-                "generation_accuracy": float(np.mean(correct)),
-                "caption_accuracy": generation.caption_accuracy(captions, labels),
-            }
-        else:
-            verdicts = generation.compositional_verdicts(generated, self.captions)
-            correct = np.asarray([v["all"] for v in verdicts])
-            metrics = generation.compositional_metrics(generated, self.captions)
-            metrics["caption_accuracy"] = generation.shapes_caption_accuracy(captions, self.records)
-        self._write_grid(generated, correct)
+        metrics = self.judge(generated, captions)
         _, heldout = self.loss_fn(params, self.heldout, jax.random.key(cfg.get("seed", 0)))
         metrics["heldout_diffusion_loss"] = float(heldout["diffusion_loss"])
         metrics["heldout_lm_loss"] = float(heldout["lm_loss"])
         return metrics
-
-    def _write_grid(self, images: np.ndarray, correct: np.ndarray) -> None:
-        if self.ctx.workdir is None or jax.process_index() != 0:
-            return
-        self.step += 1
-        path = os.path.join(self.ctx.workdir, "samples", f"{self.cfg.name}_{self.step:03d}.png")
-        n = min(len(images), 32)
-        generation.write_sample_grid(path, images[:n], self.captions[:n], correct[:n])
 
 
 def record_pixels(record: dict, data_cfg: ml_collections.ConfigDict) -> np.ndarray:
@@ -129,9 +149,12 @@ def record_pixels(record: dict, data_cfg: ml_collections.ConfigDict) -> np.ndarr
     return build_image_ops(ops, int(data_cfg.image_size))(record["image"])
 
 
-def _caption_first_batch(records: list[dict], pixels: np.ndarray, ctx: EvalContext) -> dict:
-    """The records as caption-first training sequences without caption dropout."""
-    seq = ml_collections.ConfigDict({**ctx.data_cfg.sequence, "caption_first": 1.0})
+def heldout_sequences(
+    records: list[dict], pixels: np.ndarray, ctx: EvalContext, caption_first: float
+) -> dict:
+    """The records as training sequences of `data.sequence` without caption dropout, caption
+    first (1.0) or image first (0.0)."""
+    seq = ml_collections.ConfigDict({**ctx.data_cfg.sequence, "caption_first": caption_first})
     seq.caption_drop = 0.0
     rng = np.random.default_rng(0)
     rows = [

@@ -6,12 +6,13 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models import clip, siglip, transfusion, vae
+from mmjax.models import clip, siglip, transfusion, unifluid, vae
 
 MODELS = {
     "clip": clip.Model,
     "siglip": siglip.Model,
     "transfusion": transfusion.Model,
+    "unifluid": unifluid.Model,
     "vae": vae.Model,
 }
 

@@ -13,6 +13,7 @@ from mmjax.objectives.contrastive import (
     siglip_loss_sharded,
 )
 from mmjax.objectives.transfusion import make_transfusion_loss
+from mmjax.objectives.unifluid import make_unifluid_loss
 
 ApplyFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], Mapping[str, jax.Array]]
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
@@ -45,6 +46,7 @@ OBJECTIVES: dict[str, Callable[..., LossFn]] = {
     "siglip": _siglip,
     "vae": vae_objective,
     "transfusion": make_transfusion_loss,
+    "unifluid": make_unifluid_loss,
 }
 
 

@@ -1,0 +1,184 @@
+r"""UniFluid (Fan et al., 2025): autoregressive generation of continuous visual tokens with a
+per-token diffusion head, and image understanding, in one causal decoder.
+
+Tiny run on the bundled real digits in pixel space (8x8 grey, 2x2 patches: 16 visual tokens),
+2 CPU cores, minutes, judged as Transfusion's (generation_accuracy, caption_accuracy):
+
+  python -m mmjax.train --config experiments/unifluid.py:tiny --workdir /tmp/uf_tiny
+
+Tiny run on the synthetic 32x32 shapes through the frozen tiny VAE (experiments/vae.py:tiny,
+8x8x4 latents, 2x2 latent patches: 16 visual tokens), the same parameters count and steps as
+experiments/transfusion.py:tiny_shapes, judged by compositional_accuracy:
+
+  python -m mmjax.train --config experiments/vae.py:tiny --workdir /tmp/vae_tiny
+  python -m mmjax.train --config experiments/unifluid.py:tiny_shapes --workdir /tmp/uf_shapes \
+      [--config.latents.vae_workdir=/tmp/vae_tiny]
+
+Sampling from a trained workdir (per-token DDPM, 100 steps, temperature and CFG from the eval):
+
+  python -m mmjax.sample --workdir /tmp/uf_tiny --prompt "a handwritten seven" --num 16
+  python -m mmjax.sample --workdir /tmp/uf_tiny --caption 16
+
+Paper shapes (Gemma-2 decoders, Sec. 4.1; SigLIP-So400m-like image encoder; 256x256 images as
+32x32x4 VAE latents in 2x2 patches: 256 visual tokens):
+
+  python -m mmjax.train --config experiments/unifluid.py:2B --workdir /gcs/bucket/uf2b \
+      --config.data.path=/data/shards
+
+Variants: tiny, tiny_shapes, 2B, 9B.
+"""
+
+import ml_collections
+
+from mmjax.data import data_config
+from mmjax.train.config_cli import base_config
+
+# name: (layers, width, heads, kv-free MLP width); Gemma 2 (Gemma Team, 2024, Table 1)
+PAPER_SHAPES = {
+    "2B": (26, 2304, 8, 9216),
+    "9B": (42, 3584, 16, 14336),
+}
+VARIANTS = ("tiny", "tiny_shapes", *PAPER_SHAPES)
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    if arg not in VARIANTS:
+        raise ValueError(f"unknown unifluid variant {arg!r}; valid: {VARIANTS}")
+    c = base_config(b2=0.95, weight_decay=0.02, warmup_steps=5000, end_factor=0.0)
+    # L = L_text + w * L_image; MAR's diffusion loss: cosine schedule over 1,000 steps, eps
+    # prediction, 4 noise draws per token (diffusion_batch_mul); raster or random order.
+    c.objective = dict(
+        name="unifluid",
+        kwargs=dict(
+            image_weight=1.0,
+            schedule="cosine",
+            num_train_steps=1000,
+            diffusion_batch_mul=4,
+            order="raster",
+        ),
+    )
+    c.latents = dict(vae_workdir="", scaling_factor=0.0, sample=False)
+    if arg == "tiny":
+        _tiny(c)
+    elif arg == "tiny_shapes":
+        _tiny_shapes(c)
+    else:
+        _paper(c, arg)
+    return c
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+    """4 layers of width 128 over 8x8 grey digits in pixel space."""
+    c.total_steps = 2000
+    c.batch_size = 64
+    c.log_every = 50
+    c.eval_every = c.total_steps  # the final eval only
+    c.checkpoint_every = 500
+    patch = 2
+    c.data = data_config(
+        source="digits",
+        image_size=8,
+        vocab_size=128,
+        sequence=dict(
+            kind="unifluid",
+            max_len=32,
+            patch_size=patch,
+            channels=1,
+            caption_first=0.5,  # half generation rows, half understanding rows
+            tokens_per_step=1,
+        ),
+    )
+    c.model = dict(
+        name="unifluid",
+        vocab_size=0,
+        width=128,
+        depth=4,
+        num_heads=4,
+        mlp_dim=384,
+        token_dim=patch * patch * 1,
+        num_tokens=16,
+        head_width=128,
+        head_depth=3,
+        vision_patch=patch,  # pixels
+        vision_width=64,
+        vision_depth=2,
+        vision_heads=4,
+        vision_mlp_dim=128,
+        dtype="float32",
+        attention_impl="auto",
+    )
+    c.optimizer.update(lr=1e-3, warmup_steps=100)
+    c.evals = dict(
+        generation=dict(
+            type="unifluid",
+            split="test",
+            num_samples=200,
+            num_steps=100,  # per-token reverse diffusion steps (MAR)
+            temperature=1.0,
+            cfg_scale=3.0,
+            order="raster",
+            clip_x0=1.0,  # pixel space: images in [-1, 1]
+            loss=c.objective.kwargs,
+        )
+    )
+
+
+def _tiny_shapes(c: ml_collections.ConfigDict) -> None:
+    """The tiny model on 8x8x4 latents of the 32x32 shapes (the tiny VAE, f = 4)."""
+    _tiny(c)
+    c.total_steps = 1500  # as transfusion.py:tiny_shapes
+    c.eval_every = c.total_steps
+    patch, f = 2, 4  # 2x2 latent patches = 8x8 pixels
+    c.data = data_config(
+        source="shapes",
+        image_size=32,
+        tokenizer="byte",
+        # 44 bytes of the longest caption + <bos> <BOI> 16 tokens <EOI> <eos>
+        sequence=dict(
+            kind="unifluid", max_len=64, patch_size=patch * f, channels=3, caption_first=0.5
+        ),
+    )
+    c.model.update(token_dim=patch * patch * 4, vision_patch=patch * f)
+    c.latents.vae_workdir = "/tmp/vae_tiny"
+    c.evals.generation.update(clip_x0=None)  # latents: no x0 clipping
+
+
+def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
+    """Gemma-2 decoders on 256x256 images as 32x32x4 latents in 2x2 patches (256 tokens),
+    a So400m-shaped ViT over 16x16 pixel patches (256 features), MAR-H's head width."""
+    depth, width, heads, mlp = PAPER_SHAPES[arg]
+    c.mesh.update(data=1, fsdp=-1)
+    c.batch_size = 2048
+    c.total_steps = 1_000_000
+    c.log_every = 100
+    c.eval_every = 10_000
+    c.checkpoint_every = 2_000
+    c.optimizer.update(lr=1e-4, warmup_steps=5000)
+    c.data = data_config(
+        source="array_record",
+        image_size=256,
+        vocab_size=256_000,
+        prefetch=4,
+        sequence=dict(kind="unifluid", max_len=512, patch_size=16, channels=3, caption_first=0.5),
+    )
+    c.model = dict(
+        name="unifluid",
+        vocab_size=0,
+        width=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_dim=mlp,
+        token_dim=2 * 2 * 4,
+        num_tokens=256,
+        head_width=1280,
+        head_depth=3,
+        vision_patch=16,  # SigLIP-So400m's shape
+        vision_width=1152,
+        vision_depth=27,
+        vision_heads=16,
+        vision_mlp_dim=4304,
+        dtype="bfloat16",
+        attention_impl="auto",
+        remat=True,
+    )
+    # set --config.latents.vae_workdir to a VAE with f = 8 and 4 latent channels

@@ -1,0 +1,198 @@
+"""UniFluid (Fan et al., 2025): one causal decoder for visual generation and understanding.
+
+Text tokens are embedded and read out by an LM head (cross-entropy). Continuous visual tokens
+(p x p patches of pixels or VAE latents, flattened) are generated autoregressively, one decoding
+step of m tokens at a time, in raster or random order (Sec. 3.1, after Fluid / MAR): each token's
+input is a linear projection of its value plus a learned embedding of its raster position, and
+the slot that predicts a token also gets a learned embedding of that token's raster position
+(the "target" position, so a random order tells the decoder which token comes next). The
+decoder's output there conditions a per-token diffusion head (MAR's SimpleMLPAdaLN,
+mmjax/nn/diffusion_head.py). For understanding, a ViT's patch tokens of the clean image are
+projected into the sequence before the text (Sec. 3.2; bidirectional among themselves).
+The decoder is Gemma/Llama-like (RMSNorm, SwiGLU, RoPE).
+
+Batch (built by mmjax.data.sequences kind "unifluid" and the objective): `tokens`,
+`positions`, `segment_ids`, `span_ids` [B, L]; optional `visual_tokens` [B, P, D] in generation
+order with `order` [B, P] (each one's raster index) and `image_positions` [B, P] (its slot);
+optional `query_positions` [B, Q] with `query_order` [B, Q] (default `order`): the slots whose
+hidden states predict the tokens of raster index `query_order`; optional `understand_images`
+[B, H, W, C] with `feature_positions` [B, F]; optional `noised` [B, Q, K, D] and `timesteps`
+[B, Q, K]: K noised copies of each queried token, whose predicted noise is returned as `eps`.
+Positions >= L are unused slots (dropped). Optional `logit_positions` [B, K]: the LM head only
+there. With `decode`, batches are chunks written into the KV cache at `cache_offset`, and
+positions are relative to the chunk.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models.vit import VisionTransformer
+from mmjax.nn import RMSNorm, Transformer
+from mmjax.nn.dense import DenseGeneral
+from mmjax.nn.diffusion_head import DiffusionHead
+from mmjax.nn.initializers import logical
+
+ACT = ("batch", "length", "act_embed")
+POSITION_KEYS = ("image_positions", "query_positions", "feature_positions")
+
+
+class UniFluid(nn.Module):
+    """Unified decoder; `__call__(batch)` -> {"logits", and with the inputs for them "z"
+    [B, Q, width] (the head's conditions) and "eps" [B, Q, K, D]}."""
+
+    vocab_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    token_dim: int  # p * p * channels of a visual token
+    num_tokens: int  # visual tokens per image, P
+    head_width: int = 256  # diffusion head (MAR: 1,024)
+    head_depth: int = 3
+    # The understanding encoder: a ViT over vision_patch pixels (F = its patch tokens)
+    vision_patch: int = 2
+    vision_width: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 4
+    vision_mlp_dim: int = 128
+    rope_theta: float = 10_000.0
+    decode: bool = False  # KV cache: batches are chunks written at `cache_offset`
+    norm_eps: float = 1e-6  # Gemma's RMSNorm epsilon
+    remat: bool = False
+    attention_impl: str = "auto"
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.token_embedding = nn.Embed(
+            self.vocab_size,
+            self.width,
+            embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
+            param_dtype=self.param_dtype,
+        )
+        # Modality-specific input projections (Sec. 3.1): visual tokens, image features.
+        self.visual_in = DenseGeneral((self.width,), ("patch", "embed"), **kw)
+        pos_init = logical(nn.initializers.normal(0.02), "position", "embed")
+        shape = (self.num_tokens, self.width)
+        self.visual_pos = self.param("visual_pos", pos_init, shape, self.param_dtype)
+        self.target_pos = self.param("target_pos", pos_init, shape, self.param_dtype)
+        self.vit = VisionTransformer(
+            self.vision_patch,
+            self.vision_width,
+            self.vision_depth,
+            self.vision_heads,
+            self.vision_mlp_dim,
+            pool="gap",
+            attention_impl=self.attention_impl,
+            **kw,
+        )
+        self.feature_in = DenseGeneral((self.width,), (None, "embed"), **kw)
+        self.decoder = Transformer(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            activation="silu",
+            causal=True,
+            norm="rms",
+            norm_eps=self.norm_eps,
+            gated_mlp=True,
+            use_bias=False,
+            rope_theta=self.rope_theta,
+            decode=self.decode,
+            remat=self.remat,
+            attention_impl=self.attention_impl,
+            **kw,
+        )
+        self.norm_final = RMSNorm(epsilon=self.norm_eps, **kw)
+        # Modality-specific heads: text logits, per-token diffusion (MAR).
+        self.lm_head = DenseGeneral((self.vocab_size,), ("embed", "vocab"), use_bias=False, **kw)
+        self.head = DiffusionHead(self.token_dim, self.head_width, self.head_depth, **kw)
+
+    def _check(self, batch: dict) -> None:
+        if "visual_tokens" in batch:
+            got = tuple(batch["visual_tokens"].shape[2:])
+            if got != (self.token_dim,):
+                raise ValueError(
+                    f"visual tokens have {got} values each, but the model was built for "
+                    f"token_dim {self.token_dim} (p * p * channels of the patches)"
+                )
+        if "noised" in batch and "query_positions" not in batch:
+            raise ValueError("noised visual tokens need query_positions (their predicting slots)")
+
+    def _prepare(self, batch: dict) -> dict:
+        """Drops the one-image axis of a data-pipeline row ([B, 1, ...], as the sizing call at
+        init gets it) and, at init, adds zero visual tokens and noised copies to size them."""
+        batch = dict(batch)
+        for key in (*POSITION_KEYS, "understand_images"):
+            if key in batch and batch[key].ndim == (5 if key == "understand_images" else 3):
+                batch[key] = batch[key][:, 0]
+        if self.is_initializing() and "visual_tokens" not in batch:
+            b, p = batch["tokens"].shape[0], self.num_tokens
+            batch["visual_tokens"] = jnp.zeros((b, p, self.token_dim), jnp.float32)
+            batch["order"] = jnp.broadcast_to(jnp.arange(p), (b, p))
+            batch.setdefault("image_positions", batch["order"])
+            batch.setdefault("query_positions", batch["order"])
+            batch["noised"] = jnp.zeros((b, p, 1, self.token_dim), jnp.float32)
+        self._check(batch)
+        return batch
+
+    def hidden_states(self, batch: dict) -> jnp.ndarray:
+        """The decoder's final (normed) hidden states [B, L, width] of a sequence or chunk."""
+        batch = self._prepare(batch)
+        x = self.token_embedding(batch["tokens"]).astype(self.dtype)
+        if "visual_tokens" in batch:
+            order = batch["order"]
+            vis = self.visual_in(batch["visual_tokens"]) + self._table(self.visual_pos, order)
+            x = jax.vmap(_scatter)(x, batch["image_positions"], vis)
+        if "query_positions" in batch:
+            target = self._table(self.target_pos, batch.get("query_order", batch.get("order")))
+            x = jax.vmap(_scatter_add)(x, batch["query_positions"], target)
+        if "understand_images" in batch:
+            _, feats = self.vit(batch["understand_images"])
+            x = jax.vmap(_scatter)(x, batch["feature_positions"], self.feature_in(feats))
+        x = nn.with_logical_constraint(x, ACT)
+        ids = (batch["segment_ids"], batch["span_ids"], batch["positions"])
+        x = self.decoder(x, *ids, batch.get("cache_offset"))
+        return self.norm_final(x)
+
+    def _table(self, table: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+        return jnp.take(table.astype(self.dtype), index, axis=0, mode="clip")
+
+    def denoise(self, x_t: jnp.ndarray, t: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
+        """The diffusion head: noise predicted in x_t [..., D] at step t [...] given z."""
+        return self.head(x_t, t, z)
+
+    def __call__(self, batch: dict, *, train: bool = False) -> dict[str, jnp.ndarray]:
+        del train  # no dropout
+        batch = self._prepare(batch)
+        x = self.hidden_states(batch)
+        at = x if "logit_positions" not in batch else jax.vmap(_gather)(x, batch["logit_positions"])
+        out = {"logits": self.lm_head(at).astype(jnp.float32)}
+        if "query_positions" in batch:
+            out["z"] = jax.vmap(_gather)(x, batch["query_positions"])
+        if "noised" in batch:
+            noised = batch["noised"]
+            t = batch.get("timesteps", jnp.zeros(noised.shape[:-1], jnp.float32))
+            z = jnp.broadcast_to(out["z"][:, :, None], (*noised.shape[:-1], out["z"].shape[-1]))
+            out["eps"] = self.head(noised, t, z)
+        return out
+
+
+def _scatter(x: jnp.ndarray, positions: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
+    """One row: x [L, D] with values [N, D] written at positions [N] (>= L: dropped)."""
+    return x.at[positions].set(values.astype(x.dtype), mode="drop")
+
+
+def _scatter_add(x: jnp.ndarray, positions: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
+    """One row: x [L, D] plus values [N, D] at positions [N] (>= L: dropped)."""
+    return x.at[positions].add(values.astype(x.dtype), mode="drop")
+
+
+def _gather(x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+    """One row: x [L, D] at positions [N] -> [N, D] (clipped; unused slots are masked)."""
+    return jnp.take(x, positions, axis=0, mode="clip")
+
+
+Model = UniFluid
