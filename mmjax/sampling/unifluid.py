@@ -91,6 +91,15 @@ class _Settings(NamedTuple):
     clip_x0: float | None
 
 
+def step_indices(step: int | jax.Array, tokens_per_step: int) -> tuple[jax.Array, jax.Array]:
+    """Decoding step g's (known, queried) indices into the generation order, [m] each: the
+    step feeds the tokens of step g - 1 (none at step 0: <BOI> and the start slots) and
+    predicts tokens g m ... g m + m - 1."""
+    m = tokens_per_step
+    queried = step * m + jnp.arange(m)
+    return jnp.maximum(queried - m, 0), queried
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _generate(
     decoder: nn.Module,
@@ -116,14 +125,12 @@ def _generate(
     def step(g: int, carry: tuple) -> tuple:
         values, cache = carry  # values [N, P, D] in generation order
         chunk = {k: _rows_slice(both[k], boi + g * m, m) for k in TOKEN_KEYS}
-        known = jnp.maximum(g - 1, 0) * m  # the tokens fed at this step: (g - 1) m ...
-        chunk["visual_tokens"] = jnp.concatenate(
-            [jax.lax.dynamic_slice_in_dim(values, known, m, 1)] * 2
-        )
-        chunk["order"] = jax.lax.dynamic_slice_in_dim(order2, known, m, 1)
+        known, queried = step_indices(g, m)
+        chunk["visual_tokens"] = jnp.concatenate([jnp.take(values, known, axis=1)] * 2)
+        chunk["order"] = jnp.take(order2, known, axis=1)
         chunk["image_positions"] = jnp.where(g > 0, arange, m)  # step 0: <BOI> and start slots
         chunk["query_positions"] = arange
-        chunk["query_order"] = jax.lax.dynamic_slice_in_dim(order2, g * m, m, 1)
+        chunk["query_order"] = jnp.take(order2, queried, axis=1)
         chunk["cache_offset"] = boi + g * m
         out, cache = _run(decoder, params, cache, chunk)
         z = out["z"].reshape(two_n * m, -1)  # cond rows first, then uncond
@@ -144,7 +151,7 @@ def _generate(
             temperature=s.temperature,
             clip_x0=s.clip_x0,
         )
-        values = jax.lax.dynamic_update_slice_in_dim(values, new.reshape(n, m, -1), g * m, 1)
+        values = values.at[:, queried].set(new.reshape(n, m, -1))
         return values, cache
 
     values = jnp.zeros((n, p, token_dim), jnp.float32)
