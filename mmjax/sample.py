@@ -1,13 +1,16 @@
-"""CLI: sample from the latest checkpoint of a Transfusion workdir.
+"""CLI: sample from the latest checkpoint of a Transfusion or UniFluid workdir.
 
   python -m mmjax.sample --workdir DIR --prompt "a red circle left of a blue square" --num 16
   python -m mmjax.sample --workdir DIR --caption 16        # caption 16 held-out test images
 
 Text -> image writes a PNG grid to `DIR/samples/<prompt>.png`; image -> text prints one
 caption per line and writes the captioned grid to `DIR/samples/captions.png`. Sampler
-defaults (DDIM, 250 steps, CFG scale 3, x0 clipping) come from the run's `transfusion`
-eval config when it has one; flags override them. A run on VAE latents (`config.latents`)
-generates latents, decoded to pixels for the grid, and captions the latents of the images.
+defaults come from the run's `transfusion` or `unifluid` eval config when it has one (else
+Transfusion: DDIM, 250 steps, CFG scale 3; UniFluid: per-token DDPM, 100 steps, temperature 1,
+CFG scale 3, raster order); flags override them. A run on VAE latents (`config.latents`)
+generates latents, decoded to pixels for the grid; Transfusion captions the latents of the
+images, UniFluid their pixels (its ViT's input). UniFluid captions greedily, or by nucleus
+sampling with --top_p.
 """
 
 import argparse
@@ -15,13 +18,16 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_collections
 
 from mmjax.errors import UserError
 
 DEFAULTS = dict(sampler="ddim", num_steps=250, cfg_scale=3.0, clip_x0=None)
+UNIFLUID_DEFAULTS = dict(num_steps=100, temperature=1.0, cfg_scale=3.0, clip_x0=None, order="")
+FAMILIES = ("transfusion", "unifluid")
 
 
 def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
@@ -31,9 +37,6 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
     import numpy as np
 
     from mmjax.data.sequences import check_sequence_config
-    from mmjax.data.sources import build_source
-    from mmjax.evals.generation import write_sample_grid
-    from mmjax.evals.transfusion import record_pixels
     from mmjax.models.vae import LatentSpace
     from mmjax.objectives.diffusion import make_schedule
     from mmjax.sampling.transfusion import caption_images, generate_images
@@ -42,18 +45,56 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
     trained = load_trained(args.workdir, overrides)
     config, trainer = trained.config, trained.trainer
     seq = config.data.get("sequence", {})
-    if config.model.name != "transfusion" or not seq.get("kind"):
-        raise UserError(f"{args.workdir} holds a {config.model.name!r} run, not a Transfusion one")
+    family = config.model.name
+    if family not in FAMILIES or not seq.get("kind"):
+        raise UserError(f"{args.workdir} holds a {family!r} run, not one of {FAMILIES}")
     size = int(config.data.image_size)
     num_patches = check_sequence_config(seq, size)
     latents = trainer.latents or LatentSpace.pixels(int(seq.channels))
-    settings = {**DEFAULTS, **_eval_settings(config)}
-    settings.update({k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None})
+    defaults = UNIFLUID_DEFAULTS if family == "unifluid" else DEFAULTS
+    settings = {**defaults, **_eval_settings(config, family, defaults)}
+    settings.update({k: v for k, v in vars(args).items() if k in defaults and v is not None})
     kwargs = dict(config.objective.get("kwargs", {}))
     out_dir = os.path.join(args.workdir, "samples")
 
     decoder = trainer.model.clone(decode=True)
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+        if family == "unifluid":
+            from mmjax.sampling import unifluid
+
+            images = None
+            if args.prompt is not None:
+                images = unifluid.generate_images(
+                    decoder,
+                    trained.params,
+                    trainer.tokenizer,
+                    [args.prompt] * args.num,
+                    jax.random.key(args.seed),
+                    image_shape=latents.latent_shape((size, size)),
+                    num_tokens=num_patches,
+                    seq=seq,
+                    schedule=make_schedule(kwargs["schedule"], int(kwargs["num_train_steps"])),
+                    order=settings["order"] or kwargs.get("order", "raster"),
+                    num_steps=int(settings["num_steps"]),
+                    temperature=float(settings["temperature"]),
+                    cfg_scale=float(settings["cfg_scale"]),
+                    clip_x0=settings["clip_x0"],
+                )
+
+            def caption(pixels: np.ndarray) -> list[str]:
+                return unifluid.caption_images(
+                    decoder,
+                    trained.params,
+                    trainer.tokenizer,
+                    pixels,
+                    num_tokens=num_patches,
+                    seq=seq,
+                    rng=jax.random.key(args.seed),
+                    temperature=0.0 if args.top_p is None else 1.0,
+                    top_p=1.0 if args.top_p is None else args.top_p,
+                )
+
+            return _write(args, config, latents, out_dir, images, caption)
         if args.prompt is not None:
             num_train_steps = int(kwargs.get("num_train_steps", 1000))
             schedule = None
@@ -75,33 +116,60 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
                 num_train_steps=num_train_steps,
                 clip_x0=settings["clip_x0"],
             )
-            images = np.asarray(jax.jit(latents.decode)(images))
-            slug = re.sub(r"[^a-z0-9]+", "_", args.prompt.lower()).strip("_")[:60] or "prompt"
-            path = os.path.join(out_dir, f"{slug}.png")
-            write_sample_grid(path, images, [args.prompt] * args.num)
-            return [path]
-        source = build_source(config.data, "test")
-        records = [source[i] for i in range(min(args.caption, len(source)))]
-        images = np.stack([record_pixels(r, config.data) for r in records])[..., : seq.channels]
+            return _write(args, config, latents, out_dir, images, None)
         encode = jax.jit(lambda x: latents.encode(x, jax.random.key(args.seed)))
-        captions = caption_images(
-            decoder,
-            trained.params,
-            trainer.tokenizer,
-            encode(images),
-            num_patches=num_patches,
-            max_len=int(seq.max_len),
-        )
-        print("\n".join(captions))
-        path = os.path.join(out_dir, "captions.png")
-        write_sample_grid(path, images, captions)
+
+        def caption(pixels: np.ndarray) -> list[str]:
+            return caption_images(
+                decoder,
+                trained.params,
+                trainer.tokenizer,
+                encode(pixels),
+                num_patches=num_patches,
+                max_len=int(seq.max_len),
+            )
+
+        return _write(args, config, latents, out_dir, None, caption)
+
+
+def _write(
+    args: argparse.Namespace,
+    config: ml_collections.ConfigDict,
+    latents: Any,
+    out_dir: str,
+    images: Any,
+    caption: Callable[[Any], list[str]] | None,
+) -> list[str]:
+    """Writes generated latents `images` (decoded to pixels) as a grid, or captions test
+    images with `caption(pixels) -> captions`, prints them and writes their grid."""
+    import jax
+    import numpy as np
+
+    from mmjax.data.sources import build_source
+    from mmjax.evals.generation import write_sample_grid
+    from mmjax.evals.transfusion import record_pixels
+
+    if images is not None:
+        images = np.asarray(jax.jit(latents.decode)(images))
+        slug = re.sub(r"[^a-z0-9]+", "_", args.prompt.lower()).strip("_")[:60] or "prompt"
+        path = os.path.join(out_dir, f"{slug}.png")
+        write_sample_grid(path, images, [args.prompt] * args.num)
         return [path]
+    channels = int(config.data.sequence.channels)
+    source = build_source(config.data, "test")
+    records = [source[i] for i in range(min(args.caption, len(source)))]
+    pixels = np.stack([record_pixels(r, config.data) for r in records])[..., :channels]
+    captions = caption(pixels)
+    print("\n".join(captions))
+    path = os.path.join(out_dir, "captions.png")
+    write_sample_grid(path, pixels, captions)
+    return [path]
 
 
-def _eval_settings(config: ml_collections.ConfigDict) -> dict:
+def _eval_settings(config: ml_collections.ConfigDict, family: str, defaults: dict) -> dict:
     for cfg in config.get("evals", {}).values():
-        if cfg.get("type") == "transfusion":
-            return {k: cfg[k] for k in DEFAULTS if k in cfg}
+        if cfg.get("type") == family:
+            return {k: cfg[k] for k in defaults if k in cfg}
     return {}
 
 
@@ -118,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num_steps", type=int)
     parser.add_argument("--cfg_scale", type=float)
     parser.add_argument("--clip_x0", type=float)
+    parser.add_argument("--temperature", type=float, help="UniFluid: per-token noise scale")
+    parser.add_argument("--order", choices=("raster", "random"), help="UniFluid: token order")
+    parser.add_argument("--top_p", type=float, help="UniFluid: nucleus sampling of captions")
     overrides = [a[len("--config.") :] for a in argv if a.startswith("--config.")]
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
     logging.basicConfig(level=logging.WARNING)
