@@ -58,6 +58,9 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
     out_dir = os.path.join(args.workdir, "samples")
 
     decoder = trainer.model.clone(decode=True)
+    model_args = (decoder, trained.params, trainer.tokenizer)
+    prompts = ([args.prompt] * args.num, jax.random.key(args.seed))
+    image_shape = latents.latent_shape((size, size))
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
         if family == "unifluid":
             from mmjax.sampling import unifluid
@@ -65,12 +68,9 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
             images = None
             if args.prompt is not None:
                 images = unifluid.generate_images(
-                    decoder,
-                    trained.params,
-                    trainer.tokenizer,
-                    [args.prompt] * args.num,
-                    jax.random.key(args.seed),
-                    image_shape=latents.latent_shape((size, size)),
+                    *model_args,
+                    *prompts,
+                    image_shape=image_shape,
                     num_tokens=num_patches,
                     seq=seq,
                     schedule=make_schedule(kwargs["schedule"], int(kwargs["num_train_steps"])),
@@ -83,9 +83,7 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
 
             def caption(pixels: np.ndarray) -> list[str]:
                 return unifluid.caption_images(
-                    decoder,
-                    trained.params,
-                    trainer.tokenizer,
+                    *model_args,
                     pixels,
                     num_tokens=num_patches,
                     seq=seq,
@@ -101,12 +99,9 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
             if settings["sampler"] != "euler":
                 schedule = make_schedule(kwargs.get("schedule", "cosine"), num_train_steps)
             images = generate_images(
-                decoder,
-                trained.params,
-                trainer.tokenizer,
-                [args.prompt] * args.num,
-                jax.random.key(args.seed),
-                image_shape=latents.latent_shape((size, size)),
+                *model_args,
+                *prompts,
+                image_shape=image_shape,
                 num_patches=num_patches,
                 max_len=int(seq.max_len),
                 schedule=schedule,
@@ -121,9 +116,7 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
 
         def caption(pixels: np.ndarray) -> list[str]:
             return caption_images(
-                decoder,
-                trained.params,
-                trainer.tokenizer,
+                *model_args,
                 encode(pixels),
                 num_patches=num_patches,
                 max_len=int(seq.max_len),
