@@ -68,8 +68,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
-    """4 layers of width 128 over 8x8 grey digits in pixel space."""
-    c.total_steps = 2000
+    """4 layers of width 128 over 8x8 grey digits in pixel space. Held-out (generation,
+    caption) accuracy measured with 2,000 steps: (0.995, 0.98) at step 1,000, (1.0, 0.98) at
+    1,500, (1.0, 0.975) at 2,000; so 1,000 steps."""
+    c.total_steps = 1000
     c.batch_size = 64
     c.log_every = 50
     c.eval_every = c.total_steps  # the final eval only
@@ -138,7 +140,16 @@ def _tiny_shapes(c: ml_collections.ConfigDict) -> None:
             kind="unifluid", max_len=64, patch_size=patch * f, channels=3, caption_first=0.5
         ),
     )
-    c.model.update(token_dim=patch * patch * 4, vision_patch=patch * f)
+    # Parameter parity with transfusion.py:tiny_shapes (993k vs 978k): the head and the ViT
+    # take their share from the decoder's MLP.
+    c.model.update(
+        token_dim=patch * patch * 4,
+        mlp_dim=320,
+        head_width=64,
+        vision_patch=patch * f,
+        vision_width=32,
+        vision_mlp_dim=64,
+    )
     c.latents.vae_workdir = "/tmp/vae_tiny"
     c.evals.generation.update(clip_x0=None)  # latents: no x0 clipping
 
