@@ -72,9 +72,9 @@ def _batch(seq: ml_collections.ConfigDict, n: int = 8, seed: int = 0) -> dict:
 
 
 @functools.cache
-def _params(tokens_per_step: int = 1) -> dict:
+def _params(tokens_per_step: int) -> dict:
     batch = _batch(_seq(tokens_per_step=tokens_per_step), n=2)
-    return _model().init(jax.random.key(0), batch)["params"]
+    return jax.jit(_model().init)(jax.random.key(0), batch)["params"]
 
 
 def test_diffusion_head_loss_falls_on_a_fixed_condition():
@@ -123,13 +123,14 @@ def test_decoding_with_a_kv_cache_equals_the_full_forward_pass(tokens_per_step):
         "image_positions": jnp.asarray(row["image_positions"]),
         "query_positions": jnp.asarray(row["query_positions"]),
     }
-    want = model.apply({"params": params}, full)
+    want = jax.jit(model.apply)({"params": params}, full)
 
     decoder = model.clone(decode=True)
+    run = jax.jit(functools.partial(_run, decoder))
     boi = int(row["query_positions"][0, 0])
     cache = _empty_cache(decoder, {**batch, "cache_offset": 0})
     prompt = {k: v[:, :boi] for k, v in batch.items()}
-    out, cache = _run(decoder, params, cache, {**prompt, "cache_offset": 0})
+    out, cache = run(params, cache, {**prompt, "cache_offset": 0})
     np.testing.assert_allclose(out["logits"], want["logits"][:, :boi], atol=1e-5)
     z = []
     for g in range(NUM_TOKENS // m):
@@ -142,9 +143,9 @@ def test_decoding_with_a_kv_cache_equals_the_full_forward_pass(tokens_per_step):
             image_positions=jnp.arange(m)[None] if g else jnp.full((1, m), m),
             query_positions=jnp.arange(m)[None],
             query_order=order[:, queried],
-            cache_offset=start,
+            cache_offset=jnp.full((1,), start),
         )
-        out, cache = _run(decoder, params, cache, chunk)
+        out, cache = run(params, cache, chunk)
         z.append(out["z"])
     np.testing.assert_allclose(jnp.concatenate(z, axis=1), want["z"], atol=1e-5)
 
@@ -178,7 +179,7 @@ def test_a_few_train_steps_lower_both_losses():
     apply_fn = lambda p, b, rng: model.apply({"params": p}, b)  # noqa: E731
     loss_fn = make_unifluid_loss(apply_fn, order="random", diffusion_batch_mul=2)
     batches = [_batch(seq, n=16, seed=s) for s in range(4)]
-    params = model.init(jax.random.key(0), batches[0])["params"]
+    params = jax.jit(model.init)(jax.random.key(0), batches[0])["params"]
     tx = optax.adam(3e-3)
 
     @jax.jit
@@ -243,7 +244,7 @@ def test_tokens_per_step_must_divide_the_image():
 
 
 def test_latent_shape_mismatch_is_a_clear_error():
-    model, params = _model(), _params()
+    model, params = _model(), _params(1)
     batch = _batch(_seq(), n=2)
     inputs = unifluid_inputs(batch, generation_order(jax.random.key(0), 2, NUM_TOKENS, "raster"))
     wrong = {**inputs, "visual_tokens": jnp.zeros((2, NUM_TOKENS, TOKEN_DIM + 1))}
@@ -260,7 +261,7 @@ def test_a_prompt_longer_than_the_context_is_a_user_error():
     with pytest.raises(UserError, match="the model's context is 24"):
         generate_images(
             decoder,
-            _params(),
+            _params(1),
             TOK,
             ["x" * 30],
             jax.random.key(0),
