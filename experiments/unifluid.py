@@ -97,8 +97,8 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
         depth=4,
         num_heads=4,
         mlp_dim=384,
-        token_dim=patch * patch * 1,
-        num_tokens=16,
+        image_shape=(8, 8, 1),
+        patch_size=patch,
         head_width=128,
         head_depth=3,
         vision_patch=patch,  # pixels
@@ -143,7 +143,8 @@ def _tiny_shapes(c: ml_collections.ConfigDict) -> None:
     # Parameter parity with transfusion.py:tiny_shapes (993k vs 978k): the head and the ViT
     # take their share from the decoder's MLP.
     c.model.update(
-        token_dim=patch * patch * 4,
+        image_shape=(8, 8, 4),
+        patch_size=patch,
         mlp_dim=320,
         head_width=64,
         vision_patch=patch * f,
@@ -179,8 +180,8 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
         depth=depth,
         num_heads=heads,
         mlp_dim=mlp,
-        token_dim=2 * 2 * 4,
-        num_tokens=256,
+        image_shape=(32, 32, 4),
+        patch_size=2,
         head_width=1280,
         head_depth=3,
         vision_patch=16,  # SigLIP-So400m's shape

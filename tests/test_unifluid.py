@@ -45,8 +45,8 @@ def _model(**overrides) -> UniFluid:
         depth=2,
         num_heads=2,
         mlp_dim=64,
-        token_dim=TOKEN_DIM,
-        num_tokens=NUM_TOKENS,
+        image_shape=(SIZE, SIZE, CHANNELS),
+        patch_size=PATCH,
         head_width=32,
         head_depth=2,
         vision_patch=PATCH,
@@ -248,7 +248,7 @@ def test_latent_shape_mismatch_is_a_clear_error():
     batch = _batch(_seq(), n=2)
     inputs = unifluid_inputs(batch, generation_order(jax.random.key(0), 2, NUM_TOKENS, "raster"))
     wrong = {**inputs, "visual_tokens": jnp.zeros((2, NUM_TOKENS, TOKEN_DIM + 1))}
-    with pytest.raises(ValueError, match="token_dim"):
+    with pytest.raises(ValueError, match="check the latent shape"):
         jax.jit(lambda b: model.apply({"params": params}, b))(wrong)
     loss_fn = make_unifluid_loss(lambda p, b, rng: model.apply({"params": p}, b))
     odd = {**batch, "images": jnp.zeros((2, 1, SIZE, SIZE + 2, 1))}

@@ -46,8 +46,8 @@ class UniFluid(nn.Module):
     depth: int
     num_heads: int
     mlp_dim: int
-    token_dim: int  # p * p * channels of a visual token
-    num_tokens: int  # visual tokens per image, P
+    image_shape: tuple[int, int, int]  # (H, W, C) of the generated image: pixels or latents
+    patch_size: int = 2  # a visual token is a p x p patch of it
     head_width: int = 256  # diffusion head (MAR: 1,024)
     head_depth: int = 3
     # The understanding encoder: a ViT over vision_patch pixels (F = its patch tokens)
@@ -64,7 +64,21 @@ class UniFluid(nn.Module):
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
+    @property
+    def token_dim(self) -> int:
+        """Values of one visual token: p * p * C."""
+        return self.patch_size**2 * self.image_shape[2]
+
+    @property
+    def num_tokens(self) -> int:
+        """Visual tokens per image, P."""
+        h, w, _ = self.image_shape
+        return (h // self.patch_size) * (w // self.patch_size)
+
     def setup(self) -> None:
+        h, w, _ = self.image_shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image_shape {self.image_shape} is not divisible by patch_size")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.token_embedding = nn.Embed(
             self.vocab_size,
@@ -116,7 +130,8 @@ class UniFluid(nn.Module):
             if got != (self.token_dim,):
                 raise ValueError(
                     f"visual tokens have {got} values each, but the model was built for "
-                    f"token_dim {self.token_dim} (p * p * channels of the patches)"
+                    f"{self.token_dim} (patch_size {self.patch_size} of image_shape "
+                    f"{tuple(self.image_shape)}): check the latent shape"
                 )
         if "noised" in batch and "query_positions" not in batch:
             raise ValueError("noised visual tokens need query_positions (their predicting slots)")
