@@ -2,7 +2,8 @@ r"""UniFluid (Fan et al., 2025): autoregressive generation of continuous visual 
 per-token diffusion head, and image understanding, in one causal decoder.
 
 Tiny run on the bundled real digits in pixel space (8x8 grey, 2x2 patches: 16 visual tokens),
-2 CPU cores, minutes, judged as Transfusion's (generation_accuracy, caption_accuracy):
+judged as Transfusion's: generation_accuracy 0.995, caption_accuracy 0.965 in 7 min 49 s on 2
+shared CPU cores, the final eval included:
 
   python -m mmjax.train --config experiments/unifluid.py:tiny --workdir /tmp/uf_tiny
 
