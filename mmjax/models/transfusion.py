@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.nn import RMSNorm, TimestepEmbed, Transformer
+from mmjax.nn import RMSNorm, TimestepEmbed, llama_decoder
 from mmjax.nn.conv import Conv, GroupNorm, ResnetBlock
 from mmjax.nn.dense import DenseGeneral
 from mmjax.nn.initializers import logical
@@ -175,16 +175,11 @@ class Transfusion(nn.Module):
             self.param_dtype,
         )
         self.time_embed = TimestepEmbed(self.width, **kw)
-        self.decoder = Transformer(
+        self.decoder = llama_decoder(
             self.depth,
             self.num_heads,
             self.mlp_dim,
-            activation="silu",
-            causal=True,
-            norm="rms",
             norm_eps=self.norm_eps,
-            gated_mlp=True,
-            use_bias=False,
             rope_theta=self.rope_theta,
             decode=self.decode,
             remat=self.remat,

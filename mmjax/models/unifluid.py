@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.vit import VisionTransformer
-from mmjax.nn import RMSNorm, Transformer
+from mmjax.nn import RMSNorm, llama_decoder
 from mmjax.nn.dense import DenseGeneral
 from mmjax.nn.diffusion_head import DiffusionHead
 from mmjax.nn.initializers import logical
@@ -103,16 +103,11 @@ class UniFluid(nn.Module):
             **kw,
         )
         self.feature_in = DenseGeneral((self.width,), (None, "embed"), **kw)
-        self.decoder = Transformer(
+        self.decoder = llama_decoder(
             self.depth,
             self.num_heads,
             self.mlp_dim,
-            activation="silu",
-            causal=True,
-            norm="rms",
             norm_eps=self.norm_eps,
-            gated_mlp=True,
-            use_bias=False,
             rope_theta=self.rope_theta,
             decode=self.decode,
             remat=self.remat,

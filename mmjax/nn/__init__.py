@@ -6,7 +6,7 @@ from mmjax.nn.norms import LayerNorm, RMSNorm, make_norm
 from mmjax.nn.patch_embed import PatchEmbed
 from mmjax.nn.rope import apply_rope
 from mmjax.nn.timestep import TimestepEmbed, sinusoidal
-from mmjax.nn.transformer import Transformer, TransformerBlock
+from mmjax.nn.transformer import Transformer, TransformerBlock, llama_decoder
 
 __all__ = [
     "LayerNorm",
@@ -18,6 +18,7 @@ __all__ = [
     "Transformer",
     "TransformerBlock",
     "apply_rope",
+    "llama_decoder",
     "make_norm",
     "sinusoidal",
 ]

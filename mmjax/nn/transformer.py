@@ -123,6 +123,26 @@ class Transformer(nn.Module):
         return x
 
 
+def llama_decoder(
+    depth: int, num_heads: int, mlp_dim: int, *, norm_eps: float, rope_theta: float, **kw
+) -> Transformer:
+    """The causal Llama stack of the unified decoders (Transfusion Sec. 4.1, UniFluid): RMSNorm,
+    bias-free SwiGLU, RoPE; `kw` passes decode, remat, attention_impl and dtypes."""
+    return Transformer(
+        depth,
+        num_heads,
+        mlp_dim,
+        activation="silu",
+        causal=True,
+        norm="rms",
+        norm_eps=norm_eps,
+        gated_mlp=True,
+        use_bias=False,
+        rope_theta=rope_theta,
+        **kw,
+    )
+
+
 def _at(x: jnp.ndarray | None, index: jnp.ndarray) -> jnp.ndarray | None:
     """Row b of x [B, L, ...] at position index[b] -> [B, 1, ...]."""
     if x is None:
