@@ -25,7 +25,7 @@ from mmjax.objectives.unifluid import (
     tokens_to_images,
     unifluid_inputs,
 )
-from mmjax.sampling.transfusion import TOKEN_KEYS, _empty_cache, _run
+from mmjax.sampling.transfusion import TOKEN_KEYS, empty_cache, run_cached
 from mmjax.sampling.unifluid import caption_images, generate_images, step_indices
 
 TOK = WithImageMarkers(ByteTokenizer())
@@ -126,9 +126,9 @@ def test_decoding_with_a_kv_cache_equals_the_full_forward_pass(tokens_per_step):
     want = jax.jit(model.apply)({"params": params}, full)
 
     decoder = model.clone(decode=True)
-    run = jax.jit(functools.partial(_run, decoder))
+    run = jax.jit(functools.partial(run_cached, decoder))
     boi = int(row["query_positions"][0, 0])
-    cache = _empty_cache(decoder, {**batch, "cache_offset": 0})
+    cache = empty_cache(decoder, {**batch, "cache_offset": 0})
     prompt = {k: v[:, :boi] for k, v in batch.items()}
     out, cache = run(params, cache, {**prompt, "cache_offset": 0})
     np.testing.assert_allclose(out["logits"], want["logits"][:, :boi], atol=1e-5)

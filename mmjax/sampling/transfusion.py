@@ -47,18 +47,19 @@ def image_prompts(
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def _empty_cache(decoder: nn.Module, batch: dict) -> Any:
+def empty_cache(decoder: nn.Module, batch: dict) -> Any:
     """Zeros shaped as the cache `decoder` keeps for full-length `batch`es."""
     shapes = jax.eval_shape(decoder.init, jax.random.key(0), batch)["cache"]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _run(decoder: nn.Module, params: Any, cache: Any, chunk: dict) -> tuple[dict, Any]:
+def run_cached(decoder: nn.Module, params: Any, cache: Any, chunk: dict) -> tuple[dict, Any]:
+    """`chunk` through the KV-cached `decoder`: (outputs, the updated cache)."""
     out, state = decoder.apply({"params": params, "cache": cache}, chunk, mutable=["cache"])
     return out, state["cache"]
 
 
-def _rows_slice(x: jax.Array, starts: jax.Array, size: int) -> jax.Array:
+def rows_slice(x: jax.Array, starts: jax.Array, size: int) -> jax.Array:
     """Per row b: x[b, starts[b] : starts[b] + size]."""
     return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, size, 0))(x, starts)
 
@@ -114,14 +115,14 @@ def _generate(
 ) -> jax.Array:
     n = both["tokens"].shape[0] // 2
     starts = both["image_positions"][:, 0, 0]
-    block = {k: _rows_slice(both[k], starts, s.num_patches) for k in TOKEN_KEYS}
+    block = {k: rows_slice(both[k], starts, s.num_patches) for k in TOKEN_KEYS}
     block["image_positions"] = jnp.broadcast_to(
         jnp.arange(s.num_patches), (2 * n, 1, s.num_patches)
     )
     block["cache_offset"] = starts
     # Prompt prefill: causality makes the prompt's keys independent of the image slots.
     full = {**both, "images": jnp.zeros((2 * n, 1, *s.image_shape)), "cache_offset": 0}
-    _, cache = _run(decoder, params, _empty_cache(decoder, full), full)
+    _, cache = run_cached(decoder, params, empty_cache(decoder, full), full)
 
     def denoise(x_t: jax.Array, t: jax.Array) -> jax.Array:
         time = t.astype(jnp.float32) * (s.num_train_steps if s.sampler == "euler" else 1.0)
@@ -130,7 +131,7 @@ def _generate(
             "images": jnp.concatenate([x_t, x_t])[:, None],
             "timesteps": jnp.concatenate([time, time])[:, None],
         }
-        pred = _run(decoder, params, cache, chunk)[0]["image_pred"][:, 0]
+        pred = run_cached(decoder, params, cache, chunk)[0]["image_pred"][:, 0]
         return cfg(pred[:n], pred[n:], s.cfg_scale)
 
     noise_rng, step_rng = jax.random.split(rng)
@@ -171,10 +172,10 @@ def caption_images(
 def _caption(decoder: nn.Module, ids: tuple[int, int, int], params: Any, batch: dict):
     start, pad_id, eos_id = ids
     n, max_len = batch["tokens"].shape
-    cache = _empty_cache(decoder, {**batch, "cache_offset": 0})
+    cache = empty_cache(decoder, {**batch, "cache_offset": 0})
     prompt = {k: batch[k][:, :start] for k in TOKEN_KEYS}
     prompt.update(images=batch["images"], image_positions=batch["image_positions"])
-    out, cache = _run(decoder, params, cache, {**prompt, "cache_offset": 0})
+    out, cache = run_cached(decoder, params, cache, {**prompt, "cache_offset": 0})
     tokens = batch["tokens"]
     first = jnp.argmax(out["logits"][:, -1], -1).astype(tokens.dtype)
 
@@ -185,7 +186,7 @@ def _caption(decoder: nn.Module, ids: tuple[int, int, int], params: Any, batch: 
         done = done | (next_id == eos_id)
         chunk = {k: jax.lax.dynamic_slice_in_dim(batch[k], i, 1, 1) for k in TOKEN_KEYS}
         chunk.update(tokens=next_id[:, None], cache_offset=jnp.full((n,), i))
-        out, cache = _run(decoder, params, cache, chunk)
+        out, cache = run_cached(decoder, params, cache, chunk)
         return tokens, cache, jnp.argmax(out["logits"][:, 0], -1), done
 
     carry = (tokens, cache, first, jnp.zeros((n,), bool))

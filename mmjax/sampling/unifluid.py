@@ -26,7 +26,7 @@ from mmjax.errors import UserError
 from mmjax.objectives.diffusion import Schedule
 from mmjax.objectives.unifluid import ORDERS, generation_order, tokens_to_images
 from mmjax.sampling.diffusion import cfg, ddpm_sample
-from mmjax.sampling.transfusion import TOKEN_KEYS, _empty_cache, _rows_slice, _run
+from mmjax.sampling.transfusion import TOKEN_KEYS, empty_cache, rows_slice, run_cached
 
 
 def _rows(
@@ -118,13 +118,13 @@ def _generate(
     boi = both["query_positions"][:, 0, 0]
     # Prompt prefill: causality makes the prompt's keys independent of the later slots.
     full = {**{k: both[k] for k in TOKEN_KEYS}, "cache_offset": 0}
-    _, cache = _run(decoder, params, _empty_cache(decoder, full), full)
+    _, cache = run_cached(decoder, params, empty_cache(decoder, full), full)
     token_dim = decoder.token_dim
     arange = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (two_n, m))
 
     def step(g: int, carry: tuple) -> tuple:
         values, cache = carry  # values [N, P, D] in generation order
-        chunk = {k: _rows_slice(both[k], boi + g * m, m) for k in TOKEN_KEYS}
+        chunk = {k: rows_slice(both[k], boi + g * m, m) for k in TOKEN_KEYS}
         known, queried = step_indices(g, m)
         chunk["visual_tokens"] = jnp.concatenate([jnp.take(values, known, axis=1)] * 2)
         chunk["order"] = jnp.take(order2, known, axis=1)
@@ -132,7 +132,7 @@ def _generate(
         chunk["query_positions"] = arange
         chunk["query_order"] = jnp.take(order2, queried, axis=1)
         chunk["cache_offset"] = boi + g * m
-        out, cache = _run(decoder, params, cache, chunk)
+        out, cache = run_cached(decoder, params, cache, chunk)
         z = out["z"].reshape(two_n * m, -1)  # cond rows first, then uncond
 
         def denoise(x_t: jax.Array, t: jax.Array) -> jax.Array:
@@ -206,14 +206,14 @@ def caption_images(
 def _caption(decoder: nn.Module, ids: tuple, params: Any, batch: dict, rng: jax.Array):
     start, pad_id, eos_id, temperature, top_p = ids
     n, max_len = batch["tokens"].shape
-    cache = _empty_cache(decoder, {k: batch[k] for k in TOKEN_KEYS} | {"cache_offset": 0})
+    cache = empty_cache(decoder, {k: batch[k] for k in TOKEN_KEYS} | {"cache_offset": 0})
     prompt = {k: batch[k][:, :start] for k in TOKEN_KEYS}
     prompt.update(
         understand_images=batch["understand_images"],
         feature_positions=batch["feature_positions"],
         cache_offset=0,
     )
-    out, cache = _run(decoder, params, cache, prompt)
+    out, cache = run_cached(decoder, params, cache, prompt)
     tokens = batch["tokens"]
     first = sample_token(jax.random.fold_in(rng, start), out["logits"][:, -1], temperature, top_p)
 
@@ -224,7 +224,7 @@ def _caption(decoder: nn.Module, ids: tuple, params: Any, batch: dict, rng: jax.
         done = done | (next_id == eos_id)
         chunk = {k: jax.lax.dynamic_slice_in_dim(batch[k], i, 1, 1) for k in TOKEN_KEYS}
         chunk.update(tokens=next_id[:, None], cache_offset=jnp.full((n,), i))
-        out, cache = _run(decoder, params, cache, chunk)
+        out, cache = run_cached(decoder, params, cache, chunk)
         logits = out["logits"][:, 0]
         return tokens, cache, sample_token(jax.random.fold_in(rng, i + 1), logits, *ids[3:]), done
 
