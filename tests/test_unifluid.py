@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmjax.data.sequences import SEQUENCE_DEFAULTS, transfusion_example, unifluid_layout
+from mmjax.data.sequences import SEQUENCE_DEFAULTS, sequence_example, unifluid_layout
 from mmjax.data.tokenizer import ByteTokenizer, WithImageMarkers
 from mmjax.errors import UserError
 from mmjax.models.unifluid import UniFluid
@@ -67,7 +67,7 @@ def _batch(seq: ml_collections.ConfigDict, n: int = 8, seed: int = 0) -> dict:
         bright = rng.random() < 0.5
         image = rng.uniform(0.2 if bright else -1.0, 1.0 if bright else -0.2, (SIZE, SIZE, 1))
         caption = TOK.encode("light" if bright else "dark")
-        rows.append(transfusion_example(image, caption, TOK, seq, rng))
+        rows.append(sequence_example(image, caption, TOK, seq, rng))
     return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
 
 
@@ -238,7 +238,7 @@ def test_unpaired_image_markers_are_a_user_error():
 
 def test_tokens_per_step_must_divide_the_image():
     with pytest.raises(UserError, match="tokens_per_step 3"):
-        transfusion_example(
+        sequence_example(
             np.zeros((SIZE, SIZE, 1)), [5], TOK, _seq(tokens_per_step=3), np.random.default_rng()
         )
 

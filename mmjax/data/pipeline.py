@@ -14,7 +14,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, build_augment_ops, build_image_ops
-from mmjax.data.sequences import transfusion_example
+from mmjax.data.sequences import sequence_example
 from mmjax.data.sources import (
     DIGIT_NAMES,
     DIGIT_PROMPT_TEMPLATES,
@@ -64,9 +64,7 @@ def _train_preprocess_fn(
         image = augment(example["image"], rng)
         if seq.get("kind"):
             ids = tokenizer.encode(record["caption"])
-            return transfusion_example(image, ids, tokenizer, seq, rng) | {
-                "label": example["label"]
-            }
+            return sequence_example(image, ids, tokenizer, seq, rng) | {"label": example["label"]}
         return {**example, "image": image}
 
     return apply

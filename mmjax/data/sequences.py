@@ -74,10 +74,7 @@ def transfusion_example(
 ) -> dict[str, np.ndarray]:
     """One sequence: tokens/positions/segment_ids/span_ids/lm_mask [L], images [1, H, W, C],
     image_positions [1, P], image_valid [1], image_first [1] (1 when the image precedes its
-    caption). `tokenizer` has boi_id/eoi_id (WithImageMarkers). Kind "unifluid" (the data
-    pipeline calls this function for every sequence kind) gives `unifluid_example`'s layout."""
-    if seq.kind == "unifluid":
-        return unifluid_example(image, caption_ids, tokenizer, seq, rng)
+    caption). `tokenizer` has boi_id/eoi_id (WithImageMarkers)."""
     num_patches = check_sequence_config(seq, image.shape[0])
     max_len = int(seq.max_len)
     caption_first = rng.random() < seq.caption_first
@@ -206,3 +203,19 @@ def unifluid_layout(
     else:
         out["feature_positions"] = first + np.arange(num_patches, dtype=np.int32)[None]
     return out
+
+
+EXAMPLES = {"transfusion": transfusion_example, "unifluid": unifluid_example}
+
+
+def sequence_example(
+    image: np.ndarray,
+    caption_ids: list[int],
+    tokenizer: Any,
+    seq: ConfigDict,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """One training sequence of `seq.kind`; each kind's example validates `seq` itself."""
+    if seq.kind not in EXAMPLES:
+        check_sequence_config(seq, image.shape[0])  # raises, naming the valid kinds
+    return EXAMPLES[seq.kind](image, caption_ids, tokenizer, seq, rng)

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, build_image_ops
-from mmjax.data.sequences import check_sequence_config, transfusion_example
+from mmjax.data.sequences import check_sequence_config, sequence_example
 from mmjax.data.sources import build_source
 from mmjax.errors import UserError
 from mmjax.evals import generation
@@ -158,7 +158,7 @@ def heldout_sequences(
     seq.caption_drop = 0.0
     rng = np.random.default_rng(0)
     rows = [
-        transfusion_example(image, ctx.tokenizer.encode(r["caption"]), ctx.tokenizer, seq, rng)
+        sequence_example(image, ctx.tokenizer.encode(r["caption"]), ctx.tokenizer, seq, rng)
         for r, image in zip(records, pixels, strict=True)
     ]
     return {k: jax.numpy.asarray(np.stack([row[k] for row in rows])) for k in rows[0]}
