@@ -14,7 +14,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, build_augment_ops, build_image_ops
-from mmjax.data.sequences import sequence_example
+from mmjax.data.sequences import check_vlm_fit, sequence_example
 from mmjax.data.sources import (
     DIGIT_NAMES,
     DIGIT_PROMPT_TEMPLATES,
@@ -55,6 +55,12 @@ def _train_preprocess_fn(
     augment = build_augment_ops(tuple(data_cfg.get("augment", ())), int(data_cfg.image_size))
 
     seq = data_cfg.get("sequence", {})
+    if seq.get("kind") == "vlm" and data_cfg.get("augment"):
+        # Qwen-VL boxes and the spatial questions describe the unaugmented frame
+        raise UserError(
+            f"data.augment {tuple(data_cfg.augment)} moves pixels away from the boxes and "
+            "relations the vlm tasks state: leave data.augment empty"
+        )
 
     def apply(record: dict[str, Any], rng: np.random.Generator) -> Batch:
         captions = record.get("captions")
@@ -64,7 +70,9 @@ def _train_preprocess_fn(
         image = augment(example["image"], rng)
         if seq.get("kind"):
             ids = tokenizer.encode(record["caption"])
-            return sequence_example(image, ids, tokenizer, seq, rng) | {"label": example["label"]}
+            record = {**record, "source": data_cfg.source}
+            row = sequence_example(image, ids, tokenizer, seq, rng, record)
+            return row | {"label": example["label"]}
         return {**example, "image": image}
 
     return apply
@@ -110,6 +118,8 @@ def make_train_iterator(
     if not 0 <= seed < 2**32:
         raise UserError(f"seed must be in [0, 2**32 - 1] for the data shuffle, got {seed}")
     source = build_source(data_cfg, data_cfg.split_train)
+    if data_cfg.get("sequence", {}).get("kind") == "vlm":
+        check_vlm_fit(source, data_cfg.source, tokenizer, data_cfg.sequence)
     ds = (
         grain.MapDataset.source(source)
         .shuffle(seed)

@@ -19,31 +19,51 @@ v_j are the P visual tokens in generation order, m = `tokens_per_step`: the hidd
 slots before v_j (<BOI>, a start slot s_i, or v_{j-m}) predicts it, so a decoding step feeds m
 known tokens and predicts the next m (`query_positions`). Generation slots are causal; the
 F = P image-feature slots f_i (a ViT's patch tokens) see each other.
+
+A VLM (kind "vlm") reads one image and an instruction and is trained on the answer alone
+(LLaVA, Liu et al., 2023, Sec. 4.2); the task pair comes from `vlm_tasks`:
+
+  prefix:    <image> x V  instruction  answer <eos> pad ...   (`visual_positions`: the V slots)
+  flamingo:  <image>  instruction  answer <eos> pad ...       (`media_ids`: the image a token
+                                                               reads through cross-attention)
 """
 
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 from ml_collections import ConfigDict
 
+from mmjax.data.sources import Source
+from mmjax.data.vlm_tasks import TASKS, check_task_weights, sample_pair, task_pairs
 from mmjax.errors import UserError
 
 SEQUENCE_DEFAULTS: dict[str, Any] = dict(
-    kind="",  # "" (image-caption pairs) | transfusion | unifluid
+    kind="",  # "" (image-caption pairs) | transfusion | unifluid | vlm
     max_len=32,
     patch_size=2,
     channels=3,  # 1 keeps the first channel (grey images such as the digits)
     caption_first=0.8,
     caption_drop=0.1,
     tokens_per_step=1,  # unifluid: visual tokens predicted per decoding step
+    mode="prefix",  # vlm: prefix (visual tokens lead the text) | flamingo (one <image> marker)
+    visual_tokens=16,  # vlm prefix: V slots, the connector's output count
+    tasks={task: 1.0 for task in TASKS},  # vlm: task mix weights (vlm_tasks.TASKS)
+    task_identifiers=False,  # vlm: MiniGPT-v2's "[vqa]"-style token leads each instruction
 )
-KINDS = ("transfusion", "unifluid")
+KINDS = ("transfusion", "unifluid", "vlm")
+VLM_MODES = ("prefix", "flamingo")
+_FIT_CHECK_RECORDS = 256  # records whose every task pair must fit max_len before training
 
 
 def check_sequence_config(seq: ConfigDict, image_size: int) -> int:
-    """Validates `data.sequence` against the image size; returns patches per image."""
+    """Validates `data.sequence` against the image size; returns the slots an image takes
+    (its patches; for kind "vlm" its V visual tokens, or the one <image> marker of flamingo)."""
     if seq.kind not in KINDS:
         raise UserError(f"unknown data.sequence.kind {seq.kind!r}; valid: {KINDS}")
+    if seq.kind == "vlm":
+        return check_vlm_config(seq)
     p = int(seq.patch_size)
     if image_size % p:
         raise UserError(f"data.image_size {image_size} is not divisible by patch_size {p}")
@@ -205,7 +225,142 @@ def unifluid_layout(
     return out
 
 
-EXAMPLES = {"transfusion": transfusion_example, "unifluid": unifluid_example}
+def check_vlm_config(seq: ConfigDict) -> int:
+    """Validates the vlm keys of `data.sequence`; returns the slots an image takes."""
+    if seq.mode not in VLM_MODES:
+        raise UserError(f"data.sequence.mode {seq.mode!r} is not one of {VLM_MODES}")
+    v = seq.visual_tokens
+    if seq.mode == "prefix" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise UserError(f"data.sequence.visual_tokens must be an integer >= 1, got {v!r}")
+    if not isinstance(seq.task_identifiers, bool):
+        raise UserError(
+            f"data.sequence.task_identifiers must be True or False, got {seq.task_identifiers!r}"
+        )
+    if not isinstance(seq.tasks, Mapping | ConfigDict):
+        raise UserError(f"data.sequence.tasks must map task names to weights, got {seq.tasks!r}")
+    check_task_weights(dict(seq.tasks))
+    slots = int(v) if seq.mode == "prefix" else 1
+    if slots + 2 > seq.max_len:
+        raise UserError(
+            f"data.sequence.max_len {seq.max_len} cannot hold {slots} image slot(s) plus an "
+            "instruction and <eos>"
+        )
+    return slots
+
+
+def vlm_layout(
+    prompt_ids: list[int], answer_ids: list[int], tokenizer: Any, seq: ConfigDict
+) -> dict[str, np.ndarray]:
+    """The token arrays [L] of one VLM row (module docstring): `tokens`, `targets` (the next
+    token), `loss_mask` (1 where `targets` is one of `answer_ids`), `segment_ids` (0 = padding),
+    `positions`, and `visual_positions` [V] (prefix) or `media_ids` [L] (flamingo: the 1-based
+    index of the latest <image> at or before each token, 0 on padding). `answer_ids` carries
+    its own <eos>; an empty answer lays out a prompt to decode from. `tokenizer` has image_id
+    (WithVlmTokens)."""
+    slots = check_vlm_config(seq)
+    max_len, pad = int(seq.max_len), tokenizer.pad_id
+    ids = [tokenizer.image_id] * slots + [*prompt_ids, *answer_ids]
+    n = len(ids)
+    if n > max_len:
+        raise UserError(
+            f"a vlm sequence of {n} tokens ({slots} image slot(s), {len(prompt_ids)} instruction "
+            f"and {len(answer_ids)} answer tokens with <eos>) exceeds data.sequence.max_len "
+            f"{max_len}"
+        )
+    tokens = np.full((max_len,), pad, np.int32)
+    tokens[:n] = ids
+    targets = np.full((max_len,), pad, np.int32)
+    targets[: n - 1] = ids[1:]
+    loss_mask = np.zeros((max_len,), np.float32)
+    loss_mask[n - 1 - len(answer_ids) : n - 1] = 1.0  # the slots that predict the answer
+    segment_ids = (np.arange(max_len) < n).astype(np.int32)
+    out = {
+        "tokens": tokens,
+        "targets": targets,
+        "loss_mask": loss_mask,
+        "segment_ids": segment_ids,
+        "positions": np.arange(max_len, dtype=np.int32),
+    }
+    if seq.mode == "prefix":
+        out["visual_positions"] = np.arange(slots, dtype=np.int32)
+    else:  # Flamingo: a token reads only the latest image before it (Alayrac et al., Sec. 2.3)
+        markers = np.cumsum(tokens == tokenizer.image_id).astype(np.int32)
+        out["media_ids"] = markers * segment_ids
+    return out
+
+
+def vlm_pair_ids(pair: Any, tokenizer: Any, seq: ConfigDict) -> tuple[list[int], list[int]]:
+    """(instruction ids, answer ids + <eos>) of a `vlm_tasks.TaskPair`."""
+    prompt = tokenizer.encode(pair.prompt(seq.task_identifiers))
+    return prompt, [*tokenizer.encode(pair.answer), tokenizer.eos_id]
+
+
+def vlm_example(
+    image: np.ndarray,
+    record: Mapping[str, Any],
+    tokenizer: Any,
+    seq: ConfigDict,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """One VLM row: a task pair drawn for `record` (which names its data `source`) by
+    `seq.tasks`, laid out by `vlm_layout`, with `images` [H, W, C] (prefix) or [1, H, W, C]
+    (flamingo)."""
+    check_vlm_config(seq)
+    pair = sample_pair(record, record["source"], seq.tasks, rng)
+    try:
+        out = vlm_layout(*vlm_pair_ids(pair, tokenizer, seq), tokenizer, seq)
+    except UserError as e:
+        raise UserError(f"{e}: {pair.prompt(seq.task_identifiers)!r} -> {pair.answer!r}") from None
+    pixels = image[..., : int(seq.channels)].astype(np.float32)
+    return out | {"images": pixels if seq.mode == "prefix" else pixels[None]}
+
+
+def check_vlm_fit(source: Source, source_name: str, tokenizer: Any, seq: ConfigDict) -> None:
+    """Raises before training when a task pair of some record (up to _FIT_CHECK_RECORDS
+    records, evenly spaced) does not fit `seq.max_len`, naming the longest."""
+    slots = check_vlm_config(seq)
+    step = max(1, math.ceil(len(source) / _FIT_CHECK_RECORDS))
+    longest, text = 0, ""
+    for index in range(0, len(source), step):
+        record = source[index]
+        for task, weight in seq.tasks.items():
+            for pair in task_pairs(record, task, source_name) if weight > 0 else []:
+                n = slots + sum(len(ids) for ids in vlm_pair_ids(pair, tokenizer, seq))
+                if n > longest:
+                    longest, text = n, f"{pair.prompt(seq.task_identifiers)!r} -> {pair.answer!r}"
+    if longest > seq.max_len:
+        raise UserError(
+            f"data.sequence.max_len {seq.max_len} is too short for the longest task pair, "
+            f"{longest} tokens with {slots} image slot(s) and <eos>: {text}"
+        )
+
+
+Example = Callable[..., dict[str, np.ndarray]]
+
+
+def _reads_caption(example: Example) -> Example:
+    """A layout of the caption ids alone, as the dispatcher calls it."""
+    return lambda image, caption_ids, tokenizer, seq, rng, record: example(
+        image, caption_ids, tokenizer, seq, rng
+    )
+
+
+def _reads_record(example: Example) -> Example:
+    """A layout of the whole record (scene metadata included), as the dispatcher calls it."""
+
+    def call(image, caption_ids, tokenizer, seq, rng, record):
+        if record is None:
+            raise ValueError(f"data.sequence.kind {seq.kind!r} lays out a record: pass `record`")
+        return example(image, record, tokenizer, seq, rng)
+
+    return call
+
+
+EXAMPLES = {
+    "transfusion": _reads_caption(transfusion_example),
+    "unifluid": _reads_caption(unifluid_example),
+    "vlm": _reads_record(vlm_example),
+}
 
 
 def sequence_example(
@@ -214,8 +369,11 @@ def sequence_example(
     tokenizer: Any,
     seq: ConfigDict,
     rng: np.random.Generator,
+    record: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """One training sequence of `seq.kind`; each kind's example validates `seq` itself."""
+    """One training sequence of `seq.kind`; each kind's example validates `seq` itself.
+    `record` is the source record plus its data `source` name, for layouts that read more
+    than the caption (vlm)."""
     if seq.kind not in EXAMPLES:
         check_sequence_config(seq, image.shape[0])  # raises, naming the valid kinds
-    return EXAMPLES[seq.kind](image, caption_ids, tokenizer, seq, rng)
+    return EXAMPLES[seq.kind](image, caption_ids, tokenizer, seq, rng, record)

@@ -2,10 +2,13 @@
 
 Both share the special ids convention the models rely on: pad = 0 (masked out), then bos and
 eos; `tokenize` frames every text as [bos] + ids + [eos] and pads to a fixed length.
+`WithSpecialTokens` appends single-id specials after any base vocabulary: Transfusion's
+<BOI>/<EOI>, and the VLM sequences' <image>, <ref></ref><box></box> and task identifiers.
 """
 
 import abc
 import io
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,6 +17,7 @@ from etils import epath
 from ml_collections import ConfigDict
 
 from mmjax.data.sources import build_source, sample_captions
+from mmjax.data.vlm_tasks import IMAGE_TOKEN, SPECIAL_TOKENS, task_texts
 from mmjax.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -75,10 +79,13 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
 
     @classmethod
-    def train(cls, texts: Sequence[str], vocab_size: int) -> "SentencePieceTokenizer":
+    def train(
+        cls, texts: Sequence[str], vocab_size: int, *, split_digits: bool = False
+    ) -> "SentencePieceTokenizer":
         """Trains a BPE model on `texts`, deterministically (one thread, fixed order).
 
-        `hard_vocab_limit=False` makes `vocab_size` an upper bound, so tiny corpora still train.
+        `hard_vocab_limit=False` makes `vocab_size` an upper bound, so tiny corpora still train;
+        `split_digits` makes every digit its own piece (numbers spelled digit by digit).
         """
         sentences = [t.replace("\n", " ") for t in texts if t.strip()]
         if not sentences:
@@ -95,6 +102,7 @@ class SentencePieceTokenizer(Tokenizer):
             unk_id=1,
             bos_id=2,
             eos_id=3,
+            split_digits=split_digits,
             num_threads=1,
             minloglevel=2,
         )
@@ -175,38 +183,99 @@ class HFTokenizer(Tokenizer):
         return f"HFTokenizer({self.path!r})"
 
 
-class WithImageMarkers(Tokenizer):
-    """A tokenizer plus two ids after its vocabulary: <BOI> and <EOI>, the brackets of an
-    image inside a mixed-modal sequence (Transfusion Sec. 2.2)."""
+class WithSpecialTokens(Tokenizer):
+    """A tokenizer plus special tokens after its vocabulary, one id each.
 
-    def __init__(self, base: Tokenizer) -> None:
+    `encode` maps each special's text inside a string (e.g. "<ref>") to its id and the text
+    between specials through the base; `decode` writes the specials back as their text.
+    """
+
+    def __init__(self, base: Tokenizer, specials: Sequence[str]) -> None:
+        if len(set(specials)) != len(specials) or not all(specials):
+            raise ValueError(f"special tokens must be distinct and non-empty, got {specials}")
         self.base = base
         self.pad_id, self.bos_id, self.eos_id = base.pad_id, base.bos_id, base.eos_id
-        self.boi_id, self.eoi_id = base.vocab_size, base.vocab_size + 1
+        self.special_ids = {text: base.vocab_size + k for k, text in enumerate(specials)}
+        self._special_texts = {i: text for text, i in self.special_ids.items()}
+        longest_first = sorted(specials, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
     @property
     def vocab_size(self) -> int:
-        return self.base.vocab_size + 2
+        return self.base.vocab_size + len(self.special_ids)
 
     def encode(self, text: str) -> list[int]:
-        return self.base.encode(text)
+        ids = []
+        for part in self._split.split(text):
+            if part in self.special_ids:
+                ids.append(self.special_ids[part])
+            elif part:
+                ids += self.base.encode(part)
+        return ids
 
     def _decode_ids(self, ids: list[int]) -> str:
-        return self.base._decode_ids([i for i in ids if i < self.base.vocab_size])
+        pieces, run = [], []
+        for i in ids:
+            if i in self._special_texts:
+                pieces += [self.base._decode_ids(run), self._special_texts[i]]
+                run = []
+            elif i < self.base.vocab_size:
+                run.append(i)
+        return "".join([*pieces, self.base._decode_ids(run)])
 
     def tokenize(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+        """Framed as the base frames text (HF checkpoints keep their own specials)."""
         return self.base.tokenize(texts, max_len)
+
+    def __repr__(self) -> str:
+        return f"WithSpecialTokens({self.base!r}, {tuple(self.special_ids)})"
+
+
+class WithImageMarkers(WithSpecialTokens):
+    """A tokenizer plus <BOI> and <EOI>, the brackets of an image inside a mixed-modal
+    sequence (Transfusion Sec. 2.2)."""
+
+    def __init__(self, base: Tokenizer) -> None:
+        super().__init__(base, ("<BOI>", "<EOI>"))
+        self.boi_id, self.eoi_id = self.special_ids["<BOI>"], self.special_ids["<EOI>"]
 
     def __repr__(self) -> str:
         return f"WithImageMarkers({self.base!r})"
 
 
+class WithVlmTokens(WithSpecialTokens):
+    """A tokenizer plus the specials of VLM sequences (`vlm_tasks.SPECIAL_TOKENS`): the
+    <image> placeholder, Qwen-VL's <ref></ref><box></box> and MiniGPT-v2's task identifiers."""
+
+    def __init__(self, base: Tokenizer) -> None:
+        super().__init__(base, SPECIAL_TOKENS)
+        self.image_id = self.special_ids[IMAGE_TOKEN]
+
+    def __repr__(self) -> str:
+        return f"WithVlmTokens({self.base!r})"
+
+
 def load_or_train_tokenizer(data_cfg: ConfigDict, workdir: str | None, *, write: bool) -> Tokenizer:
-    """The tokenizer of `data_cfg`, with <BOI>/<EOI> ids when its sequences hold images."""
+    """The tokenizer of `data_cfg`, with the specials its sequences hold: <BOI>/<EOI> for
+    mixed-modal sequences, `WithVlmTokens`'s for data.sequence.kind "vlm"."""
     tokenizer = _base_tokenizer(data_cfg, workdir, write=write)
-    if data_cfg.get("sequence", {}).get("kind"):
+    kind = data_cfg.get("sequence", {}).get("kind")
+    if kind == "vlm":
+        return WithVlmTokens(tokenizer)
+    if kind:
         return WithImageMarkers(tokenizer)
     return tokenizer
+
+
+def _train_sentencepiece(data_cfg: ConfigDict) -> "SentencePieceTokenizer":
+    """A SentencePiece model of the train split's captions, or for VLM sequences of the
+    instructions and answers of every task, with each digit its own token (box coordinates)."""
+    source = build_source(data_cfg, data_cfg.split_train)
+    vocab_size = int(data_cfg.vocab_size)
+    if data_cfg.get("sequence", {}).get("kind") == "vlm":
+        texts = task_texts(source, data_cfg.source, _MAX_TRAINING_CAPTIONS)
+        return SentencePieceTokenizer.train(texts, vocab_size, split_digits=True)
+    return SentencePieceTokenizer.train(sample_captions(source, _MAX_TRAINING_CAPTIONS), vocab_size)
 
 
 def _base_tokenizer(data_cfg: ConfigDict, workdir: str | None, *, write: bool) -> Tokenizer:
@@ -231,10 +300,7 @@ def _base_tokenizer(data_cfg: ConfigDict, workdir: str | None, *, write: bool) -
             return SentencePieceTokenizer(path.read_bytes())
         except RuntimeError as e:
             raise UserError(f"cannot load tokenizer '{path}': {e}") from e
-    source = build_source(data_cfg, data_cfg.split_train)
-    tokenizer = SentencePieceTokenizer.train(
-        sample_captions(source, _MAX_TRAINING_CAPTIONS), int(data_cfg.vocab_size)
-    )
+    tokenizer = _train_sentencepiece(data_cfg)
     if write and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{TOKENIZER_FILE}.tmp"

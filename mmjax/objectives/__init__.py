@@ -14,6 +14,7 @@ from mmjax.objectives.contrastive import (
 )
 from mmjax.objectives.transfusion import make_transfusion_loss
 from mmjax.objectives.unifluid import make_unifluid_loss
+from mmjax.objectives.vlm import make_vlm_loss
 
 ApplyFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], Mapping[str, jax.Array]]
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
@@ -47,6 +48,7 @@ OBJECTIVES: dict[str, Callable[..., LossFn]] = {
     "vae": vae_objective,
     "transfusion": make_transfusion_loss,
     "unifluid": make_unifluid_loss,
+    "vlm": make_vlm_loss,
 }
 
 
