@@ -36,7 +36,13 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from mmjax.data.sources import Source
-from mmjax.data.vlm_tasks import TASKS, check_task_weights, sample_pair, task_pairs
+from mmjax.data.vlm_tasks import (
+    TASKS,
+    caption_variants,
+    check_task_weights,
+    sample_pair,
+    task_pairs,
+)
 from mmjax.errors import UserError
 
 SEQUENCE_DEFAULTS: dict[str, Any] = dict(
@@ -317,14 +323,15 @@ def vlm_example(
 
 def check_vlm_fit(source: Source, source_name: str, tokenizer: Any, seq: ConfigDict) -> None:
     """Raises before training when a task pair of some record (up to _FIT_CHECK_RECORDS
-    records, evenly spaced) does not fit `seq.max_len`, naming the longest."""
+    records, evenly spaced, each with every caption it has) does not fit `seq.max_len`,
+    naming the longest."""
     slots = check_vlm_config(seq)
     step = max(1, math.ceil(len(source) / _FIT_CHECK_RECORDS))
     longest, text = 0, ""
+    tasks = [task for task, weight in seq.tasks.items() if weight > 0]
     for index in range(0, len(source), step):
-        record = source[index]
-        for task, weight in seq.tasks.items():
-            for pair in task_pairs(record, task, source_name) if weight > 0 else []:
+        for record in caption_variants(source[index]):
+            for pair in (p for task in tasks for p in task_pairs(record, task, source_name)):
                 n = slots + sum(len(ids) for ids in vlm_pair_ids(pair, tokenizer, seq))
                 if n > longest:
                     longest, text = n, f"{pair.prompt(seq.task_identifiers)!r} -> {pair.answer!r}"

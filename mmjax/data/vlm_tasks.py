@@ -282,6 +282,12 @@ def check_task_weights(weights: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def caption_variants(record: Record) -> list[Record]:
+    """`record` once per caption in its `captions` (the pipeline draws one per visit)."""
+    captions = record.get("captions") or [record["caption"]]
+    return [{**record, "caption": caption} for caption in captions]
+
+
 def strip_specials(text: str) -> str:
     """`text` with every special token replaced by a space: what a base tokenizer reads."""
     for token in SPECIAL_TOKENS:
@@ -295,8 +301,8 @@ def task_texts(source: Source, source_name: str, max_records: int) -> list[str]:
     step = max(1, math.ceil(len(source) / max_records))
     texts = []
     for index in range(0, len(source), step):
-        record = source[index]
-        for task in TASKS:
-            for pair in task_pairs(record, task, source_name):
-                texts += [strip_specials(pair.instruction), strip_specials(pair.answer)]
+        for record in caption_variants(source[index]):
+            for task in TASKS:
+                for pair in task_pairs(record, task, source_name):
+                    texts += [strip_specials(pair.instruction), strip_specials(pair.answer)]
     return texts
