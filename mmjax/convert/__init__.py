@@ -1,4 +1,5 @@
-"""Weight import: Hugging Face CLIP and SigLIP, and open_clip, into mmjax parameters.
+"""Weight import: Hugging Face CLIP and SigLIP, and open_clip, into mmjax parameters; the
+BLIP-2 Q-Former and the LLaVA projector into mmjax connectors (models/resamplers.py).
 
   imported = mmjax.convert.from_hf_clip(transformers_model_or_local_dir)
   module = imported.module()
@@ -10,6 +11,10 @@ ids. To fine-tune or evaluate imported weights, an experiment sets
 checkpoint file) with `config.data.tokenizer = "hf"` and the checkpoint's tokenizer directory
 in `config.data.tokenizer_path`.
 
+Connectors: `from_hf_blip2` (a BLIP-2 model or a bare Blip2QFormerModel with its query
+tokens) and `from_hf_llava` (a LLaVA model or its LlavaMultiModalProjector with the config)
+return an `ImportedConnector`: `connector` (a `build_connector` config) and `params`.
+
 Each converter checks the architecture, every tensor's presence and every shape against the
 mmjax model it builds, and fails with one line naming what differs.
 """
@@ -18,7 +23,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from mmjax.convert import hf_clip, hf_siglip, open_clip
+from mmjax.convert import hf_blip2, hf_clip, hf_llava, hf_siglip, open_clip
+from mmjax.convert.hf_blip2 import ImportedConnector
 from mmjax.convert.imported import Imported, check_vocab
 from mmjax.errors import UserError
 
@@ -26,6 +32,9 @@ from_hf_clip = hf_clip.convert
 from_hf_siglip = hf_siglip.convert
 from_open_clip = open_clip.convert
 CONVERTERS = {"hf_clip": from_hf_clip, "hf_siglip": from_hf_siglip, "open_clip": from_open_clip}
+from_hf_blip2 = hf_blip2.convert
+from_hf_llava = hf_llava.convert
+CONNECTOR_CONVERTERS = {"hf_blip2": from_hf_blip2, "hf_llava": from_hf_llava}
 
 
 def load(init_from: Mapping[str, Any]) -> Imported:
@@ -44,10 +53,14 @@ def load(init_from: Mapping[str, Any]) -> Imported:
 
 
 __all__ = [
+    "CONNECTOR_CONVERTERS",
     "CONVERTERS",
     "Imported",
+    "ImportedConnector",
     "check_vocab",
+    "from_hf_blip2",
     "from_hf_clip",
+    "from_hf_llava",
     "from_hf_siglip",
     "from_open_clip",
     "load",
