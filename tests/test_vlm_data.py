@@ -194,10 +194,9 @@ boxes = st.tuples(
 def test_iou_is_one_for_identical_boxes_and_zero_for_disjoint_ones(a, b, gap, vertical):
     assert box_iou(a, a) == 1.0
     axis = 1 if vertical else 0
-    shift = a[axis + 2] + gap - b[axis]  # b moved to start `gap` past a's end
-    moved = list(b)
-    moved[axis] += shift
-    moved[axis + 2] += shift
+    moved = list(b)  # b moved to start `gap` past a's end along the axis
+    moved[axis] = a[axis + 2] + gap
+    moved[axis + 2] = moved[axis] + (b[axis + 2] - b[axis])
     assert box_iou(a, moved) == 0.0 == box_iou(moved, a)
     assert 0.0 <= box_iou(a, b) <= 1.0
 

@@ -24,6 +24,8 @@ TOKENIZER_FILE = "tokenizer.model"
 TOKENIZERS = ("sentencepiece", "byte", "hf")
 # Enough text to fit a small vocabulary; bounds the read of a large dataset.
 _MAX_TRAINING_CAPTIONS = 100_000
+# VLM tokenizers read every task's texts of these records (about 30 texts each for shapes)
+_MAX_TASK_RECORDS = 2_000
 
 
 class Tokenizer(abc.ABC):
@@ -273,7 +275,7 @@ def _train_sentencepiece(data_cfg: ConfigDict) -> "SentencePieceTokenizer":
     source = build_source(data_cfg, data_cfg.split_train)
     vocab_size = int(data_cfg.vocab_size)
     if data_cfg.get("sequence", {}).get("kind") == "vlm":
-        texts = task_texts(source, data_cfg.source, _MAX_TRAINING_CAPTIONS)
+        texts = task_texts(source, data_cfg.source, _MAX_TASK_RECORDS)
         return SentencePieceTokenizer.train(texts, vocab_size, split_digits=True)
     return SentencePieceTokenizer.train(sample_captions(source, _MAX_TRAINING_CAPTIONS), vocab_size)
 
@@ -282,8 +284,9 @@ def _base_tokenizer(data_cfg: ConfigDict, workdir: str | None, *, write: bool) -
     """The tokenizer named by `data_cfg.tokenizer`.
 
     SentencePiece: loads `workdir/tokenizer.model` when present (so a resumed run keeps its
-    vocabulary), else trains on the train split's captions. Training is deterministic, so every
-    process trains the same model; only the caller with `write` (process 0) saves it.
+    vocabulary), else trains on the train split's captions (VLM sequences: its task texts).
+    Training is deterministic, so every process trains the same model; only the caller with
+    `write` (process 0) saves it.
     """
     kind = data_cfg.tokenizer
     if kind == "byte":
