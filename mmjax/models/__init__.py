@@ -6,7 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models import clip, siglip, transfusion, unifluid, vae
+from mmjax.models import clip, siglip, transfusion, unifluid, vae, vlm
 
 MODELS = {
     "clip": clip.Model,
@@ -14,6 +14,7 @@ MODELS = {
     "transfusion": transfusion.Model,
     "unifluid": unifluid.Model,
     "vae": vae.Model,
+    "vlm": vlm.Model,
 }
 
 

@@ -33,12 +33,25 @@ class VisionTransformer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, images: jnp.ndarray, *, pooled_only: bool = False
-    ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        self, images: jnp.ndarray, *, pooled_only: bool = False, feature_layer: int | None = None
+    ) -> tuple[jnp.ndarray | None, jnp.ndarray | None]:
         """Images [B, H, W, C] -> (pooled [B, width], tokens [B, N, width]); `pooled_only`
-        skips the last block's other tokens under CLS pooling (tokens: None)."""
+        skips the last block's other tokens under CLS pooling (tokens: None).
+
+        `feature_layer` k returns (None, the encoder's hidden state k) indexed as HF's
+        `hidden_states`: 0 the embeddings after norm_pre, depth (or -1) the last block's
+        output, -2 the penultimate one that LLaVA-1.5 reads; no norm_post, and the blocks
+        after it are neither run nor created."""
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; valid: {POOLS}")
+        depth = self.depth
+        if feature_layer is not None:
+            if not -self.depth - 1 <= feature_layer <= self.depth:
+                raise ValueError(
+                    f"feature_layer {feature_layer} is outside [-{self.depth + 1}, {self.depth}] "
+                    f"for a ViT of depth {self.depth}"
+                )
+            depth = range(self.depth + 1)[feature_layer]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         _check_images(images)
         x = PatchEmbed(
@@ -68,9 +81,9 @@ class VisionTransformer(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         if self.pre_norm:
             x = LayerNorm(name="norm_pre", epsilon=self.norm_eps, **kw)(x)
-        read_cls = pooled_only and self.pool == "cls"
+        read_cls = pooled_only and self.pool == "cls" and feature_layer is None
         x = Transformer(
-            self.depth,
+            depth,
             self.num_heads,
             self.mlp_dim,
             activation=self.activation,
@@ -80,6 +93,8 @@ class VisionTransformer(nn.Module):
             name="encoder",
             **kw,
         )(x, read_at=jnp.zeros(x.shape[:1], jnp.int32) if read_cls else None)
+        if feature_layer is not None:
+            return None, x
         x = LayerNorm(name="norm_post", epsilon=self.norm_eps, **kw)(x)
         if self.pool == "cls":
             return x[:, 0], None if read_cls else x

@@ -1,0 +1,364 @@
+"""Vision-language models: image encoder -> connector -> causal language model.
+
+The connector's visual tokens reach the LM in one of two ways (`mode`):
+
+- "prefix" (LLaVA, BLIP-2 stage 2, MiniGPT-4, Qwen-VL, MiniGPT-v2): the V visual tokens of a
+  row's image replace the token embeddings at its `visual_positions`, and the LM reads them as
+  part of its causal sequence.
+- "flamingo" (Alayrac et al., 2022, Sec. 2.2, Fig. 4): the LM reads text only; a gated
+  cross-attention-dense layer before every N-th LM block lets each token attend to the visual
+  tokens of its media (`media_ids`), through tanh gates initialised at 0, so that at
+  initialisation the model computes exactly its LM.
+
+Parameters: `lm` (the LM alone, `VLM.language_model()`: token embedding, nn.llama_decoder's
+blocks, final norm, head, under the names Transfusion's decoder uses), `vision` (a
+models.vit.VisionTransformer), `connector` (models.resamplers.build_connector) and
+`gated_xattn{i}` (the Flamingo layer before LM block i). Freezing `lm/**` and `vision/**` by
+path leaves the new layers to train, and a pretrained LM's parameters slot into `lm` unchanged.
+
+Batch (the VLM contract, built by mmjax.data): `tokens`, `segment_ids`, `positions` [B, L];
+`images` [B, H, W, C] with `visual_positions` [B, V] (prefix; slots >= L are dropped), or
+[B, M, H, W, C] with `media_ids` [B, L] (flamingo: 1-based media index per token, 0 = none).
+With `decode`, batches are chunks written into the KV cache at `cache_offset`: the first
+(the prompt) carries the images; later ones omit them (flamingo keeps the visual tokens in
+the cache collection).
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.core import freeze
+
+from mmjax.models.resamplers import build_connector
+from mmjax.models.vit import VisionTransformer
+from mmjax.nn import LayerNorm, Mlp, MultiHeadAttention, RMSNorm, TransformerBlock, llama_decoder
+from mmjax.nn.dense import DenseGeneral
+from mmjax.nn.initializers import logical
+
+ACT = ("batch", "length", "act_embed")
+MODES = ("prefix", "flamingo")
+BlockHook = Callable[[int, jnp.ndarray], jnp.ndarray]
+
+
+class LlamaBlocks(nn.Module):
+    """nn.llama_decoder's stack (same parameters, `block{i}`), run block by block so that
+    `before_block(i, x)` can put other layers before block i."""
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10_000.0
+    decode: bool = False
+    remat: bool = False
+    attention_impl: str = "auto"
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        segment_ids: jnp.ndarray | None,
+        positions: jnp.ndarray,
+        cache_offset: jnp.ndarray | None = None,
+        before_block: BlockHook | None = None,
+    ) -> jnp.ndarray:
+        stack = llama_decoder(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            norm_eps=self.norm_eps,
+            rope_theta=self.rope_theta,
+            decode=self.decode,
+            remat=self.remat,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            parent=None,
+        )
+        fields = {
+            f.name: getattr(stack, f.name)
+            for f in dataclasses.fields(TransformerBlock)
+            if f.name not in ("parent", "name")
+        }
+        block = nn.remat(TransformerBlock) if stack.remat else TransformerBlock
+        for i in range(stack.depth):
+            if before_block is not None:
+                x = before_block(i, x)
+            x = block(**fields, name=f"block{i}")(x, segment_ids, None, positions, cache_offset)
+        return x
+
+
+class CausalLM(nn.Module):
+    """A Llama-style causal LM, tokens [B, L] -> logits [B, L, vocab] (f32); `embed` and
+    `logits` are its two halves, for a VLM that edits the embeddings or adds layers."""
+
+    vocab_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    decode: bool = False
+    remat: bool = False
+    attention_impl: str = "auto"
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.token_embedding = nn.Embed(
+            self.vocab_size,
+            self.width,
+            embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
+            param_dtype=self.param_dtype,
+        )
+        self.decoder = LlamaBlocks(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            norm_eps=self.norm_eps,
+            rope_theta=self.rope_theta,
+            decode=self.decode,
+            remat=self.remat,
+            attention_impl=self.attention_impl,
+            **kw,
+        )
+        self.norm_final = RMSNorm(epsilon=self.norm_eps, **kw)
+        self.lm_head = DenseGeneral((self.vocab_size,), ("embed", "vocab"), use_bias=False, **kw)
+
+    def embed(self, tokens: jnp.ndarray) -> jnp.ndarray:
+        """Token ids [B, L] -> embeddings [B, L, width]."""
+        return self.token_embedding(tokens).astype(self.dtype)
+
+    def logits(
+        self,
+        x: jnp.ndarray,
+        segment_ids: jnp.ndarray | None,
+        positions: jnp.ndarray,
+        cache_offset: jnp.ndarray | None = None,
+        before_block: BlockHook | None = None,
+    ) -> jnp.ndarray:
+        """Embeddings [B, L, width] -> logits [B, L, vocab] in f32."""
+        x = nn.with_logical_constraint(x, ACT)
+        x = self.decoder(x, segment_ids, positions, cache_offset, before_block)
+        return self.lm_head(self.norm_final(x)).astype(jnp.float32)
+
+    def __call__(
+        self,
+        tokens: jnp.ndarray,
+        segment_ids: jnp.ndarray | None,
+        positions: jnp.ndarray,
+        cache_offset: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
+        return self.logits(self.embed(tokens), segment_ids, positions, cache_offset)
+
+
+class GatedCrossAttentionDense(nn.Module):
+    """Flamingo's gated xattn-dense layer (Alayrac et al., 2022, Sec. 2.2, Fig. 4):
+    x + tanh(a_xattn) XAttn(LN(x), media), then x + tanh(a_dense) FFW(LN(x)); the scalar gates
+    start at 0, so at initialisation the layer returns x exactly.
+
+    Token i attends to the media tokens whose `media_index` equals its `media_ids[i]` (through
+    the kernels' segment ids); id 0 attends to nothing, and its cross-attention adds 0.
+    """
+
+    num_heads: int
+    mlp_dim: int
+    norm_eps: float = 1e-5
+    attention_impl: str = "auto"
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        media: jnp.ndarray,
+        media_ids: jnp.ndarray,
+        media_index: jnp.ndarray,
+    ) -> jnp.ndarray:
+        """x [B, L, D], media [B, S, D], media_ids [B, L], media_index [B, S] -> [B, L, D]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def gate(name: str) -> jnp.ndarray:
+            alpha = self.param(name, logical(nn.initializers.zeros_init()), (), self.param_dtype)
+            return jnp.tanh(alpha).astype(self.dtype)
+
+        y = LayerNorm(epsilon=self.norm_eps, name="norm_xattn", **kw)(x)
+        y = MultiHeadAttention(
+            self.num_heads, use_bias=False, impl=self.attention_impl, name="xattn", **kw
+        )(y, media.astype(self.dtype), segment_ids=media_ids, kv_segment_ids=media_index)
+        x = nn.with_logical_constraint(x + gate("xattn_gate") * y, ACT)
+        y = LayerNorm(epsilon=self.norm_eps, name="norm_dense", **kw)(x)
+        y = Mlp(self.mlp_dim, activation="gelu", name="dense", **kw)(y)
+        return nn.with_logical_constraint(x + gate("dense_gate") * y, ACT)
+
+
+class VLM(nn.Module):
+    """Encoder -> connector -> causal LM; `__call__(batch)` -> {"logits" [B, L, vocab] (f32),
+    and where the batch has images "visual_tokens" [B, V, D] (prefix) or [B, M, V, D]}.
+
+    `vision`: VisionTransformer fields (its patch tokens feed the connector; the CLS token is
+    dropped unless `keep_cls`, as LLaVA does); `feature_layer`: read the ViT's hidden state
+    of that index instead of its output (LLaVA-1.5: -2); `connector`: build_connector's
+    config, whose out_dim must be `width`. The LM: vocab_size, width, depth, num_heads,
+    mlp_dim. Flamingo: a gated layer before LM blocks N-1, 2N-1, ... (N =
+    `cross_attention_every`; Flamingo-3B N=1, 9B N=4, 80B N=7), its FFW `mlp_dim` wide.
+    """
+
+    vision: Mapping[str, Any]
+    connector: Mapping[str, Any]
+    vocab_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    mode: str = "prefix"
+    cross_attention_every: int = 1
+    feature_layer: int | None = None
+    keep_cls: bool = False
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    decode: bool = False  # KV cache: batches are chunks written at `cache_offset`
+    remat: bool = False
+    attention_impl: str = "auto"
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        # Frozen (hashable) configs, so that a VLM can be a static argument of jax.jit.
+        object.__setattr__(self, "vision", freeze(dict(self.vision)))
+        object.__setattr__(self, "connector", freeze(dict(self.connector)))
+        super().__post_init__()
+
+    @nn.nowrap  # unbound when called outside apply: CausalLM(...).apply(params["lm"], ...)
+    def language_model(self, **kw: Any) -> CausalLM:
+        """The LM alone, as the `lm` submodule is configured: it applies to params["lm"]."""
+        return CausalLM(
+            self.vocab_size,
+            self.width,
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            rope_theta=self.rope_theta,
+            norm_eps=self.norm_eps,
+            decode=self.decode,
+            remat=self.remat,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            **kw,
+        )
+
+    @nn.compact
+    def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool = False) -> dict:
+        self._check_batch(batch)
+        lm = self.language_model(name="lm")
+        x = lm.embed(batch["tokens"])
+        visual = self._visual_tokens(batch, train) if "images" in batch else None
+        out = {} if visual is None else {"visual_tokens": visual}
+        before_block = None
+        if self.mode == "prefix" and visual is not None:
+            x = jax.vmap(_scatter)(x, batch["visual_positions"], visual)
+        elif self.mode == "flamingo":
+            before_block = self._gated_layers(self._media(visual), batch["media_ids"])
+        out["logits"] = lm.logits(
+            x, batch["segment_ids"], batch["positions"], batch.get("cache_offset"), before_block
+        )
+        return out
+
+    def _check_batch(self, batch: Mapping[str, jnp.ndarray]) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown VLM mode {self.mode!r}; valid: {MODES}")
+        if "images" not in batch and not self.decode:
+            raise ValueError(
+                "a VLM batch needs images (decoding chunks after the prompt omit them)"
+            )
+        needed = "visual_positions" if self.mode == "prefix" else "media_ids"
+        if needed not in batch and (self.mode == "flamingo" or "images" in batch):
+            raise ValueError(f"a {self.mode} VLM batch needs {needed}")
+
+    def _visual_tokens(self, batch: Mapping[str, jnp.ndarray], train: bool) -> jnp.ndarray:
+        """Images -> the connector's visual tokens, [B, V, width] or [B, M, V, width]."""
+        images = batch["images"]
+        rank, layout = (4, "[B, H, W, C]") if self.mode == "prefix" else (5, "[B, M, H, W, C]")
+        if images.ndim != rank:
+            raise ValueError(
+                f"{self.mode} mode takes images {layout}, got shape {tuple(images.shape)}"
+            )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        vit = VisionTransformer(
+            **{"attention_impl": self.attention_impl, **kw, **self.vision}, name="vision"
+        )
+        _, tokens = vit(images.reshape(-1, *images.shape[-3:]), feature_layer=self.feature_layer)
+        if vit.pool == "cls" and not self.keep_cls:
+            tokens = tokens[:, 1:]
+        visual = build_connector(self.connector, name="connector", **kw)(tokens, train=train)
+        if visual.shape[-1] != self.width:
+            raise ValueError(
+                f"the connector gives visual tokens of width {visual.shape[-1]} but the decoder "
+                f"width is {self.width}: set connector.out_dim = {self.width}"
+            )
+        visual = visual.reshape(*images.shape[:-3], *visual.shape[1:])
+        if self.mode == "prefix":
+            slots = batch["visual_positions"].shape[-1]
+            if slots != visual.shape[1]:
+                raise ValueError(
+                    f"the connector gives {visual.shape[1]} visual tokens per image but "
+                    f"visual_positions has {slots} slots"
+                )
+        return visual
+
+    def _media(self, visual: jnp.ndarray | None) -> jnp.ndarray:
+        """Flamingo's media tokens [B, M, V, D]; when decoding, kept in the cache collection
+        from the chunk with the images (the prompt) for the later chunks."""
+        if visual is not None:
+            if self.decode:
+                self.put_variable("cache", "media", visual)
+            return visual
+        if not self.has_variable("cache", "media"):
+            raise ValueError("the first decoding chunk of a flamingo VLM needs its images")
+        return self.get_variable("cache", "media")
+
+    def _gated_layers(self, media: jnp.ndarray, media_ids: jnp.ndarray) -> BlockHook:
+        """The hook that runs `gated_xattn{i}` before LM block i, for i + 1 a multiple of N."""
+        if self.cross_attention_every < 1:
+            raise ValueError(
+                f"cross_attention_every must be >= 1, got {self.cross_attention_every}"
+            )
+        b, m, v, d = media.shape
+        media_index = jnp.broadcast_to(jnp.repeat(jnp.arange(1, m + 1), v), (b, m * v))
+        media = media.reshape(b, m * v, d)
+        layers = {
+            i: GatedCrossAttentionDense(
+                self.num_heads,
+                self.mlp_dim,
+                norm_eps=self.norm_eps,
+                attention_impl=self.attention_impl,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"gated_xattn{i}",
+            )
+            for i in range(self.depth)
+            if (i + 1) % self.cross_attention_every == 0
+        }
+
+        def before_block(i: int, x: jnp.ndarray) -> jnp.ndarray:
+            return layers[i](x, media, media_ids, media_index) if i in layers else x
+
+        return before_block
+
+
+def _scatter(x: jnp.ndarray, positions: jnp.ndarray, visual: jnp.ndarray) -> jnp.ndarray:
+    """One row: writes visual [V, D] into x [L, D] at positions [V] (beyond L: dropped)."""
+    return x.at[positions].set(visual.astype(x.dtype), mode="drop")
+
+
+Model = VLM
