@@ -15,6 +15,19 @@ experiments/transfusion.py:tiny_shapes, judged by compositional_accuracy:
   python -m mmjax.train --config experiments/unifluid.py:tiny_shapes --workdir /tmp/uf_shapes \
       [--config.latents.vae_workdir=/tmp/vae_tiny]
 
+The tiny run with the understanding encoder of a trained tiny CLIP (or SigLIP) run, frozen: its
+image tower's parameters are copied into UniFluid's ViT (`init_from.load`, vit <- image_tower)
+and get no updates (`optimizer.frozen`); both runs use the 8x8 digits with patch 2, and the
+grey digits are repeated to the 3 channels the encoder was trained on:
+
+  python -m mmjax.train --config experiments/clip.py:tiny --workdir /tmp/clip_tiny
+  python -m mmjax.train --config experiments/unifluid.py:tiny_clip --workdir /tmp/uf_clip \
+      [--config.init_from.path=/tmp/clip_tiny]
+
+(`tiny_siglip` reads /tmp/siglip_tiny; `--config.optimizer.frozen='()'` trains the loaded
+encoder on jointly.) Another image size or patch gives another number of ViT positions; the run
+then stops with one line naming `vit/pos_embedding` and both shapes.
+
 Sampling from a trained workdir (per-token DDPM, 100 steps, temperature and CFG from the eval):
 
   python -m mmjax.sample --workdir /tmp/uf_tiny --prompt "a handwritten seven" --num 16
@@ -26,20 +39,24 @@ Paper shapes (Gemma-2 decoders, Sec. 4.1; SigLIP-So400m-like image encoder; 256x
   python -m mmjax.train --config experiments/unifluid.py:2B --workdir /gcs/bucket/uf2b \
       --config.data.path=/data/shards
 
-Variants: tiny, tiny_shapes, 2B, 9B.
+Variants: tiny, tiny_shapes, tiny_clip, tiny_siglip, 2B, 9B.
 """
 
 import ml_collections
 
 from mmjax.data import data_config
-from mmjax.train.config_cli import base_config
+from mmjax.models.siglip import IMAGE_DEFAULTS as SIGLIP_IMAGE_DEFAULTS
+from mmjax.train.config_cli import base_config, load_config
 
 # name: (layers, width, heads, kv-free MLP width); Gemma 2 (Gemma Team, 2024, Table 1)
 PAPER_SHAPES = {
     "2B": (26, 2304, 8, 9216),
     "9B": (42, 3584, 16, 14336),
 }
-VARIANTS = ("tiny", "tiny_shapes", *PAPER_SHAPES)
+# tiny_<encoder>: the image tower of experiments/<encoder>.py:tiny, with the defaults its model
+# adds (models/siglip.py), loaded from that run's workdir and frozen
+ENCODERS = {"clip": {}, "siglip": SIGLIP_IMAGE_DEFAULTS}
+VARIANTS = ("tiny", "tiny_shapes", *(f"tiny_{e}" for e in ENCODERS), *PAPER_SHAPES)
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -63,6 +80,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         _tiny(c)
     elif arg == "tiny_shapes":
         _tiny_shapes(c)
+    elif arg.startswith("tiny_"):
+        _tiny_frozen_encoder(c, arg.removeprefix("tiny_"))
     else:
         _paper(c, arg)
     return c
@@ -156,6 +175,32 @@ def _tiny_shapes(c: ml_collections.ConfigDict) -> None:
     # x0 clipped at 3 latent std, as transfusion.py:tiny_shapes (unclipped: compositional 0.0;
     # clipped: 0.06, colour 0.36, count 0.72 on 50 prompts of the same 1,500-step run)
     c.evals.generation.update(clip_x0=3.0)
+
+
+def _tiny_frozen_encoder(c: ml_collections.ConfigDict, encoder: str) -> None:
+    """The tiny model whose ViT is the image tower of a trained experiments/<encoder>.py:tiny
+    run (its workdir /tmp/<encoder>_tiny), frozen."""
+    _tiny(c)
+    source = load_config(f"{encoder}.py:tiny", relative_to=__file__)
+    if source.data.image_size != c.data.image_size:
+        raise ValueError(
+            f"{encoder}.py:tiny trains on {source.data.image_size}px images, unifluid.py:tiny on "
+            f"{c.data.image_size}px: the ViT's position table would not fit"
+        )
+    tower = {**ENCODERS[encoder], **source.model.image}
+    c.model.update(
+        vision_patch=tower.pop("patch_size"),
+        vision_width=tower.pop("width"),
+        vision_depth=tower.pop("depth"),
+        vision_heads=tower.pop("num_heads"),
+        vision_mlp_dim=tower.pop("mlp_dim"),
+        vision_options=tower,
+        vision_channels=3,  # the encoder saw the digits as RGB
+    )
+    c.init_from.update(
+        format="workdir", path=f"/tmp/{encoder}_tiny", step=-1, load={"vit": "image_tower"}
+    )
+    c.optimizer.frozen = ("vit/**",)
 
 
 def _paper(c: ml_collections.ConfigDict, arg: str) -> None:

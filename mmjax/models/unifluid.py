@@ -8,7 +8,9 @@ the slot that predicts a token also gets a learned embedding of that token's ras
 (the "target" position, so a random order tells the decoder which token comes next). The
 decoder's output there conditions a per-token diffusion head (MAR's SimpleMLPAdaLN,
 mmjax/nn/diffusion_head.py). For understanding, a ViT's patch tokens of the clean image are
-projected into the sequence before the text (Sec. 3.2; bidirectional among themselves).
+projected into the sequence before the text (Sec. 3.2; bidirectional among themselves). The ViT
+is models.vit.VisionTransformer (`vision_options` sets its other fields), so a CLIP or SigLIP
+image tower's parameters load into `vit` unchanged (frozen or trained on; experiments/unifluid.py).
 The decoder is Gemma/Llama-like (RMSNorm, SwiGLU, RoPE).
 
 Batch (built by mmjax.data.sequences kind "unifluid" and the objective): `tokens`,
@@ -23,9 +25,13 @@ there. With `decode`, batches are chunks written into the KV cache at `cache_off
 positions are relative to the chunk.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import freeze
 
 from mmjax.models.vit import VisionTransformer
 from mmjax.nn import RMSNorm, llama_decoder
@@ -56,6 +62,12 @@ class UniFluid(nn.Module):
     vision_depth: int = 2
     vision_heads: int = 4
     vision_mlp_dim: int = 128
+    # Further VisionTransformer fields (pool, pre_norm, patch_bias, activation, norm_eps, remat):
+    # a CLIP/SigLIP tower's, to load its parameters; a CLS token is dropped from the features.
+    vision_options: Mapping[str, Any] = freeze({})
+    # Channels the ViT takes (0: the images'): grey images are repeated to 3, as an RGB-trained
+    # encoder saw them (the digits source gives CLIP grey digits as 3 equal channels).
+    vision_channels: int = 0
     rope_theta: float = 10_000.0
     decode: bool = False  # KV cache: batches are chunks written at `cache_offset`
     norm_eps: float = 1e-6  # Gemma's RMSNorm epsilon
@@ -63,6 +75,11 @@ class UniFluid(nn.Module):
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        # A frozen (hashable) mapping, so that the model can be a static argument of jax.jit.
+        object.__setattr__(self, "vision_options", freeze(dict(self.vision_options)))
+        super().__post_init__()
 
     @property
     def token_dim(self) -> int:
@@ -98,9 +115,7 @@ class UniFluid(nn.Module):
             self.vision_depth,
             self.vision_heads,
             self.vision_mlp_dim,
-            pool="gap",
-            attention_impl=self.attention_impl,
-            **kw,
+            **{"pool": "gap", "attention_impl": self.attention_impl, **kw, **self.vision_options},
         )
         self.feature_in = DenseGeneral((self.width,), (None, "embed"), **kw)
         self.decoder = llama_decoder(
@@ -160,12 +175,31 @@ class UniFluid(nn.Module):
             target = self._table(self.target_pos, batch.get("query_order", batch.get("order")))
             x = jax.vmap(_scatter_add)(x, batch["query_positions"], target)
         if "understand_images" in batch:
-            _, feats = self.vit(batch["understand_images"])
+            feats = self._features(batch["understand_images"])
+            if feats.shape[1] != batch["feature_positions"].shape[-1]:
+                raise ValueError(
+                    f"the ViT gives {feats.shape[1]} features per image (vision_patch "
+                    f"{self.vision_patch}) but feature_positions has "
+                    f"{batch['feature_positions'].shape[-1]} slots"
+                )
             x = jax.vmap(_scatter)(x, batch["feature_positions"], self.feature_in(feats))
         x = nn.with_logical_constraint(x, ACT)
         ids = (batch["segment_ids"], batch["span_ids"], batch["positions"])
         x = self.decoder(x, *ids, batch.get("cache_offset"))
         return self.norm_final(x)
+
+    def _features(self, images: jnp.ndarray) -> jnp.ndarray:
+        """The ViT's patch tokens [B, F, vision width] of images [B, H, W, C]."""
+        channels = images.shape[-1]
+        if self.vision_channels and channels != self.vision_channels:
+            if channels != 1:
+                raise ValueError(
+                    f"the ViT takes {self.vision_channels}-channel images but got {channels} "
+                    "channels (only grey images are repeated to its channels)"
+                )
+            images = jnp.repeat(images, self.vision_channels, axis=-1)
+        _, feats = self.vit(images)
+        return feats[:, 1:] if self.vit.pool == "cls" else feats
 
     def _table(self, table: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
         return jnp.take(table.astype(self.dtype), index, axis=0, mode="clip")

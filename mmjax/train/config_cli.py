@@ -29,7 +29,8 @@ def base_config(**optimizer: Any) -> ml_collections.ConfigDict:
     """The keys every experiment shares, at their defaults; experiments set the rest.
 
     `optimizer` overrides AdamW's defaults (lr, b1, b2, eps, weight_decay, warmup_steps,
-    end_factor: the final lr as a fraction of the peak, grad_clip_norm).
+    end_factor: the final lr as a fraction of the peak, grad_clip_norm, frozen: parameter path
+    patterns such as "vision/**" that are not trained, mmjax/train/stages.py).
     """
     from mmjax.parallel import DEFAULT_RULES
 
@@ -40,8 +41,11 @@ def base_config(**optimizer: Any) -> ml_collections.ConfigDict:
     c.distributed = False
     c.max_bad_steps = 5  # NaN/Inf updates skipped in a row before training stops
     # Pretrained weights (mmjax.convert): format hf_clip | hf_siglip | open_clip, a local path,
-    # and for open_clip the model name; their architecture replaces c.model's.
-    c.init_from = dict(format="", path="", name="")
+    # and for open_clip the model name; their architecture replaces c.model's. Or format
+    # workdir: an earlier run's workdir, its checkpoint `step` (-1: latest) and `load`
+    # {dst param prefix: src param prefix} (None: all) copied into this model's fresh params
+    # (mmjax/train/stages.py).
+    c.init_from = dict(format="", path="", name="", step=-1, load=None)
     adamw = dict(
         lr=3e-4,
         b1=0.9,
@@ -51,6 +55,7 @@ def base_config(**optimizer: Any) -> ml_collections.ConfigDict:
         warmup_steps=0,
         end_factor=0.0,
         grad_clip_norm=1.0,
+        frozen=(),
     )
     c.optimizer = dict(name="adamw", **{**adamw, **optimizer})
     c.evals = dict()
@@ -94,14 +99,16 @@ def _import_config_file(path: str):
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-    """Applies `key.sub=value` strings in place; unknown keys and wrong types are UserErrors."""
+    """Applies `key.sub=value` strings in place; unknown keys and wrong types are UserErrors.
+    A group of keys is replaced whole by a dict literal (e.g. `init_from.load={'a': 'b'}`)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"override {item!r} is not of the form --config.key=value")
         parent, leaf = _resolve(config, key)
         old = parent[leaf]
-        parent[leaf] = _parse(key, raw, old)
+        parse = _parse_group if isinstance(old, ml_collections.ConfigDict) else _parse
+        parent[leaf] = parse(key, raw, old)
 
 
 def _resolve(config: ml_collections.ConfigDict, key: str):
@@ -115,13 +122,23 @@ def _resolve(config: ml_collections.ConfigDict, key: str):
                 f"unknown config key {key!r}; valid keys under {prefix!r}: {sorted(node.keys())}"
             )
         if depth == len(parts) - 1:
-            if isinstance(node[part], ml_collections.ConfigDict):
-                raise UserError(
-                    f"config key {key!r} is a group; set one of {sorted(node[part].keys())}"
-                )
             return node, part
         node = node[part]
     raise AssertionError("unreachable")
+
+
+def _parse_group(key: str, raw: str, old: ml_collections.ConfigDict) -> dict:
+    """A dict literal that replaces the group `old`."""
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(
+            f"config key {key!r} is a group; set one of {sorted(old.keys())} or replace it "
+            "whole with a dict literal"
+        )
+    return value
 
 
 def _parse(key: str, raw: str, old):

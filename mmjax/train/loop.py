@@ -24,6 +24,13 @@ from mmjax.train.checkpoint import Checkpointer, abstract_like
 from mmjax.train.latents import load_latent_space
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
+from mmjax.train.stages import (
+    WORKDIR_FORMAT,
+    check_load,
+    check_workdir_source,
+    load_from_workdir,
+    stop_frozen_gradients,
+)
 from mmjax.train.state import TrainState
 
 log = logging.getLogger("mmjax.train")
@@ -115,8 +122,15 @@ class Trainer:
             config.data, workdir, write=self.is_main and workdir is not None
         )
         fill_vocab_size(config.model, self.tokenizer.vocab_size)
+        # config.init_from: converted weights that replace the model (mmjax.convert), or
+        # subtrees of an earlier run's params copied in after init (train/stages.py)
         init_from = config.get("init_from", {})
-        self.imported = self._import(config) if init_from.get("format") else None
+        self.from_workdir = init_from.get("format") == WORKDIR_FORMAT
+        if self.from_workdir:
+            check_workdir_source(init_from)
+        self.imported = (
+            self._import(config) if init_from.get("format") and not self.from_workdir else None
+        )
         self.model = models.build_model(config.model)
         # config.latents: a frozen VAE whose latents the model diffuses (None: pixel space)
         self.latents = load_latent_space(config, self.mesh)
@@ -125,6 +139,9 @@ class Trainer:
         )
         if self.latents is not None:
             self.loss_fn = objectives.on_latents(self.loss_fn, self.latents)
+        frozen = tuple(config.optimizer.get("frozen", ()))
+        if frozen:
+            self.loss_fn = stop_frozen_gradients(self.loss_fn, frozen)
         self.tx, self.schedule = make_optimizer(config.optimizer, config.total_steps)
 
     def _import(self, config: ml_collections.ConfigDict) -> convert.Imported:
@@ -249,8 +266,14 @@ class TrainingRun:
         self.trainer, self.config = trainer, trainer.config
         self.data_iter = trainer.data_iterator()
         self.example_batch = next(trainer.data_iterator())
-        self.state, self.shardings = trainer.init_state(self.example_batch)
         self.ckpt = Checkpointer(workdir, keep=self.config.get("keep_checkpoints", 3))
+        try:
+            if trainer.from_workdir and self.ckpt.latest_step() is None:  # before any compile
+                check_load(self.config.init_from, trainer.abstract_state(self.example_batch).params)
+            self.state, self.shardings = trainer.init_state(self.example_batch)
+        except BaseException:
+            self.ckpt.close()
+            raise
         self.writer = MetricWriter(workdir, active=trainer.is_main)
         self.preemption = _Preemption()
         self.workdir = workdir
@@ -280,6 +303,11 @@ class TrainingRun:
             params = trainer.imported_params(self.example_batch, self.shardings.params)
             self.state = self.state.replace(params=params)
             print(f"Initialised from {dict(self.config.init_from)}", flush=True)
+        elif trainer.from_workdir:
+            params = load_from_workdir(
+                self.config.init_from, self.state.params, self.shardings.params
+            )
+            self.state = self.state.replace(params=params)
         if trainer.is_main:  # only once the workdir's checkpoints are known to fit this config
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))

@@ -1,10 +1,13 @@
-"""Optimizer from config: AdamW, linear warmup + cosine decay, gradient clipping, decay mask."""
+"""Optimizer from config: AdamW, linear warmup + cosine decay, gradient clipping, decay mask,
+and frozen parameters (`frozen`: path patterns, mmjax/train/stages.py)."""
 
 from typing import Any
 
 import jax
 import ml_collections
 import optax
+
+from mmjax.train.stages import freeze_optimizer
 
 NO_DECAY_NAMES = ("bias", "scale", "embedding", "pos_embedding", "cls", "logit_scale")
 
@@ -34,7 +37,8 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
 def make_optimizer(
     cfg: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Returns (optimizer, schedule) for `config.optimizer`."""
+    """Returns (optimizer, schedule) for `config.optimizer`; clipping, AdamW and weight decay
+    see only the parameters that `frozen` leaves to train."""
     if cfg.name != "adamw":
         raise ValueError(f"unknown optimizer.name {cfg.name!r}; valid: ['adamw']")
     schedule = learning_rate_schedule(cfg, total_steps)
@@ -51,4 +55,6 @@ def make_optimizer(
             mask=weight_decay_mask,
         )
     )
-    return optax.chain(*chain), schedule
+    tx = optax.chain(*chain)
+    frozen = tuple(cfg.get("frozen", ()))
+    return (freeze_optimizer(tx, frozen) if frozen else tx), schedule

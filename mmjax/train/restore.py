@@ -28,11 +28,7 @@ def load_trained(workdir: str, overrides: Sequence[str] = ()) -> Trained:
     from mmjax.train.config_cli import apply_overrides
     from mmjax.train.loop import Trainer
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist: is {workdir!r} a training workdir?")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(_tuples(json.load(f)))
+    config = read_config(workdir)
     apply_overrides(config, overrides)
     trainer = Trainer(config, workdir)
     abstract = trainer.abstract_state(next(trainer.data_iterator()))
@@ -45,6 +41,15 @@ def load_trained(workdir: str, overrides: Sequence[str] = ()) -> Trained:
         raise UserError(f"no checkpoint in {ckpt.directory}")
     step, state = restored
     return Trained(config, trainer, step, state.params)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a training run wrote to `workdir/config.json`."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist: is {workdir!r} a training workdir?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(_tuples(json.load(f)))
 
 
 def _tuples(value: Any) -> Any:

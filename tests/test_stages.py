@@ -1,0 +1,178 @@
+"""Staged training: a run starts from exactly the mapped subtrees of an earlier run's
+checkpoint; UniFluid trains on a frozen CLIP image tower that stays bit-identical while the
+rest trains and the optimizer holds no moments for it; bad input gives one error line."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from helpers import FAST, REPO, tiny_clip_config, tree_digest
+
+from mmjax.train import train_and_evaluate
+from mmjax.train.__main__ import main as train_cli
+from mmjax.train.config_cli import apply_overrides, load_config
+from mmjax.train.loop import Trainer
+from mmjax.train.metrics import read_metrics
+from mmjax.train.restore import load_trained
+from mmjax.train.stages import load_from_workdir, matches, param_paths
+
+SOURCE_STEPS = 30  # the earlier run
+TOWER = "image_tower"
+CLIP_TINY = os.path.join(REPO, "experiments", "clip.py:tiny")
+
+
+def _bytes(tree) -> dict[str, bytes]:
+    """{path: the leaf's raw bytes}: equal bytes are bit-identical parameters."""
+    return {p: np.asarray(x).tobytes() for p, x in param_paths(tree).items()}
+
+
+def _under(prefix: str, tree) -> dict[str, bytes]:
+    return {p[len(prefix) + 1 :]: b for p, b in _bytes(tree).items() if p.startswith(prefix + "/")}
+
+
+@pytest.fixture(scope="module")
+def clip_workdir(tmp_path_factory) -> str:
+    workdir = str(tmp_path_factory.mktemp("earlier") / "clip")
+    config = tiny_clip_config(total_steps=SOURCE_STEPS, checkpoint_every=SOURCE_STEPS)
+    config.evals = {}
+    config.optimizer.update(lr=3e-3)
+    train_and_evaluate(config, workdir)
+    return workdir
+
+
+@pytest.mark.parametrize(
+    "pattern, path, expected",
+    [
+        ("vit/**", "vit/encoder/block0/attn/query/kernel", True),
+        ("vit/**", "vit", True),  # ** spans zero segments too
+        ("vit/**", "vitamin/kernel", False),  # whole segments only
+        ("**/bias", "lm/block0/mlp/fc1/bias", True),
+        ("**/bias", "lm/block0/mlp/fc1/kernel", False),
+        ("lm/block[01]/**", "lm/block1/attn/out/kernel", True),
+        ("lm/block[01]/**", "lm/block2/attn/out/kernel", False),
+        ("*/encoder/*/attn/**", "vit/encoder/block3/attn/key/bias", True),
+        ("*_tower", "image_tower/cls", False),  # a pattern matches the whole path
+    ],
+)
+def test_pattern_syntax(pattern, path, expected):
+    assert matches(pattern, path) is expected
+
+
+def test_staged_init_copies_exactly_the_mapped_subtree(clip_workdir):
+    source = load_trained(clip_workdir).params
+    # A new model: the earlier run's architecture with fresh values, and one more subtree.
+    rng = np.random.default_rng(0)
+    fresh = jax.tree.map(lambda x: jax.numpy.asarray(rng.normal(size=x.shape), x.dtype), source)
+    fresh = {**fresh, "connector": {"kernel": jax.numpy.ones((4, 4))}}
+    shardings = jax.tree.map(lambda x: x.sharding, fresh)
+    init_from = dict(path=clip_workdir, step=SOURCE_STEPS, load={TOWER: TOWER})
+    loaded = load_from_workdir(init_from, fresh, shardings)
+    fresh_b, loaded_b, source_b = _bytes(fresh), _bytes(loaded), _bytes(source)
+    tower = [p for p in fresh_b if p.startswith(f"{TOWER}/")]
+    assert tower and all(loaded_b[p] == source_b[p] != fresh_b[p] for p in tower)
+    rest = sorted(fresh_b.keys() - set(tower))
+    assert "connector/kernel" in rest and all(loaded_b[p] == fresh_b[p] for p in rest)
+    assert all(loaded_b[p] != source_b[p] for p in rest if p in source_b)
+
+
+def test_unifluid_trains_on_a_frozen_clip_tower(clip_workdir, tmp_path):
+    """experiments/unifluid.py:tiny_clip, shrunk: its ViT is the CLIP run's image tower, frozen
+    bit for bit through real trainer steps and checkpoints, while every other parameter
+    trains, the loss falls and the optimizer holds moments for the trained parameters only."""
+    config = load_config(os.path.join(REPO, "experiments", "unifluid.py") + ":tiny_clip")
+    apply_overrides(
+        config,
+        [
+            f"init_from.path={clip_workdir}",
+            "model.vision_depth=1",  # the shrunk CLIP's tower
+            "model.depth=1",
+            "model.width=32",
+            "model.num_heads=2",
+            "model.mlp_dim=64",
+            "model.head_width=32",
+            "data.tokenizer=byte",
+            "batch_size=16",
+            "total_steps=40",
+            "log_every=5",
+            "eval_every=1000",
+            "checkpoint_every=20",
+            "optimizer.warmup_steps=2",
+        ],
+    )
+    config.evals = {}
+    run = str(tmp_path / "unifluid")
+    before = tree_digest(clip_workdir)
+    train_and_evaluate(config, run)
+    assert tree_digest(clip_workdir) == before  # the earlier workdir is only read
+
+    final = load_trained(run).params
+    middle = load_from_workdir(  # every parameter at step 20
+        dict(path=run, step=20), final, jax.tree.map(lambda x: x.sharding, final)
+    )
+    vit = _under("vit", final)
+    assert vit and vit == _under("vit", middle) == _under(TOWER, load_trained(clip_workdir).params)
+    final_b, middle_b = _bytes(final), _bytes(middle)
+    trained = sorted(p for p in final_b if not p.startswith("vit/"))
+    assert all(final_b[p] != middle_b[p] for p in trained)
+
+    losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.5, losses
+
+    trainer = Trainer(config, workdir=None, devices=jax.devices()[:1])
+    opt_state = trainer.abstract_state(next(trainer.data_iterator())).opt_state
+    moments = [p for p in param_paths(opt_state) if "/mu/" in p or "/nu/" in p]
+    assert sorted(p.split("/mu/")[-1].split("/nu/")[-1] for p in moments) == sorted(trained * 2)
+
+
+def _train_cli(workdir: str, *flags: str) -> int:
+    """The training CLI in this process (the shrunk tiny CLIP); returns its exit code."""
+    argv = ["--config", CLIP_TINY, "--workdir", workdir, *FAST]
+    return train_cli(argv + [f"--config.{f}" for f in flags])
+
+
+def _from_workdir(path: str) -> list[str]:
+    return [
+        "init_from.format=workdir",
+        f"init_from.path={path}",
+        f"init_from.load={{'{TOWER}': '{TOWER}'}}",
+        f"optimizer.frozen=['{TOWER}/**']",
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (  # another MLP width: the tower's shapes differ
+            ["model.image.mlp_dim=128"],
+            [
+                "init_from: image_tower/encoder/block0/mlp/fc1/bias is (256,) in ",
+                " but (128,) here; image_tower/encoder/block0/mlp/fc1/kernel is (64, 256) in ",
+            ],
+        ),
+        (["init_from.load={'image_tower': 'vision'}"], ["init_from.load: 'vision' is not in "]),
+        (
+            ["optimizer.frozen=['vision/**']"],
+            ["optimizer.frozen pattern 'vision/**' matches no parameter", "'image_tower'"],
+        ),
+        (["init_from.path=/nonexistent/run"], ["init_from.path: ", "a training workdir?"]),
+        (["init_from.step=7"], ["init_from.step 7 has no complete checkpoint", "available: [30]"]),
+    ],
+)
+def test_bad_stage_config_is_one_error_line(clip_workdir, tmp_path, capsys, overrides, fragments):
+    assert _train_cli(str(tmp_path / "w"), *_from_workdir(clip_workdir), *overrides) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmjax.train: error: "), lines
+    assert all(f in lines[0] for f in fragments), lines[0]
+
+
+def test_resuming_takes_precedence_over_init_from(clip_workdir, tmp_path, capsys):
+    """A workdir with checkpoints resumes; init_from (here: gone) is not read again."""
+    workdir = str(tmp_path / "resumed")
+    shutil.copytree(clip_workdir, workdir)
+    config = tiny_clip_config(total_steps=SOURCE_STEPS)
+    config.evals = {}
+    config.init_from.update(format="workdir", path="/nonexistent/run", load={TOWER: TOWER})
+    train_and_evaluate(config, workdir)
+    assert f"Training already finished at step {SOURCE_STEPS}" in capsys.readouterr().out
