@@ -313,6 +313,31 @@ def test_generation_matches_greedy_full_passes_and_stops_at_eos(mode):
     np.testing.assert_array_equal(first, again)
 
 
+# Every connector type (models/resamplers.py) with its visual token count V for 2x2 patches.
+CONNECTOR_CASES = [
+    ("prefix", dict(type="linear"), 4),  # LLaVA
+    ("prefix", dict(type="mlp"), 4),  # LLaVA-1.5
+    ("prefix", dict(type="concat", group=2), 2),  # MiniGPT-v2
+    ("prefix", dict(type="qformer", num_queries=3, width=16, depth=2, num_heads=2, mlp_dim=32), 3),
+    ("prefix", dict(type="cross_attn", num_queries=4, num_heads=2), 4),  # Qwen-VL
+    ("flamingo", dict(type="perceiver", num_latents=3, depth=1, num_heads=2, head_dim=8), 3),
+]
+
+
+@pytest.mark.parametrize("mode, connector, count", CONNECTOR_CASES)
+def test_every_connector_feeds_the_decoder(mode, connector, count):
+    model = VLM(VISION, {**connector, "out_dim": LM["width"]}, mode=mode, **LM)
+    batch = BATCHES[mode](np.random.default_rng(8))
+    if mode == "prefix":
+        batch["visual_positions"] = batch["visual_positions"][:, :count]
+    variables = jax.eval_shape(model.init, jax.random.key(0), batch)
+    out = jax.eval_shape(model.apply, variables, batch)
+    assert out["logits"].shape == (2, 12, LM["vocab_size"])
+    media = () if mode == "prefix" else (2,)
+    assert out["visual_tokens"].shape == (2, *media, count, LM["width"])
+    assert {"lm", "vision", "connector"} <= set(variables["params"])
+
+
 def test_the_model_is_registered():
     model = build_model(
         dict(name="vlm", vision=VISION, connector=dict(type="linear", out_dim=32), **LM)

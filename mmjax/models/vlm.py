@@ -259,7 +259,7 @@ class VLM(nn.Module):
 
     @nn.compact
     def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool = False) -> dict:
-        self._check_batch(batch)
+        self._check(batch)
         lm = self.language_model(name="lm")
         x = lm.embed(batch["tokens"])
         visual = self._visual_tokens(batch, train) if "images" in batch else None
@@ -274,9 +274,14 @@ class VLM(nn.Module):
         )
         return out
 
-    def _check_batch(self, batch: Mapping[str, jnp.ndarray]) -> None:
+    def _check(self, batch: Mapping[str, jnp.ndarray]) -> None:
+        """Clear errors for a bad config or batch, before they fail deep inside."""
         if self.mode not in MODES:
             raise ValueError(f"unknown VLM mode {self.mode!r}; valid: {MODES}")
+        if self.cross_attention_every < 1:
+            raise ValueError(
+                f"cross_attention_every must be >= 1, got {self.cross_attention_every}"
+            )
         if "images" not in batch and not self.decode:
             raise ValueError(
                 "a VLM batch needs images (decoding chunks after the prompt omit them)"
@@ -329,10 +334,6 @@ class VLM(nn.Module):
 
     def _gated_layers(self, media: jnp.ndarray, media_ids: jnp.ndarray) -> BlockHook:
         """The hook that runs `gated_xattn{i}` before LM block i, for i + 1 a multiple of N."""
-        if self.cross_attention_every < 1:
-            raise ValueError(
-                f"cross_attention_every must be >= 1, got {self.cross_attention_every}"
-            )
         b, m, v, d = media.shape
         media_index = jnp.broadcast_to(jnp.repeat(jnp.arange(1, m + 1), v), (b, m * v))
         media = media.reshape(b, m * v, d)

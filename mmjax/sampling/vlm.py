@@ -12,7 +12,7 @@ produced `eos_id` or `max_new_tokens`.
 
 import functools
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -72,7 +72,7 @@ def generate(
     """Answer ids [N, max_new_tokens] to `prompts` about `images` ([N, H, W, C] in prefix
     mode, [N, M, H, W, C] in flamingo mode): greedy at temperature 0, else top-p sampling with
     `rng`; each row ends at its first `eos_id` (kept), then `pad_id`. Compiled once per
-    decoder, shapes and settings."""
+    decoder, shapes, max_new_tokens and temperature."""
     if not decoder.decode:
         raise UserError("generate needs the model built with decode=True")
     if temperature < 0.0 or not 0.0 < top_p <= 1.0:
@@ -80,25 +80,32 @@ def generate(
     batch = prompt_batch(prompts, mode=decoder.mode, image_id=image_id, pad_id=pad_id)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     batch["images"] = jnp.asarray(images, jnp.float32)
-    settings = _Settings(max_new_tokens, eos_id, pad_id, float(temperature), float(top_p))
+    knobs = dict(
+        eos_id=jnp.int32(eos_id),
+        pad_id=jnp.int32(pad_id),
+        top_p=jnp.float32(top_p),
+    )
     rng = jax.random.key(0) if rng is None else rng
-    return np.asarray(_generate(decoder, settings, params, batch, rng))
+    temperature = float(temperature)
+    return np.asarray(_generate(decoder, max_new_tokens, temperature, params, batch, knobs, rng))
 
 
-class _Settings(NamedTuple):
-    max_new_tokens: int
-    eos_id: int
-    pad_id: int
-    temperature: float
-    top_p: float
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _generate(
-    decoder: nn.Module, s: _Settings, params: Any, prompt: dict, rng: jax.Array
+    decoder: nn.Module,
+    steps: int,
+    temperature: float,
+    params: Any,
+    prompt: dict,
+    knobs: dict,
+    rng: jax.Array,
 ) -> jax.Array:
+    """Compiled once per decoder, shapes, length and temperature; `knobs` are traced."""
+
+    def sample(t: jax.Array, logits: jax.Array) -> jax.Array:
+        return sample_token(jax.random.fold_in(rng, t), logits, temperature, knobs["top_p"])
+
     n, length = prompt["tokens"].shape
-    steps = s.max_new_tokens
     # Decoded token t sits at slot length + t, one position after the prompt's last token,
     # in segment 1 and (flamingo) attending to the prompt's last media.
     step = {
@@ -112,7 +119,7 @@ def _generate(
     full.update({k: prompt[k] for k in ("images", "visual_positions") if k in prompt})
     cache = empty_cache(decoder, {**full, "cache_offset": 0})
     out, cache = run_cached(decoder, params, cache, {**prompt, "cache_offset": 0})
-    first = sample_token(jax.random.fold_in(rng, 0), out["logits"][:, -1], s.temperature, s.top_p)
+    first = sample(0, out["logits"][:, -1])
 
     def unfinished(carry: tuple) -> jax.Array:
         t, _, _, _, done = carry
@@ -120,16 +127,14 @@ def _generate(
 
     def decode_one(carry: tuple) -> tuple:
         t, answer, cache, next_id, done = carry
-        next_id = jnp.where(done, s.pad_id, next_id).astype(answer.dtype)
+        next_id = jnp.where(done, knobs["pad_id"], next_id).astype(answer.dtype)
         answer = answer.at[:, t].set(next_id)
-        done = done | (next_id == s.eos_id)
+        done = done | (next_id == knobs["eos_id"])
         chunk = {k: jax.lax.dynamic_slice_in_dim(step[k], t, 1, 1) for k in step}
         chunk.update(tokens=next_id[:, None], cache_offset=jnp.full((n,), length + t))
         out, cache = run_cached(decoder, params, cache, chunk)
-        rng_t = jax.random.fold_in(rng, t + 1)
-        next_id = sample_token(rng_t, out["logits"][:, 0], s.temperature, s.top_p)
-        return t + 1, answer, cache, next_id, done
+        return t + 1, answer, cache, sample(t + 1, out["logits"][:, 0]), done
 
-    answer = jnp.full((n, steps), s.pad_id, prompt["tokens"].dtype)
+    answer = jnp.full((n, steps), knobs["pad_id"], prompt["tokens"].dtype)
     carry = (jnp.int32(0), answer, cache, first.astype(answer.dtype), jnp.zeros((n,), bool))
     return jax.lax.while_loop(unfinished, decode_one, carry)[1]
