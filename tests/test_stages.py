@@ -5,15 +5,18 @@ rest trains and the optimizer holds no moments for it; bad input gives one error
 import os
 import shutil
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import FAST, REPO, tiny_clip_config, tree_digest
 
+from mmjax.models import build_model
 from mmjax.train import train_and_evaluate
 from mmjax.train.__main__ import main as train_cli
 from mmjax.train.config_cli import apply_overrides, load_config
-from mmjax.train.loop import Trainer
+from mmjax.train.loop import Trainer, fill_vocab_size
 from mmjax.train.metrics import read_metrics
 from mmjax.train.restore import load_trained
 from mmjax.train.stages import load_from_workdir, matches, param_paths
@@ -124,6 +127,38 @@ def test_unifluid_trains_on_a_frozen_clip_tower(clip_workdir, tmp_path):
     opt_state = trainer.abstract_state(next(trainer.data_iterator())).opt_state
     moments = [p for p in param_paths(opt_state) if "/mu/" in p or "/nu/" in p]
     assert sorted(p.split("/mu/")[-1].split("/nu/")[-1] for p in moments) == sorted(trained * 2)
+
+
+def _param_shapes(config, batch: dict) -> dict[str, tuple[int, ...]]:
+    fill_vocab_size(config.model, 128)
+    model = build_model(config.model)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"]
+    return {p: tuple(x.shape) for p, x in param_paths(nn.meta.unbox(params)).items()}
+
+
+@pytest.mark.parametrize("encoder", ["clip", "siglip"])
+def test_unifluid_vit_has_the_image_tower_of_each_tiny_encoder(encoder):
+    """unifluid.py:tiny_<encoder>'s ViT holds exactly the paths and shapes of the image tower
+    of <encoder>.py:tiny (SigLIP's has no norm_pre), so the load of tiny_<encoder> fits."""
+    tower = _param_shapes(
+        load_config(os.path.join(REPO, "experiments", f"{encoder}.py:tiny")),
+        {"image": jnp.zeros((1, 8, 8, 3)), "text": jnp.zeros((1, 16), jnp.int32)},
+    )
+    length, patches = 32, jnp.arange(16)[None]
+    unifluid = _param_shapes(
+        load_config(os.path.join(REPO, "experiments", f"unifluid.py:tiny_{encoder}")),
+        {
+            "tokens": jnp.zeros((1, length), jnp.int32),
+            "positions": jnp.arange(length)[None],
+            "segment_ids": jnp.ones((1, length), jnp.int32),
+            "span_ids": jnp.zeros((1, length), jnp.int32),
+            "understand_images": jnp.zeros((1, 8, 8, 1)),  # grey, repeated to 3 channels
+            "feature_positions": patches,
+        },
+    )
+    vit = {p.removeprefix("vit/"): s for p, s in unifluid.items() if p.startswith("vit/")}
+    assert vit == {p.removeprefix(f"{TOWER}/"): s for p, s in tower.items() if p.startswith(TOWER)}
+    assert any(p.startswith("norm_pre/") for p in vit) == (encoder == "clip")
 
 
 def _train_cli(workdir: str, *flags: str) -> int:
