@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import grain
 import jax
 import optax
 import orbax.checkpoint as ocp
@@ -163,8 +164,14 @@ class _EarlierRun:
         self.where = f"{self.workdir} step {self.step}"
         self.manager = ocp.CheckpointManager(
             directory,
-            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(
+                read_only=True, create=False, save_interval_steps=0
+            ),
+            # the data item is never read; its handler only tells Orbax what the item is
+            item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+            },
         )
         self.saved = param_paths(self.manager.item_metadata(self.step)["state"].tree["params"])
 
