@@ -24,6 +24,8 @@ grey digits are repeated to the 3 channels the encoder was trained on:
   python -m mmjax.train --config experiments/unifluid.py:tiny_clip --workdir /tmp/uf_clip \
       [--config.init_from.path=/tmp/clip_tiny]
 
+Measured: generation_accuracy 1.0, caption_accuracy 0.96 (the jointly trained ViT of `tiny`:
+0.995, 0.965), the 39 ViT parameters bit-identical to the CLIP run's after the 1,000 steps.
 (`tiny_siglip` reads /tmp/siglip_tiny; `--config.optimizer.frozen='()'` trains the loaded
 encoder on jointly.) Another image size or patch gives another number of ViT positions; the run
 then stops with one line naming `vit/pos_embedding` and both shapes.

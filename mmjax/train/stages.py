@@ -25,10 +25,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
-import grain
 import jax
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mmjax.errors import UserError
 from mmjax.train.checkpoint import COMMIT_MARKER
@@ -158,28 +158,24 @@ class _EarlierRun:
         complete = [
             int(s)
             for s in (os.listdir(directory) if os.path.isdir(directory) else ())
-            if s.isdigit() and os.path.exists(os.path.join(directory, s, COMMIT_MARKER))
+            if s.isdigit()
+            and all(
+                os.path.exists(os.path.join(directory, s, *item, COMMIT_MARKER))
+                for item in ((), ("state",))
+            )
         ]
         self.step = _pick_step(complete, directory, int(init_from.get("step", -1)))
         self.where = f"{self.workdir} step {self.step}"
-        self.manager = ocp.CheckpointManager(
-            directory,
-            options=ocp.CheckpointManagerOptions(
-                read_only=True, create=False, save_interval_steps=0
-            ),
-            # the data item is never read; its handler only tells Orbax what the item is
-            item_handlers={
-                "state": ocp.PyTreeCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
-            },
-        )
-        self.saved = param_paths(self.manager.item_metadata(self.step)["state"].tree["params"])
+        # Orbax's item handler, not a CheckpointManager: nothing is created, locked or logged
+        self.state_dir = epath.Path(directory) / str(self.step) / "state"
+        self.handler = ocp.PyTreeCheckpointHandler()
+        self.saved = param_paths(self.handler.metadata(self.state_dir).tree["params"])
 
     def __enter__(self) -> "_EarlierRun":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.manager.close()
+        self.handler.close()
 
     def pairs(self, params: Any) -> dict[str, str]:
         """{dst path: src path} of every parameter the load copies, checked."""
@@ -214,8 +210,7 @@ class _EarlierRun:
             item,
         )
         args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        restored = self.manager.restore(self.step, args=ocp.args.Composite(state=args))
-        return param_paths(restored.state["params"])
+        return param_paths(self.handler.restore(self.state_dir, args=args)["params"])
 
 
 def _pick_step(complete: Sequence[int], directory: str, step: int) -> int:
