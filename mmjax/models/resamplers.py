@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax import kernels
 from mmjax.nn.attention import MultiHeadAttention
 from mmjax.nn.dense import DenseGeneral
 from mmjax.nn.initializers import logical
@@ -442,37 +441,6 @@ class PerceiverResampler(nn.Module):
 # Position-aware vision-language adapter (Qwen-VL)
 
 
-class KeyPositionCrossAttention(nn.Module):
-    """Cross-attention whose keys and values come from different inputs (Qwen-VL adds the 2D
-    positions to the keys but not to the values); parameters laid out as
-    mmjax.nn.MultiHeadAttention's (query / key / value / out)."""
-
-    num_heads: int
-    attention_impl: str = "auto"
-    dtype: jnp.dtype = jnp.bfloat16
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, queries: jnp.ndarray, keys: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
-        width = queries.shape[-1]
-        if width % self.num_heads:
-            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-
-        def project(name: str, x: jnp.ndarray) -> jnp.ndarray:
-            heads = (self.num_heads, width // self.num_heads)
-            y = DenseGeneral(heads, ("embed", "heads", "kv"), name=name, **kw)(x)
-            return nn.with_logical_constraint(y, ("batch", "length", "act_heads", "kv"))
-
-        out = kernels.attention(
-            project("query", queries),
-            project("key", keys),
-            project("value", values),
-            impl=self.attention_impl,
-        )
-        return DenseGeneral((width,), ("heads", "kv", "embed"), num_in=2, name="out", **kw)(out)
-
-
 def _square_side(count: int, what: str) -> int:
     side = math.isqrt(count)
     if side * side != count:
@@ -522,9 +490,10 @@ class CrossAttentionAdapter(nn.Module):
         queries = LayerNorm(name="query_norm", epsilon=self.norm_eps, **kw)(queries)
         queries = queries + sincos_2d(query_side, query_side, width).astype(self.dtype)
         keys = kv + sincos_2d(side, side, width, scale=query_side / side).astype(self.dtype)
-        y = KeyPositionCrossAttention(
-            self.num_heads, attention_impl=self.attention_impl, name="attn", **kw
-        )(jnp.broadcast_to(queries, (batch, *queries.shape)), keys, kv)
+        # Positions on the keys, not the values (Qwen-VL's resampler)
+        y = MultiHeadAttention(self.num_heads, impl=self.attention_impl, name="attn", **kw)(
+            jnp.broadcast_to(queries, (batch, *queries.shape)), keys, values=kv
+        )
         y = LayerNorm(name="post_norm", epsilon=self.norm_eps, **kw)(y)
         return _project(self.out_dim, y, use_bias=False, **kw)
 

@@ -24,7 +24,6 @@ With `decode`, batches are chunks written into the KV cache at `cache_offset`: t
 the cache collection).
 """
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,63 +34,13 @@ from flax.core import freeze
 
 from mmjax.models.resamplers import build_connector
 from mmjax.models.vit import VisionTransformer
-from mmjax.nn import LayerNorm, Mlp, MultiHeadAttention, RMSNorm, TransformerBlock, llama_decoder
+from mmjax.nn import LayerNorm, Mlp, MultiHeadAttention, RMSNorm, llama_decoder
 from mmjax.nn.dense import DenseGeneral
 from mmjax.nn.initializers import logical
 
 ACT = ("batch", "length", "act_embed")
 MODES = ("prefix", "flamingo")
 BlockHook = Callable[[int, jnp.ndarray], jnp.ndarray]
-
-
-class LlamaBlocks(nn.Module):
-    """nn.llama_decoder's stack (same parameters, `block{i}`), run block by block so that
-    `before_block(i, x)` can put other layers before block i."""
-
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    norm_eps: float = 1e-5
-    rope_theta: float = 10_000.0
-    decode: bool = False
-    remat: bool = False
-    attention_impl: str = "auto"
-    dtype: jnp.dtype = jnp.bfloat16
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jnp.ndarray,
-        segment_ids: jnp.ndarray | None,
-        positions: jnp.ndarray,
-        cache_offset: jnp.ndarray | None = None,
-        before_block: BlockHook | None = None,
-    ) -> jnp.ndarray:
-        stack = llama_decoder(
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            norm_eps=self.norm_eps,
-            rope_theta=self.rope_theta,
-            decode=self.decode,
-            remat=self.remat,
-            attention_impl=self.attention_impl,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            parent=None,
-        )
-        fields = {
-            f.name: getattr(stack, f.name)
-            for f in dataclasses.fields(TransformerBlock)
-            if f.name not in ("parent", "name")
-        }
-        block = nn.remat(TransformerBlock) if stack.remat else TransformerBlock
-        for i in range(stack.depth):
-            if before_block is not None:
-                x = before_block(i, x)
-            x = block(**fields, name=f"block{i}")(x, segment_ids, None, positions, cache_offset)
-        return x
 
 
 class CausalLM(nn.Module):
@@ -119,7 +68,7 @@ class CausalLM(nn.Module):
             embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
             param_dtype=self.param_dtype,
         )
-        self.decoder = LlamaBlocks(
+        self.decoder = llama_decoder(
             self.depth,
             self.num_heads,
             self.mlp_dim,
@@ -147,7 +96,7 @@ class CausalLM(nn.Module):
     ) -> jnp.ndarray:
         """Embeddings [B, L, width] -> logits [B, L, vocab] in f32."""
         x = nn.with_logical_constraint(x, ACT)
-        x = self.decoder(x, segment_ids, positions, cache_offset, before_block)
+        x = self.decoder(x, segment_ids, None, positions, cache_offset, before_block=before_block)
         return self.lm_head(self.norm_final(x)).astype(jnp.float32)
 
     def __call__(

@@ -18,6 +18,9 @@ class MultiHeadAttention(nn.Module):
     `query_offset` (int [B]) places the queries at positions `query_offset + i` of the keys,
     for the causal mask: how a block computes only the token it is read out at.
 
+    `values` feeds the value projection when it differs from the keys' input `kv` (Qwen-VL's
+    adapter adds 2D positions to the keys only).
+
     `decode=True` keeps a KV cache (flax collection "cache": keys, values and their segment
     and span ids, sized by the first call, which only creates it). Later calls write their
     chunk's keys and values at `cache_offset` (int [B]) and attend to the whole cache, with
@@ -41,6 +44,7 @@ class MultiHeadAttention(nn.Module):
         x: jnp.ndarray,
         kv: jnp.ndarray | None = None,
         *,
+        values: jnp.ndarray | None = None,
         segment_ids: jnp.ndarray | None = None,
         kv_segment_ids: jnp.ndarray | None = None,
         span_ids: jnp.ndarray | None = None,
@@ -72,7 +76,7 @@ class MultiHeadAttention(nn.Module):
 
         q = project("query", x, self.num_heads)
         k = project("key", kv, kv_heads)
-        v = project("value", kv, kv_heads)
+        v = project("value", kv if values is None else values, kv_heads)
         if self.rope_theta is not None:
             if positions is None:
                 raise ValueError("attention with rope_theta needs token positions")

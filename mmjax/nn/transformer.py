@@ -5,6 +5,8 @@ The defaults are ViT/CLIP's block (LayerNorm, GELU MLP, biases); `norm="rms"`, `
 and the other decoders use.
 """
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -97,13 +99,18 @@ class Transformer(nn.Module):
         positions: jnp.ndarray | None = None,
         cache_offset: jnp.ndarray | None = None,
         read_at: jnp.ndarray | None = None,
+        before_block: Callable[[int, jnp.ndarray], jnp.ndarray] | None = None,
     ) -> jnp.ndarray:
         """x [B, L, width] -> [B, L, width]. `read_at` (int [B]): the caller reads only the
         token at that position (CLS or end-of-text pooling), so the last block computes only
-        it and returns [B, 1, width]: the same values for about 1/depth less work."""
+        it and returns [B, 1, width]: the same values for about 1/depth less work.
+        `before_block(i, x)`: the caller's layers run on x before block i (Flamingo's gated
+        cross-attention inside a frozen LM)."""
         block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
         last = self.depth - 1
         for i in range(self.depth):
+            if before_block is not None:
+                x = before_block(i, x)
             x = block(
                 self.num_heads,
                 self.mlp_dim,
