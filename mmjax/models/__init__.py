@@ -6,9 +6,11 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models import clip, siglip, transfusion, unifluid, vae, vlm
+from mmjax.models import blip, clip, siglip, transfusion, unifluid, vae, vlm
 
 MODELS = {
+    "blip": blip.Blip,
+    "blip2": blip.Blip2,
     "clip": clip.Model,
     "siglip": siglip.Model,
     "transfusion": transfusion.Model,

@@ -6,6 +6,7 @@ from typing import Any
 import jax
 
 from mmjax.objectives.autoencoder import vae_objective
+from mmjax.objectives.blip import make_blip_loss
 from mmjax.objectives.contrastive import (
     clip_loss,
     clip_loss_sharded,
@@ -43,6 +44,7 @@ def _siglip(apply_fn: ApplyFn) -> LossFn:
 
 
 OBJECTIVES: dict[str, Callable[..., LossFn]] = {
+    "blip": make_blip_loss,
     "clip": _clip,
     "siglip": _siglip,
     "vae": vae_objective,
