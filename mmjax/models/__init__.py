@@ -6,12 +6,13 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models import blip, clip, siglip, transfusion, unifluid, vae, vlm
+from mmjax.models import blip, clip, lm, siglip, transfusion, unifluid, vae, vlm
 
 MODELS = {
     "blip": blip.Blip,
     "blip2": blip.Blip2,
     "clip": clip.Model,
+    "lm": lm.Model,
     "siglip": siglip.Model,
     "transfusion": transfusion.Model,
     "unifluid": unifluid.Model,
