@@ -13,6 +13,7 @@ from mmjax.evals.linear_probe import LinearProbe
 from mmjax.evals.retrieval import Retrieval
 from mmjax.evals.transfusion import TransfusionEval
 from mmjax.evals.unifluid import UniFluidEval
+from mmjax.evals.vlm import VlmEval
 from mmjax.evals.zero_shot import ZeroShotClassifier
 from mmjax.models.vae import LatentSpace
 
@@ -22,6 +23,7 @@ EVALUATORS = {
     "linear_probe": LinearProbe,
     "transfusion": TransfusionEval,
     "unifluid": UniFluidEval,
+    "vlm": VlmEval,
 }
 
 Evaluator = Callable[[Any], dict[str, float]]
