@@ -1,8 +1,9 @@
-"""Frozen-LM experiments (experiments/lm.py, flamingo.py, xgen_mm.py): every variant builds the
-model it documents (the paper variants at their published sizes), and short real trainer runs
-of the tiny chain learn: the text-only LM, then Flamingo on it with the LM bit-identical to
-the LM run's and the images lowering the loss below the frozen LM's own, and xGen-MM with the
-loaded LM trained on."""
+"""Frozen-LM experiments (experiments/lm.py, flamingo.py, xgen_mm.py): every tiny variant builds
+its trainer, the paper variants have the published sizes, and short real trainer runs of the
+tiny chain learn: the text-only LM; Flamingo on it, the LM bit-identical to the LM run's and
+the images lowering held-out loss below the frozen LM's own; xGen-MM (slow) with the loaded LM
+trained on. Loss thresholds were measured on 2 shared CPU cores: LM 0.65 after 300 steps,
+Flamingo and xGen-MM about 0.50 after 300."""
 
 import os
 from pathlib import Path
@@ -49,12 +50,11 @@ def run(experiment: str, workdir: str, steps: int, *overrides: str) -> list[floa
     return [r["loss"] for r in read_metrics(workdir) if "loss" in r]
 
 
-def params_bytes(workdir: str, prefix: str) -> dict[str, bytes]:
-    """{path under `prefix`: raw bytes} of the latest checkpoint's parameters."""
-    params = nn.meta.unbox(load_trained(workdir).params)
+def leaf_bytes(params, prefix: str) -> dict[str, bytes]:
+    """{path under `prefix`: raw bytes} of a params tree: equal bytes, identical parameters."""
     return {
         p[len(prefix) + 1 :]: np.asarray(x).tobytes()
-        for p, x in param_paths(params).items()
+        for p, x in param_paths(nn.meta.unbox(params)).items()
         if p.startswith(prefix + "/")
     }
 
@@ -96,7 +96,6 @@ def test_every_tiny_variant_builds_its_trainer(experiment):
     "experiment, variant, billions",
     [
         ("flamingo", "3B", 3.2),  # Flamingo's published sizes; the ViT-L stand-in for the NFNet
-        ("flamingo", "9B", 9.3),
         ("xgen_mm", "phi3_mini", 4.4),  # phi-3-mini 3.8B + SigLIP-So400m 0.4B + the sampler
     ],
 )
@@ -119,19 +118,20 @@ def test_flamingo_paper_variants_place_the_gated_layers_as_the_paper():
 
 
 @pytest.fixture(scope="module")
-def lm_workdir(tmp_path_factory) -> tuple[str, list[float]]:
+def lm_run(tmp_path_factory) -> tuple[str, list[float], dict[str, bytes]]:
+    """The tiny LM's workdir, its losses and its trained `lm/...` parameters."""
     workdir = str(tmp_path_factory.mktemp("lm") / "lm")
     losses = run("lm", workdir, LM_RUN[0])
-    return workdir, losses
+    return workdir, losses, leaf_bytes(load_trained(workdir).params, "lm")
 
 
-def test_the_text_only_lm_learns_the_task_texts(lm_workdir):
-    _, losses = lm_workdir
+def test_the_text_only_lm_learns_the_task_texts(lm_run):
+    _, losses, _ = lm_run
     assert np.mean(losses[-2:]) < LM_RUN[1] < losses[0], losses
 
 
-def test_flamingo_learns_on_the_frozen_lm(lm_workdir, tmp_path):
-    lm_dir, _ = lm_workdir
+def test_flamingo_learns_on_the_frozen_lm(lm_run, tmp_path):
+    lm_dir, _, lm_params = lm_run
     workdir = str(tmp_path / "flamingo")
     losses = run("flamingo", workdir, FLAMINGO_RUN[0], f"init_from.path={lm_dir}")
     assert np.mean(losses[-2:]) < FLAMINGO_RUN[1], losses
@@ -139,11 +139,11 @@ def test_flamingo_learns_on_the_frozen_lm(lm_workdir, tmp_path):
     # The same vocabulary, and the LM bit for bit the LM run's after training
     vocabularies = [Path(d, TOKENIZER_FILE).read_bytes() for d in (lm_dir, workdir)]
     assert vocabularies[0] == vocabularies[1]
-    frozen = params_bytes(workdir, "lm")
-    assert frozen and frozen == params_bytes(lm_dir, "lm")
+    trained = load_trained(workdir, ["data.split_train=test"])  # held-out batches below
+    assert lm_params and leaf_bytes(trained.params, "lm") == lm_params
 
-    # The images help: the trained model beats itself with closed gates (exactly the LM)
-    trained = load_trained(workdir)
+    # The images help: on held-out rows the trained model beats itself with closed gates
+    # (exactly the frozen LM)
     params = nn.meta.unbox(trained.params)
     closed = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.zeros_like(x) if path[-1].key.endswith("_gate") else x, params
@@ -156,10 +156,11 @@ def test_flamingo_learns_on_the_frozen_lm(lm_workdir, tmp_path):
     assert with_images < lm_alone - 0.08, (with_images, lm_alone)
 
 
-def test_xgen_mm_trains_the_loaded_lm_on(lm_workdir, tmp_path):
-    lm_dir, _ = lm_workdir
+@pytest.mark.slow  # a minute or more; the file's other tests take about three
+def test_xgen_mm_trains_the_loaded_lm_on(lm_run, tmp_path):
+    lm_dir, _, lm_params = lm_run
     workdir = str(tmp_path / "xgen_mm")
     losses = run("xgen_mm", workdir, XGEN_RUN[0], f"init_from.path={lm_dir}")
     assert np.mean(losses[-2:]) < XGEN_RUN[1] < losses[0], losses
-    start, end = params_bytes(lm_dir, "lm"), params_bytes(workdir, "lm")
-    assert start.keys() == end.keys() and all(start[p] != end[p] for p in start)
+    trained = leaf_bytes(load_trained(workdir).params, "lm")
+    assert trained.keys() == lm_params.keys() and all(trained[p] != lm_params[p] for p in trained)
