@@ -23,7 +23,7 @@ its random initialisation, as the paper freezes its contrastively pretrained enc
 runs must use the same data.source and data.vocab_size, which give the same SentencePiece
 vocabulary.
 
-Paper shapes (Table 5 / App. B.1.1): Flamingo-3B / 9B / 80B on Chinchilla 1.4B / 7B / 70B
+Paper shapes (App. B.1.1): Flamingo-3B / 9B / 80B on Chinchilla 1.4B / 7B / 70B
 (experiments/lm.py's chinchilla_* variants) with a gated layer before every 1st / 4th / 7th LM
 block; the resampler has 6 layers of 16 heads of width 96 (1,536) and 64 latents. The
 NFNet-F6 image encoder is not implemented here: a ViT-L/16 at 320x320 (400 patch tokens)

@@ -27,7 +27,8 @@ from mmjax.train.stages import param_paths
 
 EXPERIMENTS = ("lm", "flamingo", "xgen_mm")
 # A short run of each tiny config: (steps, the mean of the last two logged losses must be
-# below this); measured values in the report of the commit that set them.
+# below this). Measured: LM 4.43 -> 0.65; Flamingo 0.64 -> 0.50 (the frozen LM's 0.64 at
+# closed gates); xGen-MM 0.66 -> 0.50.
 LM_RUN = (300, 0.75)
 FLAMINGO_RUN = (300, 0.56)
 XGEN_RUN = (300, 0.56)
