@@ -18,6 +18,10 @@ LM run's workdir (`init_from.load={"lm": "lm"}`) and frozen bit for bit:
   python -m mmjax.train --config experiments/flamingo.py:tiny --workdir /tmp/flamingo_tiny \
       [--config.init_from.path=/tmp/lm_tiny]
 
+Measured on 2 CPU cores shared with other jobs (LM 1,500 steps, 4 min 10 s: answer loss
+3.93 -> 0.54; Flamingo 1,000 steps, 2 min 47 s with the eval: loss 0.64 -> 0.415, the frozen LM
+bit-identical), on 100 held-out scenes: vqa_accuracy 0.52 (colour 0.69, count 0.86, shape
+0.35, relation 0.38), caption_accuracy 0.09 (every object and relation of the scene right).
 The tiny ViT is trained from scratch with the rest (`tiny_frozen_vision` freezes it too, at
 its random initialisation, as the paper freezes its contrastively pretrained encoder); both
 runs must use the same data.source and data.vocab_size, which give the same SentencePiece
@@ -101,6 +105,9 @@ def _tiny(c: ml_collections.ConfigDict, *, frozen_vision: bool) -> None:
         cross_attention_every=1,
     )
     c.optimizer.update(lr=1e-3, warmup_steps=50)
+    c.evals = dict(  # greedy answers on 100 held-out scenes (mmjax/evals/vlm.py)
+        vlm=dict(type="vlm", split="test", num_samples=100, batch_size=50, tasks=("caption", "vqa"))
+    )
     if not frozen_vision:
         c.optimizer.frozen = ("lm/**",)
 

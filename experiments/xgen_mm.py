@@ -19,8 +19,11 @@ trained on:
   python -m mmjax.train --config experiments/xgen_mm.py:tiny --workdir /tmp/xgen_mm_tiny \
       [--config.init_from.path=/tmp/lm_tiny]
 
-The tiny ViT trains with the rest (`tiny_frozen_vision` freezes it at its random
-initialisation, as the paper freezes its pretrained SigLIP).
+Measured on 2 CPU cores shared with other jobs (1,000 steps on the 1,500-step LM, 2 min 37 s
+with the eval: loss 0.67 -> 0.32), on 100 held-out scenes: vqa_accuracy 0.58 (colour 0.69,
+count 0.97, shape 0.37, relation 0.48), caption_accuracy 0.14. The tiny ViT trains with the
+rest (`tiny_frozen_vision` freezes it at its random initialisation, as the paper freezes its
+pretrained SigLIP).
 
 Paper shape (xGen-MM-phi3-mini, 4B): SigLIP-So400m/14 at 384x384 (729 patch tokens, no CLS;
 378x378 here), a 6-layer Perceiver of 16 heads of width 96 with 128 latents, phi-3-mini
@@ -99,6 +102,9 @@ def _tiny(c: ml_collections.ConfigDict, *, frozen_vision: bool) -> None:
         ),
     )
     c.optimizer.update(lr=1e-3, warmup_steps=50)
+    c.evals = dict(  # greedy answers on 100 held-out scenes (mmjax/evals/vlm.py)
+        vlm=dict(type="vlm", split="test", num_samples=100, batch_size=50, tasks=("caption", "vqa"))
+    )
     if not frozen_vision:
         c.optimizer.frozen = ()
 

@@ -47,6 +47,7 @@ def run(experiment: str, workdir: str, steps: int, *overrides: str) -> list[floa
     schedule = [f"total_steps={steps}", f"checkpoint_every={half}", f"eval_every={steps}"]
     apply_overrides(config, [*SHORT, *schedule, *overrides])
     config.keep_checkpoints = 2
+    config.evals = {}  # the vlm eval has its own tests (test_vlm_experiments.py)
     train_and_evaluate(config, workdir)
     return [r["loss"] for r in read_metrics(workdir) if "loss" in r]
 
