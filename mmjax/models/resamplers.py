@@ -48,7 +48,7 @@ def _check_rank(image_tokens: jnp.ndarray, kind: str, ranks: tuple[int, ...] = (
 
 def _project(out_dim: int, x: jnp.ndarray, **kw: Any) -> jnp.ndarray:
     """The final linear layer of a connector ("proj", inside the caller's compact method)."""
-    y = DenseGeneral((out_dim,), ("embed", "embed"), name="proj", **kw)(x)
+    y = DenseGeneral((out_dim,), (None, "embed"), name="proj", **kw)(x)
     return nn.with_logical_constraint(y, ACT)
 
 
@@ -63,7 +63,7 @@ class LinearProjector(nn.Module):
     def __call__(self, image_tokens: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
         _check_rank(image_tokens, "linear")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        y = DenseGeneral((self.out_dim,), ("embed", "embed"), name="proj", **kw)(image_tokens)
+        y = DenseGeneral((self.out_dim,), (None, "embed"), name="proj", **kw)(image_tokens)
         return nn.with_logical_constraint(y, ACT)
 
 
@@ -258,7 +258,7 @@ class QFormer(nn.Module):
             for i in range(self.depth)
         ]
         if self.out_dim is not None:
-            self.proj = DenseGeneral((self.out_dim,), ("embed", "embed"), **kw)
+            self.proj = DenseGeneral((self.out_dim,), (None, "embed"), **kw)
 
     def __call__(self, image_tokens: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
         """Image tokens [B, N, D_in] -> visual tokens [B, num_queries, out_dim (or width)]."""
@@ -477,7 +477,7 @@ class CrossAttentionAdapter(nn.Module):
         side = _square_side(n, f"the image tokens (N={n})")
         query_side = _square_side(self.num_queries, f"num_queries={self.num_queries}")
         width = self.width or self.out_dim
-        kv = DenseGeneral((width,), ("embed", "embed"), use_bias=False, name="kv_proj", **kw)(
+        kv = DenseGeneral((width,), (None, "embed"), use_bias=False, name="kv_proj", **kw)(
             image_tokens
         )
         kv = LayerNorm(name="kv_norm", epsilon=self.norm_eps, **kw)(kv)
