@@ -22,9 +22,11 @@ as both papers' code does), "itm_logits" [B, 2] of the matched pairs and "lm_log
 "itm_logits" [P, 2] of the pairs (image i, text i): the hard negatives, without running the
 image encoder again.
 
-Not implemented: BLIP's momentum encoders, queues and momentum distillation (ALBEF's), and
+Not implemented: BLIP's momentum encoders, queues and momentum distillation (ALBEF's);
 BLIP-2's LayerNorm on the ViT features (the stage-2 VLM feeds its connector the bare ViT
-features, and stage 1 reads them the same way so that the Q-Former carries over unchanged).
+features, and stage 1 reads them the same way so that the Q-Former carries over unchanged);
+BLIP-2's [DEC] first token for ITG (all three Q-Former passes start from the caption's [bos];
+their masks set them apart).
 """
 
 from collections.abc import Mapping
@@ -62,7 +64,7 @@ class LMHead(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, word_embedding: jnp.ndarray) -> jnp.ndarray:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = DenseGeneral((x.shape[-1],), ("embed", "embed"), name="transform", **kw)(x)
+        h = DenseGeneral((x.shape[-1],), ("embed", "proj"), name="transform", **kw)(x)
         h = LayerNorm(name="norm", epsilon=self.norm_eps, **kw)(ACTIVATIONS[self.activation](h))
         bias = self.param(
             "bias", logical(nn.initializers.zeros_init(), "vocab"), (word_embedding.shape[0],)

@@ -8,7 +8,8 @@ BLIP-2 Sec. 3.2) and reported separately:
   of the Q query embeddings against the text embedding and keeps the highest.
 - ITM, image-text matching: a binary classifier over the matched pairs and, for each image and
   each text, one hard negative drawn from the contrastive similarities (more similar, more
-  likely; ALBEF, Li et al., 2021, Sec. 3.2).
+  likely; ALBEF, Li et al., 2021, Sec. 3.2). Pairs known to match (another caption of the
+  same image, LAVIS's image-id mask) can be kept out of the negatives (`same_key`).
 - ITG / LM: next-token cross-entropy on the caption, conditioned on the image.
 
 The model (models/blip.py) is applied twice: once on the batch (ITC embeddings, ITM on the
@@ -68,16 +69,23 @@ def itc_loss(
     return loss, metrics
 
 
-def sample_hard_negatives(logits: jax.Array, rng: jax.Array) -> jax.Array:
+def sample_hard_negatives(
+    logits: jax.Array, rng: jax.Array, same: jax.Array | None = None
+) -> jax.Array:
     """For each row i of the square `logits` [B, B], one column j != i drawn with probability
     softmax(logits[i])[j] renormalised over j != i (BLIP Sec. 3.2: the positive's weight is
-    zeroed). Returns int32 [B]. No gradient flows through the choice."""
+    zeroed). `same` [B, B] (bool) marks more pairs that are no negatives, e.g. two captions of
+    one image (LAVIS masks equal image ids); a row that `same` leaves without any column
+    falls back to excluding the positive alone. Returns int32 [B]; no gradient flows back."""
     if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
         raise ValueError(f"hard negatives need square [B, B] logits, got {logits.shape}")
     if logits.shape[0] < 2:
         raise ValueError("hard negatives need a batch of at least 2 pairs")
-    n = logits.shape[0]
-    masked = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, jax.lax.stop_gradient(logits))
+    excluded = jnp.eye(logits.shape[0], dtype=bool)
+    if same is not None:
+        wider = excluded | same
+        excluded = jnp.where(jnp.all(wider, axis=1, keepdims=True), excluded, wider)
+    masked = jnp.where(excluded, -jnp.inf, jax.lax.stop_gradient(logits))
     return jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
 
 
@@ -107,13 +115,18 @@ def itg_loss(
 
 
 def negative_pairs(
-    image_tokens: jax.Array, text: jax.Array, logits: jax.Array, rng: jax.Array
+    image_tokens: jax.Array,
+    text: jax.Array,
+    logits: jax.Array,
+    rng: jax.Array,
+    same: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """The 2B negative ITM pairs of a batch: each image with a hard-negative text, then each
-    text with a hard-negative image, drawn from the ITC `logits` [B_image, B_text]."""
+    text with a hard-negative image, drawn from the ITC `logits` [B_image, B_text] (`same`:
+    `sample_hard_negatives`; symmetric)."""
     text_rng, image_rng = jax.random.split(rng)
-    text_for_image = sample_hard_negatives(logits, text_rng)
-    image_for_text = sample_hard_negatives(logits.T, image_rng)
+    text_for_image = sample_hard_negatives(logits, text_rng, same)
+    image_for_text = sample_hard_negatives(logits.T, image_rng, same)
     return {
         "image_tokens": jnp.concatenate([image_tokens, image_tokens[image_for_text]]),
         "itm_text": jnp.concatenate([text[text_for_image], text]),
@@ -121,9 +134,16 @@ def negative_pairs(
 
 
 def make_blip_loss(
-    apply_fn: Callable, *, pad_id: int = 0, label_smoothing: float = 0.1
+    apply_fn: Callable,
+    *,
+    pad_id: int = 0,
+    label_smoothing: float = 0.1,
+    same_key: str | None = None,
 ) -> Callable:
     """(params, batch, rng) -> (itc + itm + itg, metrics) for BLIP and BLIP-2 stage 1.
+
+    `same_key`: a batch key whose equal values mark pairs that are never ITM negatives (an
+    image id; "label" where captions name the label alone, as the digits' do).
 
     `apply_fn(params, batch, rng)` on the batch {"image", "text"} returns "image_tokens",
     "image_emb" ([B, D] or [B, Q, D], unit-norm), "text_emb" [B, D], "logit_scale",
@@ -136,7 +156,12 @@ def make_blip_loss(
         out = apply_fn(params, batch, model_rng)
         itc, metrics = itc_loss(out["image_emb"], out["text_emb"], out["logit_scale"])
         logits = out["logit_scale"] * similarity(out["image_emb"], out["text_emb"])
-        pairs = negative_pairs(out["image_tokens"], batch["text"], logits, negatives_rng)
+        same = None
+        if same_key is not None:
+            if same_key not in batch:
+                raise ValueError(f"same_key {same_key!r} is not in the batch: {sorted(batch)}")
+            same = batch[same_key][:, None] == batch[same_key][None, :]
+        pairs = negative_pairs(out["image_tokens"], batch["text"], logits, negatives_rng, same)
         negatives = apply_fn(params, pairs, jax.random.fold_in(model_rng, 1))["itm_logits"]
         batch_size = batch["text"].shape[0]
         labels = jnp.concatenate(
