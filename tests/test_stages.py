@@ -211,3 +211,134 @@ def test_resuming_takes_precedence_over_init_from(clip_workdir, tmp_path, capsys
     config.init_from.update(format="workdir", path="/nonexistent/run", load={TOWER: TOWER})
     train_and_evaluate(config, workdir)
     assert f"Training already finished at step {SOURCE_STEPS}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- several earlier workdirs
+@pytest.fixture(scope="module")
+def other_clip_workdir(tmp_path_factory) -> str:
+    """A second earlier run (another seed, fewer steps): every parameter differs."""
+    workdir = str(tmp_path_factory.mktemp("other") / "clip")
+    config = tiny_clip_config(total_steps=4, checkpoint_every=4)
+    config.evals = {}
+    config.seed = 1
+    train_and_evaluate(config, workdir)
+    return workdir
+
+
+def test_two_sources_fill_disjoint_subtrees_exactly(clip_workdir, other_clip_workdir):
+    """init_from loads the image tower from one run, init_from.more.text the text tower from
+    another: each bit-identical to its own run; the rest stays this run's."""
+    first, second = load_trained(clip_workdir).params, load_trained(other_clip_workdir).params
+    rng = np.random.default_rng(0)
+    fresh = jax.tree.map(lambda x: jax.numpy.asarray(rng.normal(size=x.shape), x.dtype), first)
+    shardings = jax.tree.map(lambda x: x.sharding, fresh)
+    init_from = dict(
+        path=clip_workdir,
+        load={TOWER: TOWER},
+        more={"text": dict(path=other_clip_workdir, step=4, load={"text_tower": "text_tower"})},
+    )
+    loaded = load_from_workdir(init_from, fresh, shardings)
+    assert _under(TOWER, loaded) == _under(TOWER, first) != _under(TOWER, second)
+    assert _under("text_tower", loaded) == _under("text_tower", second)
+    assert _under("text_tower", loaded) != _under("text_tower", first)
+    rest = [p for p in _bytes(fresh) if not p.startswith((f"{TOWER}/", "text_tower/"))]
+    assert rest and all(_bytes(loaded)[p] == _bytes(fresh)[p] for p in rest)
+
+
+def test_more_sources_from_the_command_line_and_config_json(clip_workdir, tmp_path):
+    """`init_from.more` replaced by a dict literal, then one key of a source set alone; the
+    config.json of the run reads back with the same sources, and resuming keeps them."""
+    config = load_config(CLIP_TINY)
+    more = "{'text': {'path': '/x', 'load': {'text_tower': 'text_tower'}}}"
+    apply_overrides(config, [f"init_from.more={more}", f"init_from.more.text.path={clip_workdir}"])
+    assert config.init_from.more.text.to_dict() == {
+        "path": clip_workdir,
+        "load": {"text_tower": "text_tower"},
+    }
+    run = str(tmp_path / "w")
+    flags = [f"init_from.more={more}", f"init_from.more.text.path={clip_workdir}"]
+    load = f"init_from.load={{'{TOWER}': '{TOWER}'}}"
+    base = ["init_from.format=workdir", f"init_from.path={clip_workdir}", load]
+    assert _train_cli(run, *base, *flags) == 0
+    assert _train_cli(run, *base, *flags, "total_steps=9") == 0  # resumes from step 6
+    written = load_trained(run).config.init_from
+    assert written.more.text.path == clip_workdir
+    assert dict(written.more.text.load) == {"text_tower": "text_tower"}
+    trained = load_trained(run).params
+    assert _under("text_tower", trained) != _under("text_tower", load_trained(clip_workdir).params)
+
+
+def _bad_more(clip: str) -> list[tuple[list[str], list[str]]]:
+    tower = f"{{'{TOWER}/encoder': '{TOWER}/encoder'}}"
+    text = "{'text_tower': 'text_tower'}"
+    return [
+        (  # the image tower's encoder again, from a second source
+            [f"init_from.more={{'b': {{'path': '{clip}', 'load': {tower}}}}}"],
+            [
+                f"init_from: {TOWER}/encoder/",
+                f" is loaded by both init_from ({clip}) and init_from.more.b ({clip})",
+            ],
+        ),
+        (
+            ["init_from.more={'lm': {'path': '/nonexistent/run', 'load': {'a': 'b'}}}"],
+            ["init_from.more.lm.path: ", "a training workdir?"],
+        ),
+        (  # another text MLP width: only the second source's shapes differ
+            [
+                f"init_from.more={{'b': {{'path': '{clip}', 'load': {text}}}}}",
+                "model.text.mlp_dim=32",
+            ],
+            ["init_from.more.b: text_tower/", " in ", " but (32,) here"],
+        ),
+        (
+            [f"init_from.more={{'b': {{'load': {text}}}}}"],
+            ["init_from.more.b needs a path"],
+        ),
+        (
+            [f"init_from.more={{'b': {{'path': '{clip}', 'lod': {text}}}}}"],
+            ["init_from.more.b: unknown keys ['lod']"],
+        ),
+        (
+            [f"init_from.more={{'b': {{'path': '{clip}', 'step': 7, 'load': {text}}}}}"],
+            ["init_from.more.b.step 7 has no complete checkpoint", "available: [30]"],
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_bad_second_source_is_one_error_line(clip_workdir, tmp_path, capsys, case):
+    overrides, fragments = _bad_more(clip_workdir)[case]
+    assert _train_cli(str(tmp_path / "w"), *_from_workdir(clip_workdir), *overrides) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmjax.train: error: "), lines
+    assert all(f in lines[0] for f in fragments), lines[0]
+
+
+def test_a_token_embedding_from_another_tokenizer_is_an_error(tmp_path, capsys):
+    """A text tower (its token embedding has a "vocab" axis) trained with a 128-piece
+    SentencePiece vocabulary cannot load into a run with a 100-piece one: both pad to 128
+    rows, so only the tokenizer check tells them apart. The image tower alone loads."""
+    earlier = str(tmp_path / "earlier")
+    sentencepiece = [f for f in FAST if "tokenizer=byte" not in f]
+    assert train_cli(["--config", CLIP_TINY, "--workdir", earlier, *sentencepiece]) == 0
+    capsys.readouterr()
+    flags = [
+        "--config.init_from.format=workdir",
+        f"--config.init_from.path={earlier}",
+        "--config.init_from.load={'text_tower': 'text_tower'}",
+        "--config.data.vocab_size=100",
+    ]
+    argv = ["--config", CLIP_TINY, "--workdir", str(tmp_path / "w"), *sentencepiece, *flags]
+    assert train_cli(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    for fragment in [
+        "init_from: text_tower/",
+        "(a 'vocab' axis) is loaded from ",
+        "trained with another tokenizer (128 ids there, 100 here)",
+        "data.vocab_size 128 there, 100 here",
+    ]:
+        assert fragment in lines[0], lines[0]
+    flags[2] = f"--config.init_from.load={{'{TOWER}': '{TOWER}'}}"
+    argv = ["--config", CLIP_TINY, "--workdir", str(tmp_path / "w2"), *sentencepiece, *flags]
+    assert train_cli(argv) == 0

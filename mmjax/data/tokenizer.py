@@ -48,6 +48,10 @@ class Tokenizer(abc.ABC):
     def _decode_ids(self, ids: list[int]) -> str:
         """Text of `ids`, which hold no specials."""
 
+    @abc.abstractmethod
+    def pieces(self) -> tuple[str, ...]:
+        """Every id's piece, in id order: equal pieces, equal ids for every text."""
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`: stops at the first eos and skips pad and bos."""
         kept = []
@@ -120,6 +124,9 @@ class SentencePieceTokenizer(Tokenizer):
     def _decode_ids(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
 
+    def pieces(self) -> tuple[str, ...]:
+        return tuple(self._sp.id_to_piece(i) for i in range(self.vocab_size))
+
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer(vocab_size={self.vocab_size})"
 
@@ -141,6 +148,9 @@ class ByteTokenizer(Tokenizer):
     def _decode_ids(self, ids: list[int]) -> str:
         data = bytes(i - self._OFFSET for i in ids if self._OFFSET <= i < self.vocab_size)
         return data.decode("utf-8", errors="replace")
+
+    def pieces(self) -> tuple[str, ...]:
+        return ("<pad>", "<bos>", "<eos>", *(f"<0x{b:02X}>" for b in range(256)))
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"
@@ -174,6 +184,9 @@ class HFTokenizer(Tokenizer):
 
     def _decode_ids(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
+
+    def pieces(self) -> tuple[str, ...]:
+        return tuple(self._tok.convert_ids_to_tokens(list(range(self.vocab_size))))
 
     def tokenize(self, texts: Sequence[str], max_len: int) -> np.ndarray:
         ids = self._tok(list(texts), padding="max_length", truncation=True, max_length=max_len)[
@@ -224,6 +237,9 @@ class WithSpecialTokens(Tokenizer):
             elif i < self.base.vocab_size:
                 run.append(i)
         return "".join([*pieces, self.base._decode_ids(run)])
+
+    def pieces(self) -> tuple[str, ...]:
+        return (*self.base.pieces(), *self.special_ids)
 
     def tokenize(self, texts: Sequence[str], max_len: int) -> np.ndarray:
         """Framed as the base frames text (HF checkpoints keep their own specials)."""

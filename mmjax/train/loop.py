@@ -128,6 +128,11 @@ class Trainer:
         self.from_workdir = init_from.get("format") == WORKDIR_FORMAT
         if self.from_workdir:
             check_workdir_source(init_from)
+        elif init_from.get("more"):
+            raise UserError(
+                "init_from.more (more earlier workdirs) needs init_from.format=workdir, "
+                f"got format {init_from.get('format')!r}"
+            )
         self.imported = (
             self._import(config) if init_from.get("format") and not self.from_workdir else None
         )
@@ -212,12 +217,15 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             return parallel.init_sharded(init_fn, rng, self.mesh, self.rules)
 
-    def abstract_state(self, example_batch: Mapping[str, np.ndarray]) -> Any:
-        """The train state's shapes, dtypes and shardings, not computed: a restore target."""
+    def abstract_state(self, example_batch: Mapping[str, np.ndarray], boxed: bool = False) -> Any:
+        """The train state's shapes, dtypes and shardings, not computed: a restore target.
+        `boxed`: the shapes inside their logical-axis boxes instead (no shardings)."""
         with jax.set_mesh(self.mesh):
-            boxed = jax.eval_shape(self._init_fn(example_batch), jax.random.key(self.config.seed))
-        shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
-        return abstract_like(nn.meta.unbox(boxed), shardings)
+            state = jax.eval_shape(self._init_fn(example_batch), jax.random.key(self.config.seed))
+        if boxed:
+            return state
+        shardings = parallel.logical_shardings(state, self.mesh, self.rules)
+        return abstract_like(nn.meta.unbox(state), shardings)
 
     def jit_train_step(self, state_shardings: Any):
         step = make_train_step(self.loss_fn, self.tx, self.schedule, self.config.seed)
@@ -269,7 +277,12 @@ class TrainingRun:
         self.ckpt = Checkpointer(workdir, keep=self.config.get("keep_checkpoints", 3))
         try:
             if trainer.from_workdir and self.ckpt.latest_step() is None:  # before any compile
-                check_load(self.config.init_from, trainer.abstract_state(self.example_batch).params)
+                check_load(
+                    self.config.init_from,
+                    trainer.abstract_state(self.example_batch, boxed=True).params,
+                    trainer.tokenizer,
+                    self.config.data,
+                )
             self.state, self.shardings = trainer.init_state(self.example_batch)
         except BaseException:
             self.ckpt.close()
