@@ -58,6 +58,8 @@ PAPER_SHAPES = {
 # tiny_<encoder>: the image tower of experiments/<encoder>.py:tiny, with the defaults its model
 # adds (models/siglip.py), loaded from that run's workdir and frozen
 ENCODERS = {"clip": {}, "siglip": SIGLIP_IMAGE_DEFAULTS}
+# tiny_shapes decoder MLP width: 1,120,496 parameters, transfusion.py:tiny_shapes 1,121,828
+PARITY_MLP_DIM = 424
 VARIANTS = ("tiny", "tiny_shapes", *(f"tiny_{e}" for e in ENCODERS), *PAPER_SHAPES)
 
 
@@ -148,34 +150,35 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
 
 
 def _tiny_shapes(c: ml_collections.ConfigDict) -> None:
-    """The tiny model on 8x8x4 latents of the 32x32 shapes (the tiny VAE, f = 4)."""
+    """The tiny model on 8x8x4 latents of the 32x32 shapes (the tiny VAE, f = 4), set side by
+    side with transfusion.py:tiny_shapes: its data (the 128-piece word vocabulary, half the
+    rows caption-first), its steps and its parameter count."""
     _tiny(c)
-    c.total_steps = 1500  # as transfusion.py:tiny_shapes
+    c.total_steps = 4000  # as transfusion.py:tiny_shapes
     c.eval_every = c.total_steps
     patch, f = 2, 4  # 2x2 latent patches = 8x8 pixels
     c.data = data_config(
         source="shapes",
         image_size=32,
-        tokenizer="byte",
-        # 44 bytes of the longest caption + <bos> <BOI> 16 tokens <EOI> <eos>
+        vocab_size=128,  # a word a token: the longest caption is 8 tokens
+        # <bos> 8 caption tokens <BOI> 16 visual tokens <EOI> <eos>
         sequence=dict(
-            kind="unifluid", max_len=64, patch_size=patch * f, channels=3, caption_first=0.5
+            kind="unifluid", max_len=32, patch_size=patch * f, channels=3, caption_first=0.5
         ),
     )
-    # Parameter parity with transfusion.py:tiny_shapes (993k vs 978k): the head and the ViT
-    # take their share from the decoder's MLP.
+    # Parameter parity with transfusion.py:tiny_shapes: the head and the ViT take their share
+    # from the decoder's MLP.
     c.model.update(
         image_shape=(8, 8, 4),
         patch_size=patch,
-        mlp_dim=320,
+        mlp_dim=PARITY_MLP_DIM,
         head_width=64,
         vision_patch=patch * f,
         vision_width=32,
         vision_mlp_dim=64,
     )
     c.latents.vae_workdir = "/tmp/vae_tiny"
-    # x0 clipped at 3 latent std, as transfusion.py:tiny_shapes (unclipped: compositional 0.0;
-    # clipped: 0.06, colour 0.36, count 0.72 on 50 prompts of the same 1,500-step run)
+    # x0 clipped at 3 latent std (unclipped: compositional 0.0 at 1,500 steps)
     c.evals.generation.update(clip_x0=3.0)
 
 

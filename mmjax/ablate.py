@@ -8,14 +8,19 @@ resumes unfinished variants and skips finished ones), with the `--config.k=v` ov
 applied to all of them (e.g. `--config.total_steps=800` for a shorter sweep). Then the last
 value of every metric in each `metrics.jsonl` (the final evaluation and the last logged
 training losses) goes into one table, printed and written to `WORKDIR/table.md` and
-`WORKDIR/table.json`.
+`WORKDIR/table.json`, with each variant's parameter count (`params`) and median training step
+time (`ms_per_step`, the logging windows after the first, which holds the compilation). An
+ablation file may name config values to tabulate too, as `CONFIG_COLUMNS = {column: "dotted.key"}`
+(e.g. the visual tokens per image of a VLM connector).
 """
 
 import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from mmjax.errors import TrainingError, UserError, run_cli
 
@@ -29,6 +34,38 @@ def final_metrics(rows: Sequence[dict]) -> dict:
     for row in rows:
         last.update({k: v for k, v in row.items() if k not in BOOKKEEPING})
     return last
+
+
+def median_step_ms(rows: Sequence[dict], batch_size: int) -> float | None:
+    """Milliseconds per training step: the median over the logging windows after the first
+    (whose time includes the compilation); None without two windows."""
+    rates = [row["examples_per_sec"] for row in rows if "examples_per_sec" in row][1:]
+    return 1000.0 * batch_size / float(np.median(rates)) if rates else None
+
+
+def parameter_count(config) -> int:
+    """The parameters of `config`'s model, from shapes alone (its first batch's layout)."""
+    import flax.linen as nn
+    import jax
+
+    from mmjax.train.loop import Trainer
+
+    trainer = Trainer(config, workdir=None, devices=jax.devices()[:1])
+    params = nn.meta.unbox(trainer.abstract_state(next(trainer.data_iterator())).params)
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def config_values(config, columns: Mapping[str, str]) -> dict:
+    """{column: the config value at its dotted key} for an ablation file's CONFIG_COLUMNS."""
+    values = {}
+    for column, key in columns.items():
+        node = config
+        for name in key.split("."):
+            if name not in node:
+                raise UserError(f"CONFIG_COLUMNS {column!r}: the config has no key {key!r}")
+            node = node[name]
+        values[column] = node
+    return values
 
 
 def markdown_table(results: dict[str, dict]) -> str:
@@ -57,11 +94,17 @@ def ablate(
     config_path: str, workdir: str, variants: Sequence[str] | None, overrides: Sequence[str]
 ) -> dict[str, dict]:
     """Trains each variant into workdir/variant and returns variant -> final metrics."""
-    from mmjax.train.config_cli import apply_overrides, config_variants, load_config
+    from mmjax.train.config_cli import (
+        apply_overrides,
+        config_columns,
+        config_variants,
+        load_config,
+    )
     from mmjax.train.loop import train_and_evaluate
     from mmjax.train.metrics import read_metrics
 
     known = config_variants(config_path)
+    columns = config_columns(config_path)
     variants = list(variants or known)
     unknown = [v for v in variants if v not in known]
     if unknown:
@@ -70,6 +113,7 @@ def ablate(
     for variant in variants:
         config = load_config(f"{config_path}:{variant}")
         apply_overrides(config, overrides)
+        values = config_values(config, columns)  # a bad key fails before any training
         run_dir = os.path.join(workdir, variant)
         done = os.path.join(run_dir, "ablate_final.json")
         if os.path.exists(done):  # finished by an earlier invocation
@@ -78,9 +122,15 @@ def ablate(
             continue
         print(f"mmjax.ablate: {variant} -> {run_dir}", file=sys.stderr, flush=True)
         train_and_evaluate(config, run_dir)
-        final = final_metrics(read_metrics(run_dir))
+        rows = read_metrics(run_dir)
+        final = final_metrics(rows)
         if final.get("step") != config.total_steps:
             raise TrainingError(f"{variant} stopped at step {final.get('step')}; rerun to resume")
+        final.update(
+            params=parameter_count(config),
+            ms_per_step=median_step_ms(rows, config.batch_size),
+            **values,
+        )
         with open(done, "w") as f:
             json.dump(final, f)
         results[variant] = final

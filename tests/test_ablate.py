@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import ml_collections
+import pytest
 from helpers import REPO, TRANSFUSION_FAST
 
-from mmjax.ablate import final_metrics, markdown_table
+from mmjax.ablate import config_values, final_metrics, markdown_table, median_step_ms
+from mmjax.errors import UserError
 
 CONFIG = "experiments/ablations/transfusion_attention.py"
 
@@ -31,6 +34,21 @@ def test_final_metrics_keep_the_last_value_of_each_metric_without_bookkeeping():
     assert table.splitlines()[2:] == ["| a | 4 | 2 |", "| b | 4 | - |"]
 
 
+def test_step_time_is_the_median_window_after_the_compiling_one():
+    rows = [{"examples_per_sec": 1.0}, {"loss": 2.0}] + [
+        {"examples_per_sec": r} for r in (100.0, 400.0, 200.0)
+    ]
+    assert median_step_ms(rows, batch_size=10) == pytest.approx(50.0)  # 10 / 200 per second
+    assert median_step_ms(rows[:1], batch_size=10) is None
+
+
+def test_config_columns_read_dotted_keys_and_name_a_missing_one():
+    config = ml_collections.ConfigDict({"data": {"sequence": {"visual_tokens": 16}}})
+    assert config_values(config, {"tokens": "data.sequence.visual_tokens"}) == {"tokens": 16}
+    with pytest.raises(UserError, match=r"'tokens': the config has no key 'data\.seq\.visual'"):
+        config_values(config, {"tokens": "data.seq.visual"})
+
+
 def _results(workdir) -> dict:
     with open(workdir / "table.json") as f:
         return json.load(f)["results"]
@@ -42,6 +60,7 @@ def test_a_variant_runs_into_its_folder_and_the_table(tmp_path):
     results = _results(tmp_path)
     assert list(results) == ["causal"] and results["causal"]["step"] == 6
     assert {"heldout_diffusion_loss", "generation_accuracy", "lm_loss"} <= set(results["causal"])
+    assert results["causal"]["params"] > 0 and results["causal"]["ms_per_step"] > 0
     assert os.path.exists(tmp_path / "causal" / "metrics.jsonl")
     assert "| causal |" in (tmp_path / "table.md").read_text()
     # a rerun reads the finished variant instead of training or evaluating it again

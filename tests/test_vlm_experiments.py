@@ -82,11 +82,20 @@ def test_normalise_ignores_case_and_spaces_only():
 # (experiment, connector, max final loss): every run trains the caption task alone for
 # STEPS steps of batch BATCH; the loss starts near ln(vocab) = 5.6. Measured at step 120
 # (mean of steps 101-120): llava 0.65, minigpt_v2 0.71, qwen_vl 0.63. A run takes 1-2 minutes
-# on 2 CPU cores: one connector runs by default, the other two with `-m slow`.
+# on 2 CPU cores: LLaVA's MLP runs by default, with the eval; the other connectors run with
+# `-m slow`, training only (the eval is the same code for every connector).
 RUNS = [
     ("llava.py:tiny", "mlp", 1.0),
-    pytest.param("minigpt_v2.py:tiny", "concat", 1.0, marks=pytest.mark.slow),
-    pytest.param("qwen_vl.py:tiny", "cross_attn", 1.0, marks=pytest.mark.slow),
+    *(
+        pytest.param(spec, connector, 1.0, marks=pytest.mark.slow)
+        for spec, connector in [
+            ("llava.py:tiny_linear", "linear"),
+            ("minigpt_v2.py:tiny", "concat"),
+            ("qwen_vl.py:tiny", "cross_attn"),
+            ("ablations/vlm_connectors.py:qformer", "qformer"),
+            ("ablations/vlm_connectors.py:perceiver", "perceiver"),
+        ]
+    ),
 ]
 STEPS, BATCH = 120, 8
 METRICS = {"caption_accuracy", "vqa_accuracy", "grounding_miou", "grounding_accuracy"}
@@ -114,19 +123,25 @@ def shrunk(spec: str):
 
 
 @pytest.mark.parametrize("spec, connector, threshold", RUNS)
-def test_each_connector_learns_to_caption_and_the_eval_reports(
-    tmp_path, spec, connector, threshold
-):
+def test_each_connector_learns_to_caption(tmp_path, spec, connector, threshold):
     config = shrunk(spec)
     assert config.model.connector.type == connector
+    evaluated = connector == "mlp"
+    if not evaluated:
+        config.evals = {}
     workdir = str(tmp_path / "run")
     final = train_and_evaluate(config, workdir)
     losses = [r["loss"] for r in read_metrics(workdir) if "loss" in r]
     assert losses[0] > 3.0 and losses[-1] < threshold, losses
+    if evaluated:
+        check_the_eval(final, tmp_path / "run")
+
+
+def check_the_eval(final: dict, workdir) -> None:
+    """The VLM eval wrote every metric in [0, 1] and one sample per task."""
     assert set(final) >= METRICS and all(0.0 <= final[m] <= 1.0 for m in METRICS), final
-    samples = sorted(os.listdir(os.path.join(workdir, "samples")))
-    assert samples == ["vlm_001.png", "vlm_001.txt"]
-    text = (tmp_path / "run" / "samples" / "vlm_001.txt").read_text()
+    assert sorted(os.listdir(workdir / "samples")) == ["vlm_001.png", "vlm_001.txt"]
+    text = (workdir / "samples" / "vlm_001.txt").read_text()
     assert {"[caption]", "[vqa]", "[refer]"} <= {line.split()[0] for line in text.splitlines()}
 
 

@@ -90,6 +90,11 @@ def config_variants(path: str) -> tuple[str, ...]:
     return tuple(module.VARIANTS)
 
 
+def config_columns(path: str) -> dict[str, str]:
+    """An ablation file's `CONFIG_COLUMNS` ({table column: dotted config key}; none: {})."""
+    return dict(getattr(_import_config_file(path), "CONFIG_COLUMNS", {}))
+
+
 def _import_config_file(path: str):
     if not os.path.isfile(path):
         raise UserError(f"config file {path!r} does not exist")
