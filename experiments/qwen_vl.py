@@ -10,6 +10,11 @@ caption_accuracy, vqa_accuracy and grounding_miou (mmjax/evals/vlm.py):
 
   python -m mmjax.train --config experiments/qwen_vl.py:tiny --workdir /tmp/qwen_vl_tiny
 
+Measured (3,000 steps, about an hour on 2 CPU cores shared with two other runs): vqa_accuracy
+0.71 (colour 0.68, count 0.975, shape 0.63, relation 0.67), caption_accuracy 0.215, and
+grounding_miou 0.094 (IoU >= 0.5 for 5%): at this size and length the boxes, twelve digit
+tokens each, are not learnt yet.
+
 Paper shapes (Sec. 2.1, Table 1): OpenCLIP ViT-bigG/14 at 448 pixels (32x32 patch tokens),
 256 queries, Qwen-7B. The three stages (Sec. 3): `7B_stage1` pre-trains the ViT and adapter at
 224 pixels with the LM frozen; `7B_stage2` multi-task pre-trains everything at 448 pixels;

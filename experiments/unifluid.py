@@ -15,6 +15,11 @@ experiments/transfusion.py:tiny_shapes, judged by compositional_accuracy:
   python -m mmjax.train --config experiments/unifluid.py:tiny_shapes --workdir /tmp/uf_shapes \
       [--config.latents.vae_workdir=/tmp/vae_tiny]
 
+Measured (4,000 steps, 67 min on 2 CPU cores shared with two other runs, 200 held-out prompts
+and scenes): compositional_accuracy 0.085 (colour 0.375, shape 0.19, count 0.735, relation
+0.026), caption_accuracy 0.765; transfusion.py:tiny_shapes, same parameters and steps: 0.875
+and 0.31.
+
 The tiny run with the understanding encoder of a trained tiny CLIP (or SigLIP) run, frozen: its
 image tower's parameters are copied into UniFluid's ViT (`init_from.load`, vit <- image_tower)
 and get no updates (`optimizer.frozen`); both runs use the 8x8 digits with patch 2, and the
