@@ -19,7 +19,6 @@ setup(
         "ml_collections>=1.0",
         "einops>=0.8",
         "chex>=0.1.89",
-        "tensorboardX>=2.6",
         "tqdm>=4.66",
         "numpy>=1.26",
         "pillow>=10",
@@ -28,7 +27,8 @@ setup(
     ],
     extras_require={
         # torch, transformers and open_clip build the small random reference models that the
-        # converters' parity tests import; nbclient runs the notebooks.
+        # converters' parity tests import; nbclient runs the notebooks; tensorboardX's protobufs
+        # check the event files mmjax writes.
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
@@ -42,6 +42,7 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "matplotlib>=3.8",
+            "tensorboardX>=2.6",
         ],
         "bench": [
             "torch>=2.4",

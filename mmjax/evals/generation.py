@@ -37,6 +37,7 @@ from mmjax.data.sources import (
     ShapesSource,
 )
 from mmjax.errors import UserError
+from mmjax.evals.blas_threads import blas_threads_for
 
 DIGITS_IMAGE_SIZE = 8
 
@@ -337,7 +338,9 @@ class ShapesJudge:
                     features.append(_shape_features(mask))
                     targets.append(SHAPE_KINDS.index(shape))
         self.classifier = LogisticRegression(C=10.0, max_iter=2000)
-        self.classifier.fit(np.stack(features), np.array(targets))
+        train_x = np.stack(features)
+        with blas_threads_for(train_x):
+            self.classifier.fit(train_x, np.array(targets))
 
     def predict(self, images: Any) -> list[list[Detection]]:
         """The objects found in each image of [N, 32, 32, C] in [-1, 1] (or uint8)."""

@@ -2,21 +2,27 @@
 its strength picked on a held-out part of the training features, then refit on all of them."""
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
+from mmjax.evals.blas_threads import blas_threads_for
 from mmjax.evals.features import SplitEval
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
-def fit_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0) -> Pipeline:
+def fit_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0) -> "Pipeline":
     """Picks C on a seeded 80/20 split of the training features, then refits on all."""
+    # Lazy: sklearn takes seconds to import, and every training process imports the evals.
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline, make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     order = np.random.default_rng(seed).permutation(len(train_x))
     cut = int(0.8 * len(order))
     fit, val = order[:cut], order[cut:]
@@ -27,7 +33,7 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, seed: int = 0) -> Pipeli
 
     # Weakly regularised fits of poor (early-training) features may stop at max_iter; the
     # validation score still ranks them, so the sweep need not print a warning per fit.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), blas_threads_for(train_x):
         warnings.simplefilter("ignore", ConvergenceWarning)
         best = max(
             C_GRID,

@@ -29,6 +29,13 @@ class Checkpointer:
     """Async, keep-N checkpoints under `workdir/checkpoints`; items `state` and `data`."""
 
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+        if jax.default_backend() == "cpu":
+            # CPU "devices" share the host's memory, so splitting a replicated array's write
+            # among its replicas gains nothing, and each split is an XLA slice compiled for its
+            # shape: hundreds of compilations per save on 8 devices.
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+            )
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.torn_directory = os.path.join(self.workdir, "checkpoints_torn")

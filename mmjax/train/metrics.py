@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from mmjax.train.tb_events import ScalarEventWriter
+
 
 class MetricWriter:
     """Appends `{"step": N, name: value, ...}` lines and TensorBoard scalars.
@@ -18,10 +20,8 @@ class MetricWriter:
         self._jsonl = None
         self._tb = None
         if active:
-            from tensorboardX import SummaryWriter
-
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
-            self._tb = SummaryWriter(logdir=workdir, flush_secs=10)
+            self._tb = ScalarEventWriter(workdir)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         """Records scalar metrics at `step`; values are converted to Python floats."""
@@ -31,7 +31,8 @@ class MetricWriter:
         self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
         self._jsonl.flush()
         for name, value in scalars.items():
-            self._tb.add_scalar(name, value, global_step=int(step))
+            self._tb.add_scalar(name, value, int(step))
+        self._tb.flush()
 
     def close(self) -> None:
         if self.active:
