@@ -54,6 +54,7 @@ def _results(workdir) -> dict:
         return json.load(f)["results"]
 
 
+@pytest.mark.long
 def test_a_variant_runs_into_its_folder_and_the_table(tmp_path):
     out = _ablate(str(tmp_path), "--variants", "causal")
     assert out.returncode == 0, out.stderr[-3000:]

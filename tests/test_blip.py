@@ -317,7 +317,7 @@ def clip_workdir(tmp_path_factory) -> str:
     return workdir
 
 
-@pytest.mark.slow  # about 5 minutes on 2 CPU cores, the CLIP fixture included
+@pytest.mark.long  # about 4 minutes on 2 CPU cores, the CLIP fixture included
 def test_tiny_stage1_lowers_each_loss_on_a_frozen_vit(clip_workdir, tmp_path):
     """experiments/blip2.py:tiny_stage1 on the shrunk CLIP's tower: ITC, ITM and ITG each end
     below their threshold, and the ViT stays bit-identical to the CLIP image tower."""
@@ -371,7 +371,7 @@ def test_the_frozen_lm_and_stage2_share_one_tokenizer():
     assert pieces[0] == pieces[1] and "<image>" in pieces[0]
 
 
-@pytest.mark.slow  # about 3 minutes on 2 shared CPU cores, the CLIP fixture included
+@pytest.mark.long  # about 3 minutes on 2 shared CPU cores, the CLIP fixture included
 def test_tiny_stage2_trains_the_qformer_on_a_frozen_lm(clip_workdir, tmp_path):
     """experiments/blip2.py:tiny_stage2, shrunk, from two earlier workdirs: the ViT and the
     Q-Former of a stage-1 run, the LM of an lm.py:tiny_digits run. The LM and the ViT stay

@@ -85,6 +85,7 @@ def test_bad_override_leaves_checkpoints_untouched(trained_workdir):
     assert tree_digest(os.path.join(trained_workdir, "checkpoints")) == before
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     workdir = str(tmp_path / "w")
     proc = subprocess.Popen(

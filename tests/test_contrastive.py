@@ -107,6 +107,7 @@ def test_ties_break_like_argmax(name: str) -> None:
     align=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_sharded_equals_reference_property(
     name: str,
     mesh_name: str,

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +18,7 @@ from mmjax.nn.dense import DenseGeneral, matmul
     features=st.lists(st.integers(1, 6), min_size=1, max_size=2),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.slow
 def test_dense_value_and_grads_equal_autodiff_of_dot_general(lead, in_shape, features, seed):
     n_in = len(in_shape)
     axes = tuple(f"a{i}" for i in range(n_in + len(features)))

@@ -132,6 +132,7 @@ def test_the_text_only_lm_learns_the_task_texts(lm_run):
     assert np.mean(losses[-2:]) < LM_RUN[1] < losses[0], losses
 
 
+@pytest.mark.long  # about two minutes
 def test_flamingo_learns_on_the_frozen_lm(lm_run, tmp_path):
     lm_dir, _, lm_params = lm_run
     workdir = str(tmp_path / "flamingo")
@@ -158,7 +159,7 @@ def test_flamingo_learns_on_the_frozen_lm(lm_run, tmp_path):
     assert with_images < lm_alone - 0.08, (with_images, lm_alone)
 
 
-@pytest.mark.slow  # a minute or more; the file's other tests take about three
+@pytest.mark.long  # about two minutes
 def test_xgen_mm_trains_the_loaded_lm_on(lm_run, tmp_path):
     lm_dir, _, lm_params = lm_run
     workdir = str(tmp_path / "xgen_mm")

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from helpers import FAST, REPO
 
 from mmjax.train.metrics import read_metrics
@@ -16,6 +17,7 @@ ARGS = ["-m", "mmjax.train", "--config", "experiments/clip.py:tiny", *FAST]
 ARGS += ["--config.total_steps=4", "--config.log_every=2", "--config.checkpoint_every=2"]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -65,6 +67,7 @@ def _rank0_pid(workdir: str) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_makes_all_save_the_same_step_and_exit_zero(tmp_path):
     workdir = str(tmp_path / "w")
     launcher = os.path.join(REPO, "launch", "local_multiprocess.sh")

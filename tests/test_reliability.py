@@ -133,6 +133,7 @@ def test_incompatible_checkpoint_refuses_to_resume(trained, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
     straight, moved = str(tmp_path / "straight"), str(tmp_path / "moved")
     fsdp8 = ["--config.mesh.data=1", "--config.mesh.fsdp=8"]
@@ -164,8 +165,9 @@ def _final_state(workdir: str, step: int):
 
 
 @pytest.mark.parametrize(
-    "experiment", ["clip", pytest.param("transfusion", marks=pytest.mark.slow)]
+    "experiment", ["clip", pytest.param("transfusion", marks=pytest.mark.long)]
 )
+@pytest.mark.slow
 def test_kill_9_at_a_random_step_then_resume_is_bitwise_identical(tmp_path, experiment):
     total = ["--config.total_steps=14", "--config.checkpoint_every=2", "--config.log_every=1"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")

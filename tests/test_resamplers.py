@@ -198,6 +198,7 @@ FIT_STEPS, FIT_FACTOR = 60, 10.0
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
+@pytest.mark.long
 def test_connector_learns_to_regress_a_fixed_target(kind):
     """A few dozen Adam steps cut the squared error to a fixed random target by FIT_FACTOR."""
     cfg, count = CONFIGS[kind]

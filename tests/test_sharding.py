@@ -60,6 +60,7 @@ def test_every_parameter_gets_the_sharding_of_its_logical_names(mesh):
 
 
 @pytest.mark.parametrize("mesh", MESHES.values(), ids=MESHES.keys())
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step(mesh):
     single = _trainer(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     sharded = _trainer(mesh)

@@ -80,6 +80,7 @@ def test_staged_init_copies_exactly_the_mapped_subtree(clip_workdir):
     assert all(loaded_b[p] != source_b[p] for p in rest if p in source_b)
 
 
+@pytest.mark.long
 def test_unifluid_trains_on_a_frozen_clip_tower(clip_workdir, tmp_path):
     """experiments/unifluid.py:tiny_clip, shrunk: its ViT is the CLIP run's image tower, frozen
     bit for bit through real trainer steps and checkpoints, while every other parameter
@@ -245,6 +246,7 @@ def test_two_sources_fill_disjoint_subtrees_exactly(clip_workdir, other_clip_wor
     assert rest and all(_bytes(loaded)[p] == _bytes(fresh)[p] for p in rest)
 
 
+@pytest.mark.long
 def test_more_sources_from_the_command_line_and_config_json(clip_workdir, tmp_path):
     """`init_from.more` replaced by a dict literal, then one key of a source set alone; the
     config.json of the run reads back with the same sources, and resuming keeps them."""
@@ -314,6 +316,7 @@ def test_bad_second_source_is_one_error_line(clip_workdir, tmp_path, capsys, cas
     assert all(f in lines[0] for f in fragments), lines[0]
 
 
+@pytest.mark.long
 def test_a_token_embedding_from_another_tokenizer_is_an_error(tmp_path, capsys):
     """A text tower (its token embedding has a "vocab" axis) trained with a 128-piece
     SentencePiece vocabulary cannot load into a run with a 100-piece one: both pad to 128

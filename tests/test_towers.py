@@ -30,6 +30,7 @@ def test_vit_cls_pooled_only_equals_the_full_pass(remat):
         dict(causal=True, pool="eos", mask_padding=True, eos_id=7, remat=True),
     ],
 )
+@pytest.mark.slow
 def test_text_pooled_only_equals_the_full_pass(text):
     tower = TextTransformer(vocab_size=16, max_len=10, **text, **TOWER)
     tokens = np.array(

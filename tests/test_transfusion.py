@@ -118,6 +118,7 @@ def tiny_config(**overrides):
 
 
 @pytest.mark.parametrize("encoder", ["linear", "unet"])
+@pytest.mark.slow
 def test_a_few_steps_lower_both_losses(tmp_path, encoder):
     from mmjax.train.loop import Trainer
 

@@ -85,6 +85,7 @@ def trained(vae_workdir, tmp_path_factory, rbg_keys):
     return trainer, state, workdir, losses
 
 
+@pytest.mark.long
 def test_training_on_latents_lowers_both_losses(trained):
     trainer, _, _, losses = trained
     first, last = losses[0], losses[-1]
@@ -99,6 +100,7 @@ def test_training_on_latents_lowers_both_losses(trained):
     assert float(jnp.std(latents)) == pytest.approx(1.0, rel=1e-3)
 
 
+@pytest.mark.long
 def test_the_eval_judges_decoded_pixels(trained):
     trainer, state, workdir, _ = trained
     with jax.set_mesh(trainer.mesh):

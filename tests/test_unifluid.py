@@ -199,6 +199,7 @@ def test_a_few_train_steps_lower_both_losses():
 
 
 @pytest.mark.parametrize("order", ["raster", "random"])
+@pytest.mark.slow
 def test_sampling_is_deterministic_for_a_seed(order):
     seq, model, params = _seq(tokens_per_step=2), _model(), _params(2)
     decoder = model.clone(decode=True)

@@ -81,6 +81,7 @@ def set_gates(params: dict, value: float) -> dict:
     "dtype, compiled, every",
     [(jnp.float32, True, 1), (jnp.float32, True, 2), (jnp.bfloat16, False, 2)],
 )
+@pytest.mark.slow
 def test_flamingo_at_initialisation_is_exactly_the_language_model(dtype, compiled, every):
     model = make("flamingo", cross_attention_every=every, dtype=dtype)
     batch = flamingo_batch(np.random.default_rng(0))
@@ -275,6 +276,7 @@ def greedy_reference(model, params, images, prompt, eos_id, steps) -> list[int]:
 
 
 @pytest.mark.parametrize("mode", ["prefix", "flamingo"])
+@pytest.mark.slow
 def test_generation_matches_greedy_full_passes_and_stops_at_eos(mode):
     rng = np.random.default_rng(5)
     batch = BATCHES[mode](rng)
