@@ -67,7 +67,7 @@ def _rank0_pid(workdir: str) -> int | None:
     return None
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sigterm_to_one_process_makes_all_save_the_same_step_and_exit_zero(tmp_path):
     workdir = str(tmp_path / "w")
     launcher = os.path.join(REPO, "launch", "local_multiprocess.sh")

@@ -117,7 +117,7 @@ def tiny_config(**overrides):
     return c
 
 
-@pytest.mark.parametrize("encoder", ["linear", "unet"])
+@pytest.mark.parametrize("encoder", ["linear", pytest.param("unet", marks=pytest.mark.long)])
 @pytest.mark.slow
 def test_a_few_steps_lower_both_losses(tmp_path, encoder):
     from mmjax.train.loop import Trainer

@@ -83,16 +83,16 @@ def test_normalise_ignores_case_and_spaces_only():
 # STEPS steps of batch BATCH; the loss starts near ln(vocab) = 5.6. Measured at step 120
 # (mean of steps 101-120): llava 0.65, minigpt_v2 0.71, qwen_vl 0.63. A run takes 1-2 minutes
 # on 2 CPU cores: LLaVA's MLP runs with the eval, the other connectors training only (the eval
-# is the same code for every connector). CI runs two (`slow`), `-m long` the other four.
+# is the same code for every connector). Six runs are too long for CI: they are `long`.
 RUNS = [
-    pytest.param(spec, connector, 1.0, marks=getattr(pytest.mark, tier))
-    for spec, connector, tier in [
-        ("llava.py:tiny", "mlp", "long"),
-        ("qwen_vl.py:tiny", "cross_attn", "slow"),
-        ("ablations/vlm_connectors.py:qformer", "qformer", "slow"),
-        ("llava.py:tiny_linear", "linear", "long"),
-        ("minigpt_v2.py:tiny", "concat", "long"),
-        ("ablations/vlm_connectors.py:perceiver", "perceiver", "long"),
+    pytest.param(spec, connector, 1.0, marks=pytest.mark.long)
+    for spec, connector in [
+        ("llava.py:tiny", "mlp"),
+        ("qwen_vl.py:tiny", "cross_attn"),
+        ("ablations/vlm_connectors.py:qformer", "qformer"),
+        ("llava.py:tiny_linear", "linear"),
+        ("minigpt_v2.py:tiny", "concat"),
+        ("ablations/vlm_connectors.py:perceiver", "perceiver"),
     ]
 ]
 STEPS, BATCH = 120, 8
