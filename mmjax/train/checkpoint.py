@@ -7,6 +7,7 @@ arrays do not match this run's state (another experiment, other shapes) is a Use
 is re-initialised or overwritten.
 """
 
+import functools
 import logging
 import os
 import shutil
@@ -25,17 +26,25 @@ COMMIT_MARKER = "commit_success.txt"  # written by Orbax when a step is complete
 ITEMS = ("state", "data")
 
 
+@functools.cache
+def _whole_replica_writes_on_cpu() -> None:
+    """Once per process on the CPU backend: each jax.Array is written by one replica whole.
+
+    CPU "devices" share the host's memory, so splitting a replicated array's write among its
+    replicas gains nothing, and each split is an XLA slice compiled for its shape: hundreds of
+    compilations per save on 8 devices.
+    """
+    if jax.default_backend() == "cpu":
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+        )
+
+
 class Checkpointer:
     """Async, keep-N checkpoints under `workdir/checkpoints`; items `state` and `data`."""
 
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-        if jax.default_backend() == "cpu":
-            # CPU "devices" share the host's memory, so splitting a replicated array's write
-            # among its replicas gains nothing, and each split is an XLA slice compiled for its
-            # shape: hundreds of compilations per save on 8 devices.
-            ocp.type_handlers.register_type_handler(
-                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
-            )
+        _whole_replica_writes_on_cpu()
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.torn_directory = os.path.join(self.workdir, "checkpoints_torn")
