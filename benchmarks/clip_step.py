@@ -28,6 +28,13 @@ torch, median of the repeats): `*_peak_fraction` is the median over rounds of st
 fastest step of each and the 1-minute load average (start, end) are reported too: under
 other load, eager torch's OpenMP threads suffer more than XLA's pool, so compare runs with
 a similar load. Progress goes to stderr.
+
+Then every matmul of the mmjax step (forward, backward, optimizer) is run alone, each shape
+`--matmul_bound_repeats` times, in JAX and in torch (benchmarks/step_matmuls.py): the faster
+engine's sum is the step's matmul-only time, a floor no fusion or scheduling goes below.
+`max_samples_per_s`, `max_ratio` (open_clip step time / that floor) and `max_peak_fraction`
+(step FLOPs / that floor / peak) are what the mmjax step would reach were every other op
+free: upper bounds on `mmjax_samples_per_s`, `ratio` and `mmjax_peak_fraction`.
 """
 
 import argparse
@@ -39,6 +46,7 @@ import sys
 import time
 
 from matmul_peak import matmul_probe  # benchmarks/ is on sys.path as the script's folder
+from step_matmuls import time_matmuls
 from trainer_step import compile_trainer_step
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -87,7 +95,7 @@ def build_mmjax(args, batch):
 
     config = small_config(args)
     trainer = Trainer(config, workdir=None, devices=jax.devices()[:1])
-    compiled, state, device_batch, flops = compile_trainer_step(trainer, batch, log)
+    compiled, state, device_batch, flops, matmuls = compile_trainer_step(trainer, batch, log)
     holder = {"state": state}
 
     def run(k: int) -> float:
@@ -99,7 +107,7 @@ def build_mmjax(args, batch):
         return loss
 
     params = sum(x.size for x in jax.tree.leaves(state.params))
-    return run, flops, config, params
+    return run, flops, config, params, matmuls
 
 
 def build_open_clip(args, batch, opt_cfg):
@@ -165,6 +173,22 @@ def build_open_clip(args, batch, opt_cfg):
     return run, params
 
 
+def matmul_bound(matmuls, args, flops, jax_s, torch_s, peak) -> dict:
+    """The step's matmuls timed alone (step_matmuls.py): the fastest the mmjax step could be
+    with every other op free, as samples/s, ratio to open_clip and fraction of the peak."""
+    log(f"timing the step's {sum(matmuls.values())} matmuls ({len(matmuls)} shapes) alone")
+    bound = time_matmuls(matmuls, args.matmul_bound_repeats)
+    best = min(bound["seconds"].values())
+    return {
+        "matmul_only_step_ms": {k: round(1000 * v, 1) for k, v in bound["seconds"].items()},
+        "matmul_flops_share": round(bound["flops"] / flops, 3),
+        "max_peak_fraction": round(flops / best / 1e9 / peak, 3),
+        "max_samples_per_s": round(args.batch / best, 2),
+        "max_ratio": round(torch_s / best, 3),
+        "mmjax_step_over_matmul_only": round(jax_s / best, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -183,6 +207,12 @@ def main() -> None:
     parser.add_argument("--matmul_n", type=int, default=2048)
     parser.add_argument("--matmul_repeats", type=int, default=3, help="per round, each")
     parser.add_argument(
+        "--matmul_bound_repeats",
+        type=int,
+        default=5,
+        help="times each of the step's matmul shapes is run alone (0: no bound)",
+    )
+    parser.add_argument(
         "--torch_foreach",
         type=lambda s: {"true": True, "false": False, "none": None}[s.lower()],
         default=True,
@@ -196,7 +226,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     batch = random_batch(args)
-    run_jax, flops, config, jax_params = build_mmjax(args, batch)
+    run_jax, flops, config, jax_params, matmuls = build_mmjax(args, batch)
     run_torch, torch_params = build_open_clip(args, batch, config.optimizer)
     log(f"params: mmjax {jax_params:,}, open_clip {torch_params:,}; step {flops / 1e9:.1f} GFLOP")
 
@@ -251,6 +281,8 @@ def main() -> None:
         "load_avg_1min": [round(load_start, 1), round(os.getloadavg()[0], 1)],  # start, end
         "versions": {"jax": jax.__version__, "torch": torch.__version__.split("+")[0]},
     }
+    if args.matmul_bound_repeats > 0:
+        result.update(matmul_bound(matmuls, args, flops, jax_s, torch_s, median(peak)))
     if args.overrides:
         result["overrides"] = args.overrides
     print(json.dumps(result))

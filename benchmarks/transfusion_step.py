@@ -159,7 +159,7 @@ def build_mmjax(args, config, trainer, batch):
     """(run(k): k steps then block -> loss, compiled step FLOPs, params)."""
     import jax
 
-    compiled, state, device_batch, flops = compile_trainer_step(trainer, batch, log)
+    compiled, state, device_batch, flops, _ = compile_trainer_step(trainer, batch, log)
     holder = {"state": state}
 
     def run(k: int) -> float:

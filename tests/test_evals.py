@@ -29,6 +29,7 @@ def test_linear_probe_separates_separable_features():
     assert shuffled.score(x[300:], y[300:]) < 0.5  # no signal, no accuracy
 
 
+@pytest.mark.slow  # a whole tiny run; CI runs it
 def test_tiny_run_writes_every_eval_metric(tmp_path):
     workdir = str(tmp_path / "w")
     final = train_and_evaluate(tiny_clip_config(total_steps=4), workdir)

@@ -222,6 +222,7 @@ def test_diffusion_sampling_is_deterministic_for_a_seed_and_prompts_must_fit():
         )
 
 
+@pytest.mark.slow  # CI runs it
 def test_kv_cache_decoder_equals_a_full_forward_pass():
     from mmjax.models import build_model
 

@@ -1,0 +1,111 @@
+"""The matmuls of a jitted step, each timed alone: how fast the step could be if nothing else
+cost anything.
+
+A step's time cannot fall below the time of its matmuls. `step_matmuls` walks the step's
+jaxpr (forward, autodiff's backward and the optimizer: every `dot_general`, inside nested
+jaxprs too, `scan` bodies counted `length` times) and `time_matmuls` runs each distinct shape
+alone, jitted in JAX and as the equivalent `torch.einsum`, on random f32 operands. The sum
+of count x median time is the matmul-only step time in each engine: a bound on the step's
+samples/s and on its fraction of the matmul peak that no fusion or scheduling can beat.
+"""
+
+import collections
+import statistics
+import string
+import time
+from collections.abc import Callable
+from typing import Any
+
+MatmulKey = tuple[tuple[int, ...], tuple[int, ...], tuple, str]  # lhs, rhs, dims, dtype
+
+
+def step_matmuls(fn: Callable, *args: Any) -> collections.Counter:
+    """{(lhs shape, rhs shape, dimension numbers, dtype): how often the step runs it}."""
+    import jax
+    from jax.extend.core import jaxprs_in_params
+
+    counts: collections.Counter = collections.Counter()
+
+    def walk(jaxpr, times: int) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                lhs, rhs = (v.aval for v in eqn.invars)
+                (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+                dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+                counts[(lhs.shape, rhs.shape, dims, str(lhs.dtype))] += times
+            scan = eqn.primitive.name == "scan"
+            inner = times * int(eqn.params["length"]) if scan else times
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub, inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
+    return counts
+
+
+def matmul_flops(key: MatmulKey) -> int:
+    """2 x (product of the output's dimensions) x (contracted size)."""
+    lhs, rhs, ((lc, rc), (lb, rb)), _ = key
+    contracted = 1
+    for d in lc:
+        contracted *= lhs[d]
+    batch = 1
+    for d in lb:
+        batch *= lhs[d]
+    free_l = 1
+    for d, n in enumerate(lhs):
+        free_l *= n if d not in lc and d not in lb else 1
+    free_r = 1
+    for d, n in enumerate(rhs):
+        free_r *= n if d not in rc and d not in rb else 1
+    return 2 * batch * free_l * free_r * contracted
+
+
+def einsum_spec(key: MatmulKey) -> str:
+    """The einsum equation of a dot_general, output laid out as XLA's (batch, lhs, rhs free)."""
+    lhs, rhs, ((lc, rc), (lb, rb)), _ = key
+    letters = iter(string.ascii_letters)
+    ls = [next(letters) for _ in lhs]
+    rs = [next(letters) for _ in rhs]
+    for a, b in zip(lc + lb, rc + rb, strict=True):
+        rs[b] = ls[a]
+    batch = [ls[d] for d in lb]
+    out = batch + [ls[d] for d in range(len(lhs)) if d not in lc and d not in lb]
+    out += [rs[d] for d in range(len(rhs)) if d not in rc and d not in rb]
+    return f"{''.join(ls)},{''.join(rs)}->{''.join(out)}"
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` runs, after one warm-up (and compile) run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_matmuls(counts: collections.Counter, repeats: int = 5) -> dict[str, Any]:
+    """Matmul-only step time (seconds) in JAX and torch, the matmuls' FLOPs and their count."""
+    import functools
+
+    import jax
+    import numpy as np
+    import torch
+    from jax import lax
+
+    rng = np.random.default_rng(0)
+    total = {"jax": 0.0, "torch": 0.0}
+    for key, count in counts.items():
+        lhs_shape, rhs_shape, dims, _ = key
+        a = rng.standard_normal(lhs_shape, np.float32)
+        b = rng.standard_normal(rhs_shape, np.float32)
+        dot = jax.jit(functools.partial(lax.dot_general, dimension_numbers=dims))
+        ja, jb = jax.device_put(a), jax.device_put(b)
+        jax_run = functools.partial(lambda f, x, y: jax.block_until_ready(f(x, y)), dot, ja, jb)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        torch_run = functools.partial(torch.einsum, einsum_spec(key), ta, tb)
+        total["jax"] += count * median_seconds(jax_run, repeats)
+        total["torch"] += count * median_seconds(torch_run, repeats)
+    flops = sum(count * matmul_flops(key) for key, count in counts.items())
+    return {"seconds": total, "flops": flops, "matmuls": sum(counts.values())}
