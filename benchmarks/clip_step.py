@@ -178,6 +178,8 @@ def matmul_bound(matmuls, args, flops, jax_s, torch_s, peak) -> dict:
     with every other op free, as samples/s, ratio to open_clip and fraction of the peak."""
     log(f"timing the step's {sum(matmuls.values())} matmuls ({len(matmuls)} shapes) alone")
     bound = time_matmuls(matmuls, args.matmul_bound_repeats)
+    for label, count, jax_rate, torch_rate in bound["shapes"][:10]:
+        log(f"  {count:3d} x {label}: GFLOP/s jax {jax_rate:.0f}, torch {torch_rate:.0f}")
     best = min(bound["seconds"].values())
     return {
         "matmul_only_step_ms": {k: round(1000 * v, 1) for k, v in bound["seconds"].items()},

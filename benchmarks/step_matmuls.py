@@ -86,7 +86,8 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def time_matmuls(counts: collections.Counter, repeats: int = 5) -> dict[str, Any]:
-    """Matmul-only step time (seconds) in JAX and torch, the matmuls' FLOPs and their count."""
+    """Matmul-only step time (seconds) in JAX and torch, the matmuls' FLOPs and count, and
+    `shapes`: (einsum, count, GFLOP/s in JAX, in torch) per shape, the slowest first."""
     import functools
 
     import jax
@@ -96,6 +97,7 @@ def time_matmuls(counts: collections.Counter, repeats: int = 5) -> dict[str, Any
 
     rng = np.random.default_rng(0)
     total = {"jax": 0.0, "torch": 0.0}
+    shapes = []
     for key, count in counts.items():
         lhs_shape, rhs_shape, dims, _ = key
         a = rng.standard_normal(lhs_shape, np.float32)
@@ -105,7 +107,13 @@ def time_matmuls(counts: collections.Counter, repeats: int = 5) -> dict[str, Any
         jax_run = functools.partial(lambda f, x, y: jax.block_until_ready(f(x, y)), dot, ja, jb)
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         torch_run = functools.partial(torch.einsum, einsum_spec(key), ta, tb)
-        total["jax"] += count * median_seconds(jax_run, repeats)
-        total["torch"] += count * median_seconds(torch_run, repeats)
+        seconds = {"jax": median_seconds(jax_run, repeats)}
+        seconds["torch"] = median_seconds(torch_run, repeats)
+        for name, t in seconds.items():
+            total[name] += count * t
+        rate = {name: matmul_flops(key) / t / 1e9 for name, t in seconds.items()}
+        label = f"{einsum_spec(key)} {lhs_shape}x{rhs_shape}"
+        shapes.append((count * min(seconds.values()), label, count, rate["jax"], rate["torch"]))
     flops = sum(count * matmul_flops(key) for key, count in counts.items())
-    return {"seconds": total, "flops": flops, "matmuls": sum(counts.values())}
+    shapes = [row[1:] for row in sorted(shapes, reverse=True)]
+    return {"seconds": total, "flops": flops, "matmuls": sum(counts.values()), "shapes": shapes}

@@ -10,6 +10,21 @@ scenes by caption_accuracy, vqa_accuracy and grounding_miou (mmjax/evals/vlm.py)
 
   python -m mmjax.train --config experiments/minigpt_v2.py:tiny --workdir /tmp/minigpt_v2_tiny
 
+Measured (6,000 steps, 58 minutes on 2 CPU cores; evals every 1,500 steps on 200 held-out
+scenes, 932 referring phrases):
+
+  step   grounding_miou  grounding_accuracy  vqa_accuracy  caption_accuracy
+  1500   0.278           0.321               0.607         0.180
+  3000   0.505           0.545               0.771         0.335
+  4500   0.570           0.582               0.822         0.405
+  6000   0.589           0.597               0.832         0.425
+
+The boxes are exact, but the phrase does not yet choose the object: at step 6,000 a scene's
+lone object is boxed at IoU 0.99, while in two-object scenes (85% of the phrases) the box
+lands on the other object 46% of the time (grounding_wrong_object 0.465,
+grounding_miou_distractors 0.519), which is chance. Colour questions (0.65) fail the same
+way: the tiny model has not bound attributes to places yet.
+
 Paper shapes (Sec. 3 and 4.1): EVA ViT-g/14 at 448 pixels (32x32 patch tokens -> 256 visual
 tokens), LLaMA-2-chat-7B; the ViT frozen. The paper trains the LM through LoRA adapters, which
 mmjax does not have: this config trains the whole LM instead (stage 2's recipe, Sec. 3.2),
@@ -50,13 +65,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
 
 def _tiny(c: ml_collections.ConfigDict) -> None:
-    """The llava.py tiny model with the concat connector and every task."""
+    """The llava.py tiny model with the concat connector and every task, referring weighted
+    4x and trained twice as long as llava.py's (the table above)."""
     visual_tokens = c.data.sequence.visual_tokens // GROUP
     c.data.sequence.update(
         visual_tokens=visual_tokens,
         max_len=visual_tokens + 96,  # a two-object grounded caption and its identifier
-        tasks=dict(caption=1.0, vqa=1.0, refer=1.0, grounding=1.0, identify=1.0),
+        tasks=dict(caption=1.0, vqa=1.0, refer=4.0, grounding=1.0, identify=1.0),
     )
+    c.total_steps = 6000
+    c.eval_every = c.checkpoint_every = 1500  # grounding_miou over training
 
 
 def _paper(c: ml_collections.ConfigDict) -> None:

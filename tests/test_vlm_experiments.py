@@ -13,7 +13,7 @@ from helpers import REPO
 from mmjax.data.sources import DigitsSource, ShapesSource
 from mmjax.data.vlm_tasks import box_text, task_pairs
 from mmjax.errors import UserError
-from mmjax.evals.vlm import box_score, normalise, score_answer
+from mmjax.evals.vlm import Question, box_score, distractor_metrics, normalise, score_answer
 from mmjax.train import train_and_evaluate
 from mmjax.train.config_cli import apply_overrides, load_config
 from mmjax.train.metrics import read_metrics
@@ -70,6 +70,29 @@ def test_box_answers_score_their_iou_and_unparseable_ones_zero():
     # the first box of an answer is the one scored
     two = box_text(disjoint, SIZE, SIZE) + box_text(truth, SIZE, SIZE)
     assert box_score(two, reference, SIZE, SIZE) == 0.0
+
+
+def test_a_box_on_the_other_object_counts_as_the_wrong_object():
+    two = next(r for r in SHAPES if len(r["shapes"]) == 2)
+    one = next(r for r in SHAPES if len(r["shapes"]) == 1)
+    records = [two, one]
+    named = task_pairs(two, "refer", "shapes")[0]
+    other = next(p for p in task_pairs(two, "refer", "shapes") if p.answer != named.answer)
+    single = task_pairs(one, "refer", "shapes")[0]
+    questions = [Question(0, named, ()), Question(0, other, ()), Question(1, single, ())]
+    # the right box; the first object's box for the second's phrase; a lone object's box
+    answers = [named.answer, named.answer, single.answer]
+    ious = np.asarray(
+        [
+            score_answer(a, q.pair, records[q.record], "shapes")
+            for a, q in zip(answers, questions, strict=True)
+        ]
+    )
+    assert ious[0] == ious[2] == 1.0 and ious[1] < 0.5
+    metrics = distractor_metrics(answers, questions, ious, records)
+    assert metrics["grounding_wrong_object"] == 0.5  # the lone object's phrase is not counted
+    assert metrics["grounding_miou_distractors"] == pytest.approx((1.0 + ious[1]) / 2)
+    assert distractor_metrics(answers[2:], questions[2:], ious[2:], records) == {}
 
 
 def test_normalise_ignores_case_and_spaces_only():

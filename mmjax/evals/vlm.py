@@ -12,6 +12,9 @@ The first `num_samples` records of `split` are asked the instructions of the tra
   refer      every referring phrase of the record (shapes only); `grounding_miou` is the mean
              IoU of the first box parsed from the answer with the true box (0 when none
              parses), `grounding_accuracy` the rate of IoU >= 0.5 (RefCOCO's criterion).
+             On scenes of two or more objects the phrase must pick its object out:
+             `grounding_miou_distractors` is the mean IoU there, `grounding_wrong_object`
+             the rate at which the box overlaps another object more than the named one.
 
 `workdir/samples/<name>_<k>.txt` (and `.png`, images framed green or red by the verdict) hold
 the first `num_examples` answers of each task at the k-th evaluation of the run.
@@ -29,7 +32,14 @@ from tqdm import tqdm
 
 from mmjax.data.sequences import vlm_layout
 from mmjax.data.sources import build_source
-from mmjax.data.vlm_tasks import TaskPair, box_iou, caption_variants, parse_boxes, task_pairs
+from mmjax.data.vlm_tasks import (
+    TaskPair,
+    box_iou,
+    box_text,
+    caption_variants,
+    parse_boxes,
+    task_pairs,
+)
 from mmjax.errors import UserError
 from mmjax.evals import generation
 from mmjax.evals.features import EvalContext
@@ -84,6 +94,38 @@ class Question:
     record: int
     pair: TaskPair
     prompt_ids: tuple[int, ...]
+
+
+def distractor_iou(answer: str, pair: TaskPair, record: Record) -> float | None:
+    """The largest IoU of the answer's first box with an object `pair` does not name; None
+    when the scene holds no other object, 0 when the answer holds no box."""
+    height, width = np.asarray(record["image"]).shape[:2]
+    others = [o for o in record["shapes"] if box_text(o["bbox"], width, height) != pair.answer]
+    if not others:
+        return None
+    found = parse_boxes(answer, width, height)
+    return max(box_iou(found[0].box, o["bbox"]) for o in others) if found else 0.0
+
+
+def distractor_metrics(
+    answers: Sequence[str],
+    questions: Sequence[Question],
+    ious: np.ndarray,
+    records: Sequence[Record],
+) -> dict[str, float]:
+    """grounding_miou_distractors and grounding_wrong_object (module docstring) of the refer
+    questions whose scene holds other objects; {} when none does."""
+    rows = [
+        (iou, distractor_iou(a, q.pair, records[q.record]))
+        for a, q, iou in zip(answers, questions, ious, strict=True)
+    ]
+    rows = np.asarray([(iou, other) for iou, other in rows if other is not None])
+    if not len(rows):
+        return {}
+    return {
+        "grounding_miou_distractors": float(rows[:, 0].mean()),
+        "grounding_wrong_object": float(np.mean(rows[:, 1] > rows[:, 0])),
+    }
 
 
 class VlmEval:
@@ -186,6 +228,10 @@ class VlmEval:
                     metrics[f"vqa_{kind}_accuracy"] = float(task_scores[kinds == kind].mean())
             if task == "refer":
                 metrics["grounding_accuracy"] = float(np.mean(task_scores >= IOU_HIT))
+                task_answers = answers[start : start + len(questions)]
+                metrics.update(
+                    distractor_metrics(task_answers, questions, task_scores, self.records)
+                )
             n = int(self.cfg.get("num_examples", 8))
             examples += list(zip(questions[:n], answers[start:], task_scores[:n], strict=False))
             start += len(questions)
