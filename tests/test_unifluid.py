@@ -105,6 +105,7 @@ def test_diffusion_head_loss_falls_on_a_fixed_condition():
     assert after < 0.5 * before, (before, after)
 
 
+@pytest.mark.slow  # CI runs it
 @pytest.mark.parametrize("tokens_per_step", [1, 2])
 def test_decoding_with_a_kv_cache_equals_the_full_forward_pass(tokens_per_step):
     """Prefill the prompt, then feed the m slots of each step as the sampler does: the head's

@@ -143,6 +143,7 @@ def test_flamingo_tokens_see_only_their_media_in_the_model():
         assert np.all(np.abs(changed - logits)[media_ids == m].max(axis=-1) > 1e-4)
 
 
+@pytest.mark.slow  # CI runs it
 @pytest.mark.parametrize("mode", ["prefix", "flamingo"])
 def test_kv_cached_decoding_equals_the_full_forward_pass(mode):
     batch = BATCHES[mode](np.random.default_rng(2), length=14)
@@ -168,6 +169,7 @@ def test_kv_cached_decoding_equals_the_full_forward_pass(mode):
     np.testing.assert_allclose(jnp.concatenate(cached, axis=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # CI runs it
 def test_feature_layer_reads_the_vit_hidden_state():
     vit = VisionTransformer(**VISION, dtype=jnp.float32)
     images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
