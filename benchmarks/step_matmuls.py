@@ -10,6 +10,7 @@ samples/s and on its fraction of the matmul peak that no fusion or scheduling ca
 """
 
 import collections
+import math
 import statistics
 import string
 import time
@@ -43,21 +44,12 @@ def step_matmuls(fn: Callable, *args: Any) -> collections.Counter:
 
 
 def matmul_flops(key: MatmulKey) -> int:
-    """2 x (product of the output's dimensions) x (contracted size)."""
-    lhs, rhs, ((lc, rc), (lb, rb)), _ = key
-    contracted = 1
-    for d in lc:
-        contracted *= lhs[d]
-    batch = 1
-    for d in lb:
-        batch *= lhs[d]
-    free_l = 1
-    for d, n in enumerate(lhs):
-        free_l *= n if d not in lc and d not in lb else 1
-    free_r = 1
-    for d, n in enumerate(rhs):
-        free_r *= n if d not in rc and d not in rb else 1
-    return 2 * batch * free_l * free_r * contracted
+    """2 x (batch x lhs-free x rhs-free: the output's size) x (contracted size)."""
+    lhs, rhs, ((lc, rc), (_, rb)), _ = key
+    contracted = math.prod(lhs[d] for d in lc)
+    out = math.prod(n for d, n in enumerate(lhs) if d not in lc)  # batch and lhs-free
+    out *= math.prod(n for d, n in enumerate(rhs) if d not in rc and d not in rb)
+    return 2 * out * contracted
 
 
 def einsum_spec(key: MatmulKey) -> str:
@@ -85,6 +77,13 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def _blocking(fn: Callable, *args: Any) -> Any:
+    """fn(*args), waited for: JAX dispatches asynchronously."""
+    import jax
+
+    return jax.block_until_ready(fn(*args))
+
+
 def time_matmuls(counts: collections.Counter, repeats: int = 5) -> dict[str, Any]:
     """Matmul-only step time (seconds) in JAX and torch, the matmuls' FLOPs and count, and
     `shapes`: (einsum, count, GFLOP/s in JAX, in torch) per shape, the slowest first."""
@@ -104,15 +103,15 @@ def time_matmuls(counts: collections.Counter, repeats: int = 5) -> dict[str, Any
         b = rng.standard_normal(rhs_shape, np.float32)
         dot = jax.jit(functools.partial(lax.dot_general, dimension_numbers=dims))
         ja, jb = jax.device_put(a), jax.device_put(b)
-        jax_run = functools.partial(lambda f, x, y: jax.block_until_ready(f(x, y)), dot, ja, jb)
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        torch_run = functools.partial(torch.einsum, einsum_spec(key), ta, tb)
+        jax_run = functools.partial(_blocking, dot, ja, jb)
+        spec = einsum_spec(key)
+        torch_run = functools.partial(torch.einsum, spec, torch.from_numpy(a), torch.from_numpy(b))
         seconds = {"jax": median_seconds(jax_run, repeats)}
         seconds["torch"] = median_seconds(torch_run, repeats)
         for name, t in seconds.items():
             total[name] += count * t
         rate = {name: matmul_flops(key) / t / 1e9 for name, t in seconds.items()}
-        label = f"{einsum_spec(key)} {lhs_shape}x{rhs_shape}"
+        label = f"{spec} {lhs_shape}x{rhs_shape}"
         shapes.append((count * min(seconds.values()), label, count, rate["jax"], rate["torch"]))
     flops = sum(count * matmul_flops(key) for key, count in counts.items())
     shapes = [row[1:] for row in sorted(shapes, reverse=True)]
