@@ -96,6 +96,7 @@ def time_matmuls(counts: collections.Counter, repeats: int = 5) -> dict[str, Any
 
     rng = np.random.default_rng(0)
     total = {"jax": 0.0, "torch": 0.0}
+    flops = 0
     shapes = []
     for key, count in counts.items():
         lhs_shape, rhs_shape, dims, _ = key
@@ -110,9 +111,10 @@ def time_matmuls(counts: collections.Counter, repeats: int = 5) -> dict[str, Any
         seconds["torch"] = median_seconds(torch_run, repeats)
         for name, t in seconds.items():
             total[name] += count * t
-        rate = {name: matmul_flops(key) / t / 1e9 for name, t in seconds.items()}
+        key_flops = matmul_flops(key)
+        flops += count * key_flops
+        rate = {name: key_flops / t / 1e9 for name, t in seconds.items()}
         label = f"{spec} {lhs_shape}x{rhs_shape}"
         shapes.append((count * min(seconds.values()), label, count, rate["jax"], rate["torch"]))
-    flops = sum(count * matmul_flops(key) for key, count in counts.items())
     shapes = [row[1:] for row in sorted(shapes, reverse=True)]
     return {"seconds": total, "flops": flops, "matmuls": sum(counts.values()), "shapes": shapes}
