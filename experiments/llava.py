@@ -86,7 +86,7 @@ def tiny(c: ml_collections.ConfigDict, *, connector: str) -> None:
     c.log_every = 100
     c.eval_every = c.total_steps  # the final eval only
     c.checkpoint_every = 1000
-    vision = dict(patch_size=4, width=64, depth=3, num_heads=4, mlp_dim=128)
+    vision = dict(patch_size=4, width=64, depth=3, num_heads=4, mlp_dim=128, posemb="learn")
     visual_tokens = (32 // vision["patch_size"]) ** 2
     c.data = data_config(
         source="shapes",

@@ -1,6 +1,8 @@
 """Vision Transformer (Dosovitskiy et al., 2021) as used by CLIP and SigLIP.
 
 Pooling: `cls` token (CLIP), global average (`gap`) or attention pooling (`map`, SigLIP).
+Position embeddings: learned (`learn`, CLIP) or fixed 2D sin-cos on the patches (`sincos2d`,
+big_vision's ViT and MAE).
 """
 
 import flax.linen as nn
@@ -9,8 +11,10 @@ import jax.numpy as jnp
 from mmjax.nn import LayerNorm, PatchEmbed, Transformer
 from mmjax.nn.initializers import logical
 from mmjax.nn.pooling import MAPHead
+from mmjax.nn.sincos import sincos_2d
 
 POOLS = ("cls", "gap", "map")
+POSEMBS = ("learn", "sincos2d")
 
 
 class VisionTransformer(nn.Module):
@@ -22,6 +26,7 @@ class VisionTransformer(nn.Module):
     num_heads: int
     mlp_dim: int
     pool: str = "cls"
+    posemb: str = "learn"
     pre_norm: bool = True  # CLIP's ln_pre before the encoder; SigLIP has none
     patch_bias: bool = True
     activation: str = "gelu"
@@ -44,6 +49,8 @@ class VisionTransformer(nn.Module):
         after it are neither run nor created."""
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; valid: {POOLS}")
+        if self.posemb not in POSEMBS:
+            raise ValueError(f"unknown posemb {self.posemb!r}; valid: {POSEMBS}")
         depth = self.depth
         if feature_layer is not None:
             if not -self.depth - 1 <= feature_layer <= self.depth:
@@ -57,27 +64,13 @@ class VisionTransformer(nn.Module):
         x = PatchEmbed(
             self.patch_size, self.width, use_bias=self.patch_bias, name="patch_embed", **kw
         )(images)
-        if self.pool == "cls":
-            cls = self.param(
-                "cls", logical(nn.initializers.normal(0.02), None, "embed"), (1, self.width)
-            )
-            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], *cls.shape)), x], axis=1)
-        if self.has_variable("params", "pos_embedding"):
-            built = self.get_variable("params", "pos_embedding")
-            built = getattr(built, "value", built).shape[0]  # unbox logical partitioning
-            if built != x.shape[1]:
-                raise ValueError(
-                    f"images of {images.shape[1]}x{images.shape[2]} give {x.shape[1]} tokens "
-                    f"(patch {self.patch_size}, pool {self.pool!r}), but this model was built for "
-                    f"{built} tokens"
-                )
-        pos = self.param(
-            "pos_embedding",
-            logical(nn.initializers.normal(0.02), "position", "embed"),
-            (x.shape[1], self.width),
-            self.param_dtype,
-        )
-        x = (x + pos).astype(self.dtype)
+        if self.posemb == "sincos2d":  # fixed, on the patches only: the CLS token has none
+            grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+            x = x + sincos_2d(*grid, self.width)
+        x = self._prepend_cls(x)
+        if self.posemb == "learn":
+            x = x + self._learned_posemb(x.shape[1], images.shape)
+        x = x.astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         if self.pre_norm:
             x = LayerNorm(name="norm_pre", epsilon=self.norm_eps, **kw)(x)
@@ -110,6 +103,34 @@ class VisionTransformer(nn.Module):
             **kw,
         )
         return head(x), x
+
+    def _prepend_cls(self, x: jnp.ndarray) -> jnp.ndarray:
+        """The learned CLS token before the patches, under CLS pooling."""
+        if self.pool != "cls":
+            return x
+        cls = self.param(
+            "cls", logical(nn.initializers.normal(0.02), None, "embed"), (1, self.width)
+        )
+        return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], *cls.shape)), x], axis=1)
+
+    def _learned_posemb(self, tokens: int, image_shape: tuple[int, ...]) -> jnp.ndarray:
+        """[tokens, width] learned position embeddings; a clear error for images of another
+        size than the ones the parameters were built for."""
+        if self.has_variable("params", "pos_embedding"):
+            built = self.get_variable("params", "pos_embedding")
+            built = getattr(built, "value", built).shape[0]  # unbox logical partitioning
+            if built != tokens:
+                raise ValueError(
+                    f"images of {image_shape[1]}x{image_shape[2]} give {tokens} tokens "
+                    f"(patch {self.patch_size}, pool {self.pool!r}), but this model was built "
+                    f"for {built} tokens"
+                )
+        return self.param(
+            "pos_embedding",
+            logical(nn.initializers.normal(0.02), "position", "embed"),
+            (tokens, self.width),
+            self.param_dtype,
+        )
 
 
 def _check_images(images: jnp.ndarray) -> None:
