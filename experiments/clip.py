@@ -5,12 +5,21 @@ held-out digits:
 
   python -m mmjax.train --config experiments/clip.py:tiny --workdir /tmp/clip_tiny
 
+`tiny_shapes` trains the same towers, the image tower 3 blocks deep with 4x4 patches, on the
+32x32 synthetic shapes and their captions ("a red circle left of a blue square"): the
+pretrained image encoder that experiments/qwen_vl.py:tiny starts from, as Qwen-VL starts from
+OpenCLIP's ViT. Measured (1,500 steps, 11 minutes on 2 CPU cores shared with one other run):
+zero-shot accuracy 0.549 on the 16 colour-shape classes of the first object, retrieval R@1
+0.475 (image to text) and 0.50 (text to image) on the held-out scenes:
+
+  python -m mmjax.train --config experiments/clip.py:tiny_shapes --workdir /tmp/clip_tiny_shapes
+
 Paper shapes (Table 20 of the paper) for accelerators, on your own ArrayRecord shards:
 
   python -m mmjax.train --config experiments/clip.py:B/32 --workdir /gcs/bucket/clip_b32 \
       --config.data.path=/data/shards
 
-Variants: tiny, B/32, B/16, L/14.
+Variants: tiny, tiny_shapes, B/32, B/16, L/14.
 """
 
 import math
@@ -26,7 +35,7 @@ PAPER_SHAPES = {
     "B/16": (16, 768, 12, 12, 512, 8, 512, 5e-4),
     "L/14": (14, 1024, 24, 16, 768, 12, 768, 4e-4),
 }
-VARIANTS = ("tiny", *PAPER_SHAPES)
+VARIANTS = ("tiny", "tiny_shapes", *PAPER_SHAPES)
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -37,6 +46,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.objective = dict(name="clip")
     if arg == "tiny":
         _tiny(c)
+    elif arg == "tiny_shapes":
+        _tiny(c)
+        _shapes(c)
     else:
         _paper(c, arg)
     return c
@@ -68,6 +80,17 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
             type="linear_probe", split="test", train_split="train", batch_size=c.batch_size
         ),
     )
+
+
+def _shapes(c: ml_collections.ConfigDict) -> None:
+    """The tiny towers on the 32x32 shapes: the image tower of qwen_vl.py:tiny (4x4 patches,
+    64 tokens, 3 blocks like the tiny VLMs' ViT), 1,500 steps."""
+    c.total_steps = 1500
+    c.eval_every = c.checkpoint_every = 500
+    c.data.update(source="shapes", image_size=32)
+    # Fixed 2D sin-cos positions (big_vision's): each patch token keeps where it is, which the
+    # Qwen-VL adapter's values must carry to the LM for boxes
+    c.model.image.update(patch_size=4, depth=3, posemb="sincos2d")
 
 
 def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
