@@ -163,7 +163,7 @@ def test_each_connector_learns_to_caption(tmp_path, spec, connector, threshold):
         check_the_eval(final, tmp_path / "run")
 
 
-@pytest.mark.long  # about a minute on 2 CPU cores
+@pytest.mark.slow  # about 30 seconds on 2 CPU cores
 def test_qwen_vl_tiny_starts_from_the_tower_of_a_clip_tiny_shapes_run(tmp_path):
     """qwen_vl.py:tiny's ViT is clip.py:tiny_shapes' image tower, loaded whole: with the ViT
     frozen, it is bit-identical to the CLIP run's tower after training."""
