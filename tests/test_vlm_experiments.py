@@ -174,9 +174,8 @@ def test_qwen_vl_tiny_starts_from_the_tower_of_a_clip_tiny_shapes_run(tmp_path):
     config = shrunk("qwen_vl.py:tiny")
     config.total_steps = config.checkpoint_every = 3
     config.evals = {}
-    config.init_from.update(
-        format="workdir", path=str(tmp_path / "clip"), load={"vision": "image_tower"}
-    )
+    config.init_from = load_config(os.path.join(REPO, "experiments", "qwen_vl.py:tiny")).init_from
+    config.init_from.path = str(tmp_path / "clip")
     config.optimizer.frozen = ("vision/**",)
     train_and_evaluate(config, str(tmp_path / "qwen"))
     tower = load_trained(str(tmp_path / "clip")).params["image_tower"]
