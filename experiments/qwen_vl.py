@@ -23,7 +23,9 @@ every 1,500 steps on 932 referring phrases):
   4500   0.761           0.077                   0.911         0.775
   6000   0.837           0.044                   0.917         0.870
 
-At step 6,000, 91% of the boxes have IoU >= 0.5, and VQA answers shape, relation and count
+A second seed (`--config.seed=1`) gives grounding_miou 0.824, grounding_wrong_object 0.016,
+vqa_accuracy 0.860, caption_accuracy 0.850 at step 6,000. With seed 0, at step 6,000, 91% of
+the boxes have IoU >= 0.5, and VQA answers shape, relation and count
 questions (0.99, 0.99, 1.0) but not colour ones ("what colour is the circle?", 0.65, the
 answer prior; as in minigpt_v2.py:tiny).
 
