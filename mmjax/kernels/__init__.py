@@ -3,54 +3,26 @@
 `attention` validates inputs, gathers the mask keywords into one `MaskSpec` and dispatches
 on `impl`: "xla" is the materialised-mask reference, "pallas" the block-sparse
 flash-attention kernel (Mosaic on TPU, Triton on GPU, interpret mode on CPU), and "auto"
-picks per backend and size (see `_resolve_impl`).
+the fastest per platform. The platform's variant is chosen when the program is lowered, and
+under a device mesh the kernels run inside `jax.shard_map` (`dispatch`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import jax
 import jax.numpy as jnp
 
+from mmjax.kernels.dispatch import CPU_PALLAS_MIN_PAIRS, Partition, attention_on_mesh
 from mmjax.kernels.masks import MaskSpec, attention_mask
-from mmjax.kernels.pallas_attention import pallas_attention
 from mmjax.kernels.reference import attention_reference
 
 __all__ = ["CPU_PALLAS_MIN_PAIRS", "IMPLS", "MaskSpec", "attention", "attention_mask"]
 
 Array = jnp.ndarray
 
-_BACKENDS: dict[str, Callable[..., Array]] = {
-    "xla": attention_reference,
-    "pallas": pallas_attention,
-}
-
-# Every accepted value of `impl`: "auto" plus one name per backend.
-IMPLS: tuple[str, ...] = ("auto", *_BACKENDS)
-
-
-# On CPU, "auto" runs the Pallas kernel (interpret mode) from this many query x key pairs on.
-# Measured (benchmarks/attention.py, 8 heads, head_dim 64, causal, fwd+bwd per step): 128^2
-# 12 vs 10 ms, 256^2 82 vs 46 ms, 512^2 272 vs 121 ms, 1024^2 1.3 s vs 0.30 s (xla vs
-# pallas); the kernel compiles ~3 s slower, so below 512^2 the reference wins overall, and
-# above it the reference's S x S temporaries grow (1 GB at S = 4096) while the kernel's don't.
-CPU_PALLAS_MIN_PAIRS = 512 * 512
-
-
-def _resolve_impl(impl: str, q_len: int, kv_len: int) -> str:
-    """Maps `impl` to a backend name; "auto" picks the faster one on the default backend.
-
-    TPU: "pallas" (Mosaic, grid variant). GPU: "pallas" (Triton, loop variant). CPU:
-    "pallas" (interpret mode, loop variant) from `CPU_PALLAS_MIN_PAIRS` on, else "xla".
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; valid choices: {', '.join(IMPLS)}")
-    if impl != "auto":
-        return impl
-    if jax.default_backend() in ("tpu", "gpu"):
-        return "pallas"
-    return "pallas" if q_len * kv_len >= CPU_PALLAS_MIN_PAIRS else "xla"
+# Every accepted value of `impl`. "auto": per platform, decided at lowering -- TPU the
+# Mosaic kernel; GPU cuDNN where it applies, else the Triton kernel; CPU the interpret-mode
+# kernel from `CPU_PALLAS_MIN_PAIRS` query x key pairs on, else the XLA reference.
+IMPLS: tuple[str, ...] = ("auto", "xla", "pallas")
 
 
 def _check_shapes(q: Array, k: Array, v: Array, mask: MaskSpec) -> None:
@@ -100,6 +72,7 @@ def attention(
     scale: float | None = None,
     q_offset: int | Array = 0,
     impl: str = "auto",
+    partition: Partition = None,
 ) -> Array:
     """Masked multi-head attention, q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> [B, Sq, H, D].
 
@@ -109,8 +82,12 @@ def attention(
     span id (a bidirectional span, e.g. one image), and, with `window` w, |i - j| < w. Ids are
     int [B, seq]; `kv_*` default to the query ones when Sq == Sk. `q_offset` is an int or an
     int array [B] (decoding against a KV cache). Rows that see nothing return 0. `scale`
-    defaults to 1 / sqrt(D); `impl` is one of `IMPLS`.
+    defaults to 1 / sqrt(D); `impl` is one of `IMPLS`. `partition` says how q/k/v's four
+    axes lie on the active device mesh (a PartitionSpec-like 4-tuple of mesh axis names;
+    `mmjax.nn` passes its logical rules' mapping): the kernels then run per shard.
     """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; valid choices: {', '.join(IMPLS)}")
     mask = MaskSpec(
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
@@ -121,5 +98,7 @@ def attention(
         window=window,
     )
     _check_shapes(q, k, v, mask)
-    backend = _resolve_impl(impl, q.shape[1], k.shape[1])
-    return _BACKENDS[backend](q, k, v, mask.resolve(q.shape[1], k.shape[1]), scale=scale)
+    mask = mask.resolve(q.shape[1], k.shape[1])
+    if impl == "xla":
+        return attention_reference(q, k, v, mask, scale=scale)
+    return attention_on_mesh(q, k, v, mask, scale=scale, impl=impl, partition=partition)

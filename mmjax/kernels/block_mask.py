@@ -14,11 +14,15 @@ window masks with padding, and for packed sequences whose segments are contiguou
 
 It also builds compact lists for the kernels: for each q block the indices of its
 non-empty kv blocks (forward and dq), and for each kv block the indices of its non-empty q
-blocks (dk / dv), with their counts. The loop variant iterates exactly `count` entries; for
-the grid variant each list is padded by repeating its last entry, so that a grid step past
-the end maps to an already-resident block (no new copy on TPU) and is skipped by a
-`pl.when`. The code is written against an array module `xp`: jax.numpy (jit-able, traced
-ids) or numpy (concrete ids: no compile, and the grid is sized from the counts).
+blocks (dk / dv), with their counts. Each list holds its FULL blocks first, then its PARTIAL
+ones (each group in increasing order), and says how many are FULL: a kernel runs two
+branch-free loops, the first without a mask (Triton's fused-attention tutorial splits its
+causal loop the same way), instead of deciding per block. The loop variant iterates exactly
+`count` entries; for the grid variant each list is padded by repeating its last entry, so
+that a grid step past the end maps to an already-resident block (no new copy on TPU) and is
+skipped by a `pl.when`. The code is written against an array module `xp`: jax.numpy
+(jit-able, traced ids) or numpy (concrete ids: no compile, and the grid is sized from the
+counts).
 """
 
 from __future__ import annotations
@@ -43,20 +47,21 @@ class BlockMap:
 
     Attributes:
       kind: [B, nq, nk] int32, EMPTY / PARTIAL / FULL of each (q block, kv block).
-      kv_index: [B, nq, nk] int32, the non-empty kv blocks of each q block in increasing
-        order, then the last one repeated (0 for a q block that sees nothing).
-      kv_kind: [B, nq, nk] int32, `kind` of each `kv_index` entry (EMPTY past the count).
+      kv_index: [B, nq, nk] int32, the non-empty kv blocks of each q block: the FULL ones,
+        then the PARTIAL ones (each in increasing order), then the last one repeated (0 for
+        a q block that sees nothing).
+      kv_full: [B, nq] int32, how many leading `kv_index` entries are FULL.
       kv_count: [B, nq] int32, how many kv blocks of each q block are non-empty.
-      q_index, q_kind: [B, nk, nq] and q_count [B, nk]: the same lists per kv block (for
-        the dk / dv kernel, which loops over q blocks).
+      q_index, q_full: [B, nk, nq] and [B, nk], q_count [B, nk]: the same lists per kv
+        block (for the dk / dv kernel, which loops over q blocks).
     """
 
     kind: Array
     kv_index: Array
-    kv_kind: Array
+    kv_full: Array
     kv_count: Array
     q_index: Array
-    q_kind: Array
+    q_full: Array
     q_count: Array
 
 
@@ -147,16 +152,15 @@ def _same_nonzero_blocks(qs: dict[str, Array], ks: dict[str, Array]) -> tuple[Ar
 
 
 def _compact(kind: Array, xp) -> tuple[Array, Array, Array]:
-    """Lists the non-empty entries of the last axis: (index, kind of index, count)."""
-    nonempty = kind != EMPTY
-    count = xp.sum(nonempty, axis=-1, dtype=xp.int32)
-    # Stable sort on "is empty" keeps the non-empty indices first, in increasing order.
-    order = xp.argsort(~nonempty, axis=-1, stable=True).astype(xp.int32)
+    """Lists the non-empty entries of the last axis, FULL ones first: (index, full, count)."""
+    count = xp.sum(kind != EMPTY, axis=-1, dtype=xp.int32)
+    full = xp.sum(kind == FULL, axis=-1, dtype=xp.int32)
+    # A stable sort on (FULL, PARTIAL, EMPTY) keeps each group's indices in increasing order.
+    rank = xp.where(kind == FULL, 0, xp.where(kind == PARTIAL, 1, 2))
+    order = xp.argsort(rank, axis=-1, stable=True).astype(xp.int32)
     slots = xp.arange(kind.shape[-1], dtype=xp.int32)
     last = xp.take_along_axis(order, xp.maximum(count - 1, 0)[..., None], axis=-1)
-    index = xp.where(slots < count[..., None], order, last)
-    index_kind = xp.where(slots < count[..., None], xp.take_along_axis(kind, index, axis=-1), EMPTY)
-    return index, index_kind, count
+    return xp.where(slots < count[..., None], order, last), full, count
 
 
 def block_map(
@@ -189,9 +193,9 @@ def block_map(
         empty = empty | (k_lo - q_hi >= window) | (q_lo - k_hi >= window)
         full = full & (xp.maximum(q_hi - k_lo, k_hi - q_lo) < window)
     kind = xp.where(empty, EMPTY, xp.where(full, FULL, PARTIAL)).astype(xp.int32)
-    kv_index, kv_kind, kv_count = _compact(kind, xp)
-    q_index, q_kind, q_count = _compact(xp.swapaxes(kind, 1, 2), xp)
-    return BlockMap(kind, kv_index, kv_kind, kv_count, q_index, q_kind, q_count)
+    kv_index, kv_full, kv_count = _compact(kind, xp)
+    q_index, q_full, q_count = _compact(xp.swapaxes(kind, 1, 2), xp)
+    return BlockMap(kind, kv_index, kv_full, kv_count, q_index, q_full, q_count)
 
 
 def padded_token_metadata(

@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.kernels.block_mask import FULL
-
 Array = jnp.ndarray
 
 # Finite stand-ins for -inf: masked logits and the running max start here, so a row that has
@@ -31,9 +29,11 @@ EMPTY_LSE = 0.5 * float(np.finfo(np.float32).max)
 class Config:
     """Static (hashable) parameters of one kernel call.
 
+    One config per pallas_call: the forward, dq and dk/dv kernels may tile differently.
     `kv_slots` / `q_slots` size the reduction axes of the grid variant: the largest
     non-empty count when the metadata is known at trace time, None when it is traced (the
     extent is then the traced maximum, a dynamic grid bound). The loop variant ignores them.
+    `num_warps` / `num_stages` are Triton launch parameters (None: not a Triton call).
     """
 
     variant: str  # "grid" (TPU, scalar prefetch) or "loop" (GPU; CPU interpret mode)
@@ -50,6 +50,8 @@ class Config:
     q_slots: int | None
     interpret: object  # False, True, or pltpu.InterpretParams
     debug: bool
+    num_warps: int | None = None
+    num_stages: int | None = None
 
 
 def dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
@@ -80,19 +82,30 @@ def token_mask(
         if cfg.use_span:
             visible = visible | ((q_span == kv_span) & (q_span != 0))
         mask = mask & visible
-    if cfg.window is not None:
-        mask = mask & (jnp.abs(q_pos - kv_pos) < cfg.window)
+    if cfg.window is not None:  # |i - j| < w, without abs (Mosaic lowers it per chip kind)
+        offset = q_pos - kv_pos
+        mask = mask & (offset < cfg.window) & (-offset < cfg.window)
     return mask
 
 
-def full_or_masked(kind: Array, update: Callable, make_mask: Callable[[], Array], carry):
-    """update(carry, None) on FULL blocks (no mask built), else update(carry, make_mask())."""
+def full_or_masked(is_full: Array, update: Callable, make_mask: Callable[[], Array], carry):
+    """update(carry, None) on a FULL block (no mask built), else update(carry, make_mask()).
+
+    One scalar branch per grid step (the grid variant); the loop variant never branches
+    (`full_then_partial`)."""
     return jax.lax.cond(
-        kind == FULL,
+        is_full,
         lambda c: update(c, None),
         lambda c: update(c, make_mask()),
         carry,
     )
+
+
+def full_then_partial(full: Array, count: Array, body: Callable, carry):
+    """Runs body(t, carry, masked) for t < full with masked=False, then for full <= t <
+    count with masked=True: two branch-free loops over a FULL-first block list."""
+    carry = jax.lax.fori_loop(0, full, lambda t, c: body(t, c, False), carry)
+    return jax.lax.fori_loop(full, count, lambda t, c: body(t, c, True), carry)
 
 
 def init_softmax(block_q: int, head_dim: int) -> tuple[Array, Array, Array]:

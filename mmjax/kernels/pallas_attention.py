@@ -1,26 +1,32 @@
 """Block-sparse flash attention in Pallas: forward and backward, every mask of the contract.
 
-The wrapper pads S to whole blocks and D to what the backend likes, lays q/k/v out as the
+The wrapper pads S to whole blocks (and D where the backend needs it), lays q/k/v out as the
 variant reads them, turns the `MaskSpec` into padded int32 token metadata (`TokenMeta`) and
 classifies each (q block, kv block) as empty / partial / full (`block_mask.block_map`),
-listing the non-empty blocks of every q block and (transposed) of every kv block. Empty
-blocks are neither loaded nor computed; full blocks never build the mask. Two variants
-share the block math of `flash_common` and run the same lists:
+listing the non-empty blocks of every q block and (transposed) of every kv block, FULL ones
+first. Empty blocks are neither loaded nor computed; full blocks never build the mask. Two
+variants share the block math of `flash_common` and run the same lists:
 
 - "grid" (`pallas_tpu`, Mosaic TPU): one grid step per listed block, lists scalar-prefetched,
   q/k/v as [B, H, S, D];
 - "loop" (`pallas_gpu`, Triton GPU, and interpret mode on CPU): one program per output block
-  looping over its list, q/k/v left as [B, S, H, D].
+  running two branch-free loops over its list, q/k/v left as [B, S, H, D].
 
-`jax.custom_vjp` ties them together: the forward saves o and the row log-sum-exp, the
-backward recomputes p = exp(s - lse) block by block (dq per q block; dk / dv per kv block,
-accumulating a kv head's whole query-head group, so GQA needs no repeat). Rows that see
-nothing give exactly 0 (output and gradients), never NaN.
+The forward returns o and the row log-sum-exp in the caller's layout; the backward
+recomputes p = exp(s - lse) block by block (dq per q block; dk / dv per kv block,
+accumulating a kv head's whole query-head group, so GQA needs no repeat). `vjp.flash_vjp`
+ties them together. Rows that see nothing give exactly 0 (output and gradients), never NaN.
+
+Tiles are per backend and per kernel (`Tile`, `Tiling`): on TPU they fit the sequence
+length (197 ViT tokens run as one 200-row block, not two padded 128-row ones), on GPU they
+are Triton's published fused-attention settings, on CPU 256-token blocks. Every pallas_call
+carries a `pl.CostEstimate` of the blocks it visits, so XLA's cost analysis of a compiled
+step counts the attention FLOPs.
 
 When the metadata is concrete at trace time (no ids, or ids closed over as constants, and
-an int `q_offset`), the block map is computed with numpy (no compile) and the grid
-variant's reduction axis is sized to the largest non-empty count; otherwise the block map
-is part of the traced program and that extent is the traced maximum (a dynamic grid bound).
+an int `q_offset`), the block maps are computed with numpy (no compile) and the grid
+variant's reduction axis is sized to the largest non-empty count; otherwise the block maps
+are part of the traced program and that extent is the traced maximum (a dynamic grid bound).
 """
 
 from __future__ import annotations
@@ -32,39 +38,46 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 from mmjax.kernels import pallas_gpu, pallas_tpu
 from mmjax.kernels.block_mask import BlockMap, TokenMeta, block_map, padded_token_metadata
 from mmjax.kernels.flash_common import Config
 from mmjax.kernels.masks import MaskSpec
+from mmjax.kernels.vjp import flash_vjp
 
 Array = jnp.ndarray
 
 VARIANTS = {"grid": pallas_tpu, "loop": pallas_gpu}
+PLATFORMS = ("cpu", "gpu", "tpu")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: Config, q: Array, k: Array, v: Array, meta: TokenMeta, bm: BlockMap) -> Array:
-    """Differentiable (in q, k, v) block-sparse attention on the kernel layout."""
-    return VARIANTS[cfg.variant].forward(cfg, q, k, v, meta, bm)[0]
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One kernel's tile: rows of queries and of keys per block, and Triton's launch
+    parameters (None where the backend has none)."""
+
+    block_q: int
+    block_kv: int
+    num_warps: int | None = None
+    num_stages: int | None = None
 
 
-def _flash_fwd(cfg, q, k, v, meta, bm):
-    o, lse = VARIANTS[cfg.variant].forward(cfg, q, k, v, meta, bm)[:2]
-    return o, (q, k, v, meta, bm, o, lse)
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """The tiles of the forward, dq and dk/dv kernels of one call."""
 
+    fwd: Tile
+    dq: Tile
+    dkv: Tile
 
-def _flash_bwd(cfg, res, do):
-    q, k, v, meta, bm, o, lse = res
-    dq, dk, dv = VARIANTS[cfg.variant].backward(cfg, q, k, v, meta, bm, o, lse, do)
-    no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (meta, bm))
-    return (dq, dk, dv, *no_grad)
+    @classmethod
+    def uniform(cls, block_q: int, block_kv: int) -> Tiling:
+        tile = Tile(block_q, block_kv)
+        return cls(tile, tile, tile)
 
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-# ----------------------------------------------------------------------------- wrapper
+    def tiles(self) -> tuple[Tile, Tile, Tile]:
+        return self.fwd, self.dq, self.dkv
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -75,133 +88,322 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
+# TPU: query rows per block at most this; keys one block up to `_TPU_ONE_KV_BLOCK` tokens
+# when nothing could be skipped (no causal, window or segment ids), else lane-wide blocks.
+_TPU_BLOCK = 128
+_TPU_ONE_KV_BLOCK = 1024
+
+
+def tpu_tiling(q_len: int, kv_len: int, mask: MaskSpec) -> Tiling:
+    """Tiles that fit the lengths: as few 128-row query blocks as cover Sq, shrunk to the
+    smallest multiple of 8 that still covers it (197 -> one 200-row block); keys as one
+    block (a block equal to the padded array is exempt from Mosaic's 128-lane rule) while
+    no block could be skipped, else 128-key blocks (the last one masked)."""
+    num_q = -(-q_len // _TPU_BLOCK)
+    block_q = _round_up(-(-q_len // num_q), 8)
+    sparse = mask.causal or mask.window is not None or mask.segment_ids is not None
+    one_kv_block = kv_len <= _TPU_BLOCK or (not sparse and kv_len <= _TPU_ONE_KV_BLOCK)
+    block_kv = _round_up(kv_len, 8) if one_kv_block else _TPU_BLOCK
+    return Tiling.uniform(block_q, block_kv)
+
+
+def gpu_tiling(head_dim: int) -> Tiling:
+    """Triton's fused-attention tutorial (FlashAttention-2): forward 128 x 64 tiles with 4
+    warps (8 from head_dim 128) and 3 stages; backward dq over 128 query rows x 32-key
+    blocks, dk/dv over 128 key rows x 32-query blocks, 4 warps, 5 stages. Starting points
+    to tune on the card with benchmarks/gpu_check.sh."""
+    warps = 4 if head_dim <= 64 else 8
+    return Tiling(
+        fwd=Tile(128, 64, num_warps=warps, num_stages=3),
+        dq=Tile(128, 32, num_warps=4, num_stages=5),
+        dkv=Tile(32, 128, num_warps=4, num_stages=5),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
-class _BackendDefaults:
+class _Backend:
     """What one backend likes: variant, tiles, and how to round the head dimension."""
 
     variant: str
-    block_q: int
-    block_kv: int
     pow2: bool  # Triton: every loaded tile's size must be a power of two
     d_multiple: int
 
-
-def _defaults(backend: str) -> _BackendDefaults:
-    """TPU: Mosaic grid variant, 128-lane tiles. GPU: Triton loop variant, power-of-two
-    128 x 64 tiles (untuned: no GPU measured yet). CPU (interpret mode): the loop variant --
-    the HLO interpreter of the grid variant copies every whole input at every grid step,
-    O(S) per step -- with 256-token tiles, where per-iteration overhead is small against the
-    block's matmuls (benchmarks/attention.py).
-    """
-    if backend == "tpu":
-        return _BackendDefaults("grid", 128, 128, pow2=False, d_multiple=128)
-    if backend == "gpu":
-        return _BackendDefaults("loop", 128, 64, pow2=True, d_multiple=16)
-    return _BackendDefaults("loop", 256, 256, pow2=False, d_multiple=8)
+    def tiling(self, q_len: int, kv_len: int, head_dim: int, mask: MaskSpec) -> Tiling:
+        if self.variant == "grid":
+            return tpu_tiling(q_len, kv_len, mask)
+        if self.pow2:
+            return gpu_tiling(head_dim)
+        return Tiling.uniform(256, 256)
 
 
-def _tile(requested: int | None, default: int, length: int, pow2: bool) -> int:
-    """A tile no longer than needed: the length rounded up to 8 (or a power of two >= 16)."""
-    if pow2:
-        return min(_next_pow2(requested or default), _next_pow2(max(length, 16)))
-    return min(requested or default, _round_up(length, 8))
+# TPU: the Mosaic grid variant; blocks span the whole head dimension (a block equal to the
+# array's last dimension is exempt from the 128-lane rule), so D is never padded. GPU: the
+# Triton loop variant, power-of-two tiles and D. CPU (interpret mode): the loop variant --
+# the HLO interpreter of the grid variant copies every whole input at every grid step, O(S)
+# per step -- with 256-token tiles, where per-iteration overhead is small against the
+# block's matmuls (benchmarks/attention.py).
+BACKENDS = {
+    "tpu": _Backend("grid", pow2=False, d_multiple=1),
+    "gpu": _Backend("loop", pow2=True, d_multiple=16),
+    "cpu": _Backend("loop", pow2=False, d_multiple=8),
+}
+
+
+def _clip(tile: Tile, q_len: int, kv_len: int, pow2: bool) -> Tile:
+    """A tile no longer than needed: each side at most its length rounded up to 8 (or to a
+    power of two >= 16 for Triton)."""
+
+    def fit(block: int, length: int) -> int:
+        if pow2:
+            return min(_next_pow2(block), _next_pow2(max(length, 16)))
+        return min(block, _round_up(length, 8))
+
+    return dataclasses.replace(
+        tile, block_q=fit(tile.block_q, q_len), block_kv=fit(tile.block_kv, kv_len)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
-class _Prepared:
-    """Kernel-layout operands of one call and its static configuration.
+class Plan:
+    """Everything static about one call: variant, tiles, padding, scale, interpret mode."""
 
-    q/k/v are padded to whole blocks and the head dimension the backend likes, and laid
-    out [B, heads, S, D] for a variant with HEADS_FIRST, else left [B, S, heads, D].
-    """
-
-    cfg: Config
-    q: Array
-    k: Array
-    v: Array
-    meta: TokenMeta
-    bm: BlockMap
+    variant: str
+    tiling: Tiling
+    q_pad: int
+    kv_pad: int
+    d_pad: int
+    scale: float
+    interpret: object
+    debug: bool
 
 
-def _prepare(
-    q: Array,
-    k: Array,
-    v: Array,
-    mask: MaskSpec | None = None,
+def plan(
+    q_shape: tuple[int, ...],
+    kv_shape: tuple[int, ...],
+    mask: MaskSpec,
     *,
     scale: float | None = None,
     block_q: int | None = None,
     block_kv: int | None = None,
+    tiling: Tiling | None = None,
     interpret: object = None,
     variant: str | None = None,
     platform: str | None = None,
     debug: bool = False,
-) -> _Prepared:
-    """Pads (and for a HEADS_FIRST variant transposes) q/k/v, pads the metadata and builds
-    the block map.
+) -> Plan:
+    """The static plan of a call with q shaped `q_shape`, k/v `kv_shape` and a resolved mask.
 
-    Options: `scale` (default 1 / sqrt(D)); tile sizes `block_q` / `block_kv` (default per
-    backend, clipped to the padded lengths); `interpret` (default True on CPU; a
-    `pltpu.InterpretParams` runs TPU interpret mode); `variant` ("grid" / "loop", default
-    per backend, see `_defaults`); `platform` ("cpu" / "gpu" / "tpu": whose defaults to use;
-    default the default backend, another when lowering for it ahead of time); `debug` (the
-    forward also counts executed blocks, see `executed_kv_blocks`).
+    Options: `scale` (default 1 / sqrt(D)); tiles: `tiling`, or `block_q` / `block_kv` for
+    every kernel (default per backend, see `BACKENDS`), clipped to the lengths; `interpret`
+    (default True on CPU; a `pltpu.InterpretParams` runs TPU interpret mode); `variant`
+    ("grid" / "loop", default per backend); `platform` ("cpu" / "gpu" / "tpu": whose
+    defaults to use; default the default backend); `debug` (the forward also counts
+    executed blocks, see `executed_kv_blocks`).
     """
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    mask = (MaskSpec() if mask is None else mask).resolve(q_len, kv_len)
-    backend = platform or jax.default_backend()
-    defaults = _defaults(backend)
-    variant = variant or defaults.variant
+    q_len, head_dim = q_shape[1], q_shape[3]
+    kv_len = kv_shape[1]
+    platform = platform or jax.default_backend()
+    if platform not in BACKENDS:
+        raise ValueError(f"unknown platform {platform!r}; valid: {', '.join(PLATFORMS)}")
+    backend = BACKENDS[platform]
+    variant = variant or backend.variant
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
-    bq = _tile(block_q, defaults.block_q, q_len, defaults.pow2)
-    bk = _tile(block_kv, defaults.block_kv, kv_len, defaults.pow2)
-    q_pad, kv_pad = _round_up(q_len, bq), _round_up(kv_len, bk)
-    d_pad = _round_up(head_dim, defaults.d_multiple)
-    if defaults.pow2:
+    if tiling is None:
+        tiling = backend.tiling(q_len, kv_len, head_dim, mask)
+        if block_q or block_kv:
+            tiling = Tiling(
+                *(
+                    dataclasses.replace(
+                        t, block_q=block_q or t.block_q, block_kv=block_kv or t.block_kv
+                    )
+                    for t in tiling.tiles()
+                )
+            )
+    tiling = Tiling(*(_clip(t, q_len, kv_len, backend.pow2) for t in tiling.tiles()))
+    d_pad = _round_up(head_dim, backend.d_multiple)
+    if backend.pow2:
         d_pad = _next_pow2(d_pad)
-    if interpret is None:
-        interpret = backend == "cpu"
-
-    def metadata(xp) -> tuple[TokenMeta, BlockMap]:
-        meta = padded_token_metadata(mask, batch, q_len, kv_len, q_pad, kv_pad, xp)
-        bm = block_map(meta, block_q=bq, block_kv=bk, causal=mask.causal, window=mask.window, xp=xp)
-        return meta, bm
-
-    if mask.is_concrete():
-        # Known at trace time: numpy (no compile, no device work) sizes the grid exactly.
-        meta, bm = metadata(np)
-        kv_slots, q_slots = max(1, int(bm.kv_count.max())), max(1, int(bm.q_count.max()))
-        meta, bm = jax.tree.map(jnp.asarray, (meta, bm))
-    else:  # traced: the grid variant's slot extent becomes dynamic
-        meta, bm = metadata(jnp)
-        kv_slots = q_slots = None
-
-    cfg = Config(
+    return Plan(
         variant=variant,
-        block_q=bq,
-        block_kv=bk,
+        tiling=tiling,
+        q_pad=_round_up(q_len, math.lcm(*(t.block_q for t in tiling.tiles()))),
+        kv_pad=_round_up(kv_len, math.lcm(*(t.block_kv for t in tiling.tiles()))),
+        d_pad=d_pad,
         scale=float(1.0 / math.sqrt(head_dim) if scale is None else scale),
-        causal=mask.causal,
-        window=None if mask.window is None else int(mask.window),
-        use_span=mask.use_span,
-        groups=heads // kv_heads,
-        num_q_blocks=q_pad // bq,
-        num_kv_blocks=kv_pad // bk,
-        kv_slots=kv_slots,
-        q_slots=q_slots,
-        interpret=interpret,
+        interpret=platform == "cpu" if interpret is None else interpret,
         debug=debug,
     )
 
-    def layout(x: Array, padded: int) -> Array:
-        pad = ((0, 0), (0, padded - x.shape[1]), (0, 0), (0, d_pad - head_dim))
-        if any(p != (0, 0) for p in pad):
-            x = jnp.pad(x, pad)
-        return jnp.swapaxes(x, 1, 2) if VARIANTS[variant].HEADS_FIRST else x
 
-    return _Prepared(cfg, layout(q, q_pad), layout(k, kv_pad), layout(v, kv_pad), meta, bm)
+# ----------------------------------------------------------------------------- metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class _Blocks:
+    """One tile's block map, its grid extents and how many blocks it visits in all."""
+
+    cfg: Config
+    bm: BlockMap
+    visited: int  # listed (b, q block, kv block) triples; an upper bound when traced
+
+
+def _structural_visits(mask: MaskSpec, tile: Tile, p: Plan, batch: int, lengths) -> int:
+    """Blocks visited by a traced mask, bounded from its static part: causal and window
+    without ids (ids only hide blocks; span ids can reveal some, so then all blocks)."""
+    q_len, kv_len = lengths
+    nq, nk = p.q_pad // tile.block_q, p.kv_pad // tile.block_kv
+    if mask.use_span or not isinstance(mask.q_offset, int):
+        return batch * nq * nk
+    static = MaskSpec(q_offset=mask.q_offset, causal=mask.causal, window=mask.window)
+    meta = padded_token_metadata(static, 1, q_len, kv_len, p.q_pad, p.kv_pad, np)
+    bm = block_map(meta, block_q=tile.block_q, block_kv=tile.block_kv, causal=mask.causal,
+                   window=mask.window, xp=np)  # fmt: skip
+    return batch * int(bm.kv_count.sum())
+
+
+def _metadata(
+    mask: MaskSpec, p: Plan, tiles: tuple[Tile, ...], batch: int, q_len: int, kv_len: int,
+    groups: int,
+) -> tuple[TokenMeta, list[_Blocks]]:  # fmt: skip
+    """The padded token metadata and, per tile, its block map and kernel config."""
+    concrete = mask.is_concrete()
+    xp = np if concrete else jnp
+    meta = padded_token_metadata(mask, batch, q_len, kv_len, p.q_pad, p.kv_pad, xp)
+    out = []
+    for tile in tiles:
+        bm = block_map(meta, block_q=tile.block_q, block_kv=tile.block_kv, causal=mask.causal,
+                       window=mask.window, xp=xp)  # fmt: skip
+        if concrete:  # known at trace time: numpy sized the grid exactly
+            kv_slots, q_slots = max(1, int(bm.kv_count.max())), max(1, int(bm.q_count.max()))
+            visited = int(bm.kv_count.sum())
+        else:  # traced: the grid variant's slot extent becomes dynamic
+            kv_slots = q_slots = None
+            visited = _structural_visits(mask, tile, p, batch, (q_len, kv_len))
+        cfg = Config(
+            variant=p.variant,
+            block_q=tile.block_q,
+            block_kv=tile.block_kv,
+            scale=p.scale,
+            causal=mask.causal,
+            window=None if mask.window is None else int(mask.window),
+            use_span=mask.use_span,
+            groups=groups,
+            num_q_blocks=p.q_pad // tile.block_q,
+            num_kv_blocks=p.kv_pad // tile.block_kv,
+            kv_slots=kv_slots,
+            q_slots=q_slots,
+            interpret=p.interpret,
+            debug=p.debug,
+            num_warps=tile.num_warps,
+            num_stages=tile.num_stages,
+        )
+        out.append(_Blocks(cfg, jax.tree.map(jnp.asarray, bm) if concrete else bm, visited))
+    if concrete:
+        meta = jax.tree.map(jnp.asarray, meta)
+    return meta, out
+
+
+# Matmuls of one (q block, kv block) visit, each 2 * bq * bk * D FLOPs: forward q k^T and
+# p v; dq q k^T, dO v^T and dS k; dk/dv q k^T, dO v^T, dS^T q and p^T dO.
+_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def _cost(kind: str, blocks: _Blocks, heads: int, d: int, operand_bytes: int):
+    """The pallas_call's `pl.CostEstimate`: FLOPs and exps of its visited blocks; bytes of
+    its operands (each listed kv or q tile read once per visit)."""
+    cfg = blocks.cfg
+    pairs = blocks.visited * heads * cfg.block_q * cfg.block_kv
+    tile_bytes = blocks.visited * heads * max(cfg.block_q, cfg.block_kv) * d * 2
+    return pl.CostEstimate(
+        flops=2 * _MATMULS[kind] * pairs * d,
+        transcendentals=pairs,
+        bytes_accessed=operand_bytes + tile_bytes,
+    )
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _to_kernel(x: Array, padded: int, p: Plan) -> Array:
+    """[B, S, h, D] -> the variant's layout, padded to `padded` rows and `p.d_pad`."""
+    pad = ((0, 0), (0, padded - x.shape[1]), (0, 0), (0, p.d_pad - x.shape[3]))
+    if any(side != (0, 0) for side in pad):
+        x = jnp.pad(x, pad)
+    return jnp.swapaxes(x, 1, 2) if VARIANTS[p.variant].HEADS_FIRST else x
+
+
+def _from_kernel(x: Array, length: int, d: int, p: Plan) -> Array:
+    """The variant's layout -> [B, length, h, d]."""
+    if VARIANTS[p.variant].HEADS_FIRST:
+        x = jnp.swapaxes(x, 1, 2)
+    return x[:, :length, :, :d]
+
+
+def _rows_to_kernel(x: Array, p: Plan) -> Array:
+    """Per-row f32 [B, H, Sq] (lse, delta) -> the variant's layout, padded to p.q_pad."""
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, p.q_pad - x.shape[2])))
+    return x[..., None] if VARIANTS[p.variant].HEADS_FIRST else x
+
+
+def _forward(q: Array, k: Array, v: Array, mask: MaskSpec, p: Plan):
+    """(o [B,Sq,H,D], lse [B,H,Sq], visits [B,H,Sq] or None, forward block map)."""
+    batch, q_len, heads, d = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    meta, (blocks,) = _metadata(mask, p, (p.tiling.fwd,), batch, q_len, kv_len, heads // kv_heads)
+    operand_bytes = sum(x.size * x.dtype.itemsize for x in (q, k, v)) + q.size * q.dtype.itemsize
+    outs = VARIANTS[p.variant].forward(
+        blocks.cfg,
+        _to_kernel(q, p.q_pad, p),
+        _to_kernel(k, p.kv_pad, p),
+        _to_kernel(v, p.kv_pad, p),
+        meta,
+        blocks.bm,
+        _cost("fwd", blocks, heads, p.d_pad, operand_bytes),
+    )
+    o, lse = _from_kernel(outs[0], q_len, d, p), outs[1].reshape(batch, heads, p.q_pad)[..., :q_len]
+    visits = outs[2].reshape(batch, heads, p.q_pad) if p.debug else None
+    return o, lse, visits, blocks.bm
+
+
+def kernel_forward(q: Array, k: Array, v: Array, mask: MaskSpec, *, p: Plan):
+    """(o [B, Sq, H, D], lse [B, H, Sq] f32) of the plan's kernel."""
+    return _forward(q, k, v, mask, p)[:2]
+
+
+def kernel_backward(
+    q: Array, k: Array, v: Array, mask: MaskSpec, o: Array, lse: Array, do: Array, *, p: Plan
+) -> tuple[Array, Array, Array]:
+    """(dq, dk, dv) from the forward's o and lse: the dq and the dk/dv kernels."""
+    batch, q_len, heads, d = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    tiles = (p.tiling.dq, p.tiling.dkv)
+    meta, (dq_blocks, dkv_blocks) = _metadata(
+        mask, p, tiles, batch, q_len, kv_len, heads // kv_heads
+    )
+    delta = jnp.swapaxes(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), 1, 2)
+    operands = (
+        _to_kernel(q, p.q_pad, p),
+        _to_kernel(k, p.kv_pad, p),
+        _to_kernel(v, p.kv_pad, p),
+        _to_kernel(do, p.q_pad, p),
+        _rows_to_kernel(lse, p),
+        _rows_to_kernel(delta, p),
+        meta,
+    )
+    nbytes = sum(x.size * x.dtype.itemsize for x in (q, k, v, do, q))
+    variant = VARIANTS[p.variant]
+    dq = variant.dq(
+        dq_blocks.cfg, *operands, dq_blocks.bm, _cost("dq", dq_blocks, heads, p.d_pad, nbytes)
+    )
+    dk, dv = variant.dkv(
+        dkv_blocks.cfg, *operands, dkv_blocks.bm, _cost("dkv", dkv_blocks, heads, p.d_pad, nbytes)
+    )
+    return (
+        _from_kernel(dq, q_len, d, p),
+        _from_kernel(dk, kv_len, d, p),
+        _from_kernel(dv, kv_len, d, p),
+    )
 
 
 def pallas_attention(
@@ -210,19 +412,20 @@ def pallas_attention(
     """Block-sparse flash attention with the semantics of `attention_reference`.
 
     q [B, Sq, H, D], k/v [B, Sk, Hkv, D] (shapes assumed checked), `mask` a `MaskSpec`
-    (default: none); `options` are `_prepare`'s keywords (scale, tiles, interpret mode,
-    variant, platform). Differentiable in q, k and v.
+    (default: none); `options` are `plan`'s keywords (scale, tiles, interpret mode, variant,
+    platform). Differentiable in q, k and v. This runs one backend's kernel; the public
+    `mmjax.kernels.attention` picks the backend when the program is lowered.
     """
-    q_len, head_dim = q.shape[1], q.shape[3]
-    p = _prepare(q, k, v, mask, **options)
-    out = _flash(p.cfg, p.q, p.k, p.v, p.meta, p.bm)
-    if VARIANTS[p.cfg.variant].HEADS_FIRST:
-        out = jnp.swapaxes(out, 1, 2)
-    return out[:, :q_len, :, :head_dim]
+    mask = (MaskSpec() if mask is None else mask).resolve(q.shape[1], k.shape[1])
+    p = plan(q.shape, k.shape, mask, **options)
+    attend = flash_vjp(
+        functools.partial(kernel_forward, p=p), functools.partial(kernel_backward, p=p)
+    )
+    return attend(q, k, v, mask)
 
 
 def executed_kv_blocks(
-    q: Array, k: Array, v: Array, mask: MaskSpec | None = None, **kwargs: object
+    q: Array, k: Array, v: Array, mask: MaskSpec | None = None, **options: object
 ) -> tuple[Array, BlockMap]:
     """Debug mode: the forward kernel counts, per (b, h, q block), the kv blocks it computed.
 
@@ -231,6 +434,7 @@ def executed_kv_blocks(
     step of the grid variant, per loop iteration of the loop variant), so it shows which
     blocks really ran, not what the metadata promised.
     """
-    p = _prepare(q, k, v, mask, debug=True, **kwargs)
-    visits = VARIANTS[p.cfg.variant].forward(p.cfg, p.q, p.k, p.v, p.meta, p.bm)[2]
-    return visits.reshape(*visits.shape[:2], -1)[:, :, :: p.cfg.block_q], p.bm
+    mask = (MaskSpec() if mask is None else mask).resolve(q.shape[1], k.shape[1])
+    p = plan(q.shape, k.shape, mask, debug=True, **options)
+    _, _, visits, bm = _forward(q, k, v, mask, p)
+    return visits[:, :, :: p.tiling.fwd.block_q], bm

@@ -12,8 +12,12 @@ whose trip count is read from the lists (ordinary int32 inputs):
 Every input is passed whole (a block equal to the array) and the kernel slices its tiles
 with `pl.ds`: on GPU these are plain global-memory loads; in interpret mode on CPU (where
 this variant is the default) it keeps the interpreter from copying the inputs back at every
-grid step. Empty blocks are never loaded; FULL blocks skip the mask. q/k/v/o stay in the
-caller's [B, S, heads, D] layout (a tile is rows x D of one head: no transposes); lse /
+grid step. Empty blocks are never loaded. Each list holds its FULL blocks first, so a
+program runs two loops, the first over FULL blocks without a mask, the second over PARTIAL
+ones with it: the loop bodies hold no branch (a `cond` around the dots becomes an `scf.if`
+that keeps Triton from pipelining loads and matmuls, Hopper's async wgmma included).
+q/k/v/o stay in the caller's [B, S, heads, D] layout (a tile is rows x D of one head: no
+transposes); lse /
 delta are [B, H, Sq]; the metadata is `TokenMeta`'s five [B, S] arrays, read as [bq] / [bk]
 vectors.
 """
@@ -54,16 +58,16 @@ def _kv_ids(meta: TokenMeta, b: Array, rows: pl.Slice) -> tuple[Array, Array]:
     return meta.kv_segment[b, rows][None, :], meta.kv_span[b, rows][None, :]
 
 
-def _compiler_params(cfg: fc.Config, head_dim: int):
-    """Triton launch parameters (None in interpret mode), as JAX's Pallas `mha` picks them."""
+def _compiler_params(cfg: fc.Config):
+    """Triton launch parameters of `cfg` (None in interpret mode)."""
     if cfg.interpret:
         return None
     from jax.experimental.pallas import triton as pltriton
 
-    return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    return pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _call(kernel, cfg: fc.Config, grid, out_specs, out_shape, name: str, *args: Array):
+def _call(kernel, cfg: fc.Config, grid, out_specs, out_shape, name: str, cost, *args: Array):
     """pallas_call of a loop-variant kernel: every input whole, `cfg` bound."""
     return pl.pallas_call(
         functools.partial(kernel, cfg=cfg),
@@ -71,8 +75,9 @@ def _call(kernel, cfg: fc.Config, grid, out_specs, out_shape, name: str, *args: 
         in_specs=[_whole(x) for x in args],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(cfg, jax.tree.leaves(out_shape)[0].shape[-1]),
+        compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
+        cost_estimate=cost,
         name=name,
     )(*args)
 
@@ -81,7 +86,7 @@ def _call(kernel, cfg: fc.Config, grid, out_specs, out_shape, name: str, *args: 
 
 
 def _fwd_kernel(
-    kv_index_ref, kv_kind_ref, kv_count_ref, q_ref, k_ref, v_ref, *refs, cfg: fc.Config
+    kv_index_ref, kv_full_ref, kv_count_ref, q_ref, k_ref, v_ref, *refs, cfg: fc.Config
 ) -> None:
     """Program (b, h, q block i): online softmax over the q block's listed kv blocks."""
     meta = TokenMeta(*refs[:5])
@@ -92,21 +97,16 @@ def _fwd_kernel(
     q = q_ref[b, q_rows, h, :]
     q_ids = _q_ids(meta, b, q_rows)
 
-    def body(t, carry):
+    def body(t, carry, masked: bool):
         state, visits = carry
         j = kv_index_ref[b, i, t]
         kv_rows = _rows(j, bk)
         k, v = k_ref[b, kv_rows, kvh, :], v_ref[b, kv_rows, kvh, :]
-        state = fc.full_or_masked(
-            kv_kind_ref[b, i, t],
-            lambda st, mask: fc.softmax_update(st, q, k, v, mask, cfg.scale),
-            lambda: fc.token_mask(q_ids, _kv_ids(meta, b, kv_rows), j * bk, cfg),
-            state,
-        )
-        return state, visits + 1
+        mask = fc.token_mask(q_ids, _kv_ids(meta, b, kv_rows), j * bk, cfg) if masked else None
+        return fc.softmax_update(state, q, k, v, mask, cfg.scale), visits + 1
 
     init = (fc.init_softmax(bq, q.shape[-1]), jnp.int32(0))
-    state, visits = jax.lax.fori_loop(0, kv_count_ref[b, i], body, init)
+    state, visits = fc.full_then_partial(kv_full_ref[b, i], kv_count_ref[b, i], body, init)
     o, lse = fc.finish_softmax(state)
     o_ref[...] = o.astype(o_ref.dtype)
     lse_ref[...] = lse[:, 0]
@@ -115,7 +115,7 @@ def _fwd_kernel(
 
 
 def _dq_kernel(
-    kv_index_ref, kv_kind_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+    kv_index_ref, kv_full_ref, kv_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     *refs, cfg: fc.Config,
 ) -> None:  # fmt: skip
     """Program (b, h, q block i): dq = scale * sum over its listed kv blocks of dS K."""
@@ -127,23 +127,20 @@ def _dq_kernel(
     lse, delta = lse_ref[b, h, q_rows][:, None], delta_ref[b, h, q_rows][:, None]
     q_ids = _q_ids(meta, b, q_rows)
 
-    def body(t, dq):
+    def body(t, dq, masked: bool):
         j = kv_index_ref[b, i, t]
         kv_rows = _rows(j, bk)
         k, v = k_ref[b, kv_rows, kvh, :], v_ref[b, kv_rows, kvh, :]
-        return fc.full_or_masked(
-            kv_kind_ref[b, i, t],
-            lambda dq, mask: fc.dq_update(dq, q, k, v, do, lse, delta, mask, cfg.scale),
-            lambda: fc.token_mask(q_ids, _kv_ids(meta, b, kv_rows), j * bk, cfg),
-            dq,
-        )
+        mask = fc.token_mask(q_ids, _kv_ids(meta, b, kv_rows), j * bk, cfg) if masked else None
+        return fc.dq_update(dq, q, k, v, do, lse, delta, mask, cfg.scale)
 
-    dq = jax.lax.fori_loop(0, kv_count_ref[b, i], body, jnp.zeros(q.shape, jnp.float32))
+    zeros = jnp.zeros(q.shape, jnp.float32)
+    dq = fc.full_then_partial(kv_full_ref[b, i], kv_count_ref[b, i], body, zeros)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(
-    q_index_ref, q_kind_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+    q_index_ref, q_full_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     *refs, cfg: fc.Config,
 ) -> None:  # fmt: skip
     """Program (b, kv head h, kv block j): dk, dv over the group's heads and listed q blocks."""
@@ -157,19 +154,15 @@ def _dkv_kernel(
     def per_head(head, dkv):
         qh = h * cfg.groups + head
 
-        def body(t, dkv):
+        def body(t, dkv, masked: bool):
             i = q_index_ref[b, j, t]
             q_rows = _rows(i, bq)
             q, do = q_ref[b, q_rows, qh, :], do_ref[b, q_rows, qh, :]
             lse, delta = lse_ref[b, qh, q_rows][:, None], delta_ref[b, qh, q_rows][:, None]
-            return fc.full_or_masked(
-                q_kind_ref[b, j, t],
-                lambda st, mask: fc.dkv_update(st, q, k, v, do, lse, delta, mask, cfg.scale),
-                lambda: fc.token_mask(_q_ids(meta, b, q_rows), kv_ids, j * bk, cfg),
-                dkv,
-            )
+            mask = fc.token_mask(_q_ids(meta, b, q_rows), kv_ids, j * bk, cfg) if masked else None
+            return fc.dkv_update(dkv, q, k, v, do, lse, delta, mask, cfg.scale)
 
-        return jax.lax.fori_loop(0, q_count_ref[b, j], body, dkv)
+        return fc.full_then_partial(q_full_ref[b, j], q_count_ref[b, j], body, dkv)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, cfg.groups, per_head, (zeros, zeros))
@@ -185,8 +178,9 @@ def _meta_arrays(meta: TokenMeta) -> tuple[Array, ...]:
 
 
 def forward(
-    cfg: fc.Config, q: Array, k: Array, v: Array, meta: TokenMeta, bm: BlockMap
-) -> tuple[Array, ...]:
+    cfg: fc.Config, q: Array, k: Array, v: Array, meta: TokenMeta, bm: BlockMap,
+    cost: pl.CostEstimate | None = None,
+) -> tuple[Array, ...]:  # fmt: skip
     """(o [B,Sq,H,D], lse [B,H,Sq][, visits [B,H,Sq]: per row, its q block's count])."""
     batch, q_len, heads, d = q.shape
     bq = cfg.block_q
@@ -203,32 +197,37 @@ def forward(
         out_shape.append(jax.ShapeDtypeStruct((batch, heads, q_len), jnp.int32))
     outs = _call(
         _fwd_kernel, cfg, (batch, heads, cfg.num_q_blocks), out_specs, out_shape,
-        "flash_attention_fwd_loop", bm.kv_index, bm.kv_kind, bm.kv_count, q, k, v,
+        "flash_attention_fwd_loop", cost, bm.kv_index, bm.kv_full, bm.kv_count, q, k, v,
         *_meta_arrays(meta),
     )  # fmt: skip
     return tuple(outs)
 
 
-def backward(
-    cfg: fc.Config, q: Array, k: Array, v: Array, meta: TokenMeta, bm: BlockMap,
-    o: Array, lse: Array, do: Array,
-) -> tuple[Array, Array, Array]:  # fmt: skip
-    """dq, dk, dv from the saved output and log-sum-exp [B, H, Sq]."""
+def dq(
+    cfg: fc.Config, q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
+    meta: TokenMeta, bm: BlockMap, cost: pl.CostEstimate | None = None,
+) -> Array:  # fmt: skip
+    """dq [B,Sq,H,D] from lse and delta = rowsum(dO * O), both [B, H, Sq]."""
     batch, _, heads, d = q.shape
-    kv_heads = k.shape[2]
-    bq, bk = cfg.block_q, cfg.block_kv
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)
-    operands = (q, k, v, do, lse, jnp.swapaxes(delta, 1, 2), *_meta_arrays(meta))
-    dq = _call(
+    return _call(
         _dq_kernel, cfg, (batch, heads, cfg.num_q_blocks),
-        pl.BlockSpec((None, bq, None, d), lambda b, h, i: (b, i, h, 0)),
-        jax.ShapeDtypeStruct(q.shape, q.dtype), "flash_attention_dq_loop",
-        bm.kv_index, bm.kv_kind, bm.kv_count, *operands,
+        pl.BlockSpec((None, cfg.block_q, None, d), lambda b, h, i: (b, i, h, 0)),
+        jax.ShapeDtypeStruct(q.shape, q.dtype), "flash_attention_dq_loop", cost,
+        bm.kv_index, bm.kv_full, bm.kv_count, q, k, v, do, lse, delta, *_meta_arrays(meta),
     )  # fmt: skip
-    kv_block = pl.BlockSpec((None, bk, None, d), lambda b, h, j: (b, j, h, 0))
+
+
+def dkv(
+    cfg: fc.Config, q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
+    meta: TokenMeta, bm: BlockMap, cost: pl.CostEstimate | None = None,
+) -> tuple[Array, Array]:  # fmt: skip
+    """dk, dv [B,Sk,Hkv,D]: each kv head over its group's query heads and listed q blocks."""
+    batch, d, kv_heads = q.shape[0], q.shape[3], k.shape[2]
+    kv_block = pl.BlockSpec((None, cfg.block_kv, None, d), lambda b, h, j: (b, j, h, 0))
     dk, dv = _call(
         _dkv_kernel, cfg, (batch, kv_heads, cfg.num_kv_blocks), [kv_block, kv_block],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        "flash_attention_dkv_loop", bm.q_index, bm.q_kind, bm.q_count, *operands,
+        "flash_attention_dkv_loop", cost, bm.q_index, bm.q_full, bm.q_count,
+        q, k, v, do, lse, delta, *_meta_arrays(meta),
     )  # fmt: skip
-    return dq, dk, dv
+    return dk, dv

@@ -43,9 +43,9 @@ def _kv_ids(kv_meta: Array) -> tuple[Array, Array]:
     return kv_meta[0:1, :], kv_meta[1:2, :]
 
 
-def _run_listed(kind: Array, update: Callable, make_mask: Callable, refs: tuple) -> None:
+def _run_listed(is_full: Array, update: Callable, make_mask: Callable, refs: tuple) -> None:
     """Reads the running state from `refs`, applies one listed block, writes it back."""
-    state = fc.full_or_masked(kind, update, make_mask, tuple(r[...] for r in refs))
+    state = fc.full_or_masked(is_full, update, make_mask, tuple(r[...] for r in refs))
     for ref, value in zip(refs, state, strict=True):
         ref[...] = value
 
@@ -54,7 +54,7 @@ def _run_listed(kind: Array, update: Callable, make_mask: Callable, refs: tuple)
 
 
 def _fwd_kernel(
-    kv_index_ref, kv_kind_ref, kv_count_ref,  # scalar prefetch: flattened block lists
+    kv_index_ref, kv_full_ref, kv_count_ref,  # scalar prefetch: flattened block lists
     q_ref, k_ref, v_ref, q_meta_ref, kv_meta_ref,  # inputs
     *refs,  # outputs o, lse[, visits], then scratch m, l, acc
     cfg: fc.Config,
@@ -80,7 +80,7 @@ def _fwd_kernel(
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         j = kv_index_ref[entry]
         _run_listed(
-            kv_kind_ref[entry],
+            slot < kv_full_ref[row],
             lambda state, mask: fc.softmax_update(state, q, k, v, mask, cfg.scale),
             lambda: fc.token_mask(
                 _q_ids(q_meta_ref[...]), _kv_ids(kv_meta_ref[...]), j * cfg.block_kv, cfg
@@ -98,7 +98,7 @@ def _fwd_kernel(
 
 
 def _dq_kernel(
-    kv_index_ref, kv_kind_ref, kv_count_ref,
+    kv_index_ref, kv_full_ref, kv_count_ref,
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_meta_ref, kv_meta_ref,
     dq_ref, dq_sc,
     *, cfg: fc.Config,
@@ -118,7 +118,7 @@ def _dq_kernel(
         lse, delta = lse_ref[...], delta_ref[...]
         j = kv_index_ref[entry]
         _run_listed(
-            kv_kind_ref[entry],
+            slot < kv_full_ref[row],
             lambda st, mask: (fc.dq_update(st[0], q, k, v, do, lse, delta, mask, cfg.scale),),
             lambda: fc.token_mask(
                 _q_ids(q_meta_ref[...]), _kv_ids(kv_meta_ref[...]), j * cfg.block_kv, cfg
@@ -132,7 +132,7 @@ def _dq_kernel(
 
 
 def _dkv_kernel(
-    q_index_ref, q_kind_ref, q_count_ref,
+    q_index_ref, q_full_ref, q_count_ref,
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_meta_ref, kv_meta_ref,
     dk_ref, dv_ref, dk_sc, dv_sc,
     *, cfg: fc.Config,
@@ -140,7 +140,6 @@ def _dkv_kernel(
     """One (b, kv head, kv block, group head, q slot) step of dk and dv."""
     b, j, head, slot = (pl.program_id(a) for a in (0, 2, 3, 4))
     col = b * cfg.num_kv_blocks + j
-    entry = col * cfg.num_q_blocks + slot
 
     @pl.when((head == 0) & (slot == 0))
     def _init():
@@ -152,7 +151,7 @@ def _dkv_kernel(
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         lse, delta = lse_ref[...], delta_ref[...]
         _run_listed(
-            q_kind_ref[entry],
+            slot < q_full_ref[col],
             lambda st, mask: fc.dkv_update(st, q, k, v, do, lse, delta, mask, cfg.scale),
             lambda: fc.token_mask(
                 _q_ids(q_meta_ref[...]), _kv_ids(kv_meta_ref[...]), j * cfg.block_kv, cfg
@@ -172,10 +171,10 @@ def _dkv_kernel(
 
 
 def _lists(bm: BlockMap, by_q: bool) -> tuple[Array, Array, Array]:
-    """The scalar-prefetch operands: flattened index, kind and count lists."""
+    """The scalar-prefetch operands: flattened index lists, FULL counts and counts."""
     if by_q:
-        return bm.kv_index.reshape(-1), bm.kv_kind.reshape(-1), bm.kv_count.reshape(-1)
-    return bm.q_index.reshape(-1), bm.q_kind.reshape(-1), bm.q_count.reshape(-1)
+        return bm.kv_index.reshape(-1), bm.kv_full.reshape(-1), bm.kv_count.reshape(-1)
+    return bm.q_index.reshape(-1), bm.q_full.reshape(-1), bm.q_count.reshape(-1)
 
 
 def _slots(static: int | None, count: Array) -> int | Array:
@@ -207,7 +206,8 @@ def _by_q_specs(cfg: fc.Config) -> tuple[Callable, Callable, list[pl.BlockSpec]]
     def kv_side(width):
         return pl.BlockSpec(
             (None, None, bk, width),
-            lambda b, h, i, s, ki, *_: (b, h // g, kv_block(b, i, s, ki), 0),
+            # lax.div, not //: floor division lowers through sign, which Mosaic lowers per chip
+            lambda b, h, i, s, ki, *_: (b, jax.lax.div(h, g), kv_block(b, i, s, ki), 0),
         )
 
     meta = [
@@ -224,8 +224,9 @@ def _semantics(grid_rank: int) -> pltpu.CompilerParams:
 
 
 def forward(
-    cfg: fc.Config, q: Array, k: Array, v: Array, meta: TokenMeta, bm: BlockMap
-) -> tuple[Array, ...]:
+    cfg: fc.Config, q: Array, k: Array, v: Array, meta: TokenMeta, bm: BlockMap,
+    cost: pl.CostEstimate | None = None,
+) -> tuple[Array, ...]:  # fmt: skip
     """(o [B,H,Sq,D], lse [B,H,Sq,1][, visits [B,H,Sq,1]: per row, its q block's count])."""
     batch, heads, q_len, d = q.shape
     bq = cfg.block_q
@@ -255,42 +256,48 @@ def forward(
         out_shape=out_shape,
         compiler_params=_semantics(len(grid)),
         interpret=cfg.interpret,
+        cost_estimate=cost,
         name="flash_attention_fwd",
     )(*_lists(bm, by_q=True), q, k, v, *_packed_meta(meta))
     return tuple(outs)
 
 
-def backward(
-    cfg: fc.Config, q: Array, k: Array, v: Array, meta: TokenMeta, bm: BlockMap,
-    o: Array, lse: Array, do: Array,
-) -> tuple[Array, Array, Array]:  # fmt: skip
-    """dq, dk, dv from the saved output and log-sum-exp [B, H, Sq, 1]."""
-    batch, heads, _, d = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    bq, bk, g, nq, nk = (
-        cfg.block_q, cfg.block_kv, cfg.groups, cfg.num_q_blocks, cfg.num_kv_blocks,
-    )  # fmt: skip
-    q_meta, kv_meta = _packed_meta(meta)
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
-    operands = (q, k, v, do, lse, delta, q_meta, kv_meta)
-
+def dq(
+    cfg: fc.Config, q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
+    meta: TokenMeta, bm: BlockMap, cost: pl.CostEstimate | None = None,
+) -> Array:  # fmt: skip
+    """dq [B,H,Sq,D] from lse and delta = rowsum(dO * O), both [B, H, Sq, 1]."""
+    d = q.shape[-1]
     q_side, kv_side, meta_specs = _by_q_specs(cfg)
-    grid = (batch, heads, nq, _slots(cfg.kv_slots, bm.kv_count))
+    grid = (q.shape[0], q.shape[1], cfg.num_q_blocks, _slots(cfg.kv_slots, bm.kv_count))
     row_specs = [q_side(d), kv_side(d), kv_side(d), q_side(d), q_side(1), q_side(1)]
-    dq = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3,
             grid=grid,
             in_specs=[*row_specs, *meta_specs],
             out_specs=q_side(d),
-            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+            scratch_shapes=[pltpu.VMEM((cfg.block_q, d), jnp.float32)],
         ),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_semantics(len(grid)),
         interpret=cfg.interpret,
+        cost_estimate=cost,
         name="flash_attention_dq",
-    )(*_lists(bm, by_q=True), *operands)
+    )(*_lists(bm, by_q=True), q, k, v, do, lse, delta, *_packed_meta(meta))
+
+
+def dkv(
+    cfg: fc.Config, q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
+    meta: TokenMeta, bm: BlockMap, cost: pl.CostEstimate | None = None,
+) -> tuple[Array, Array]:  # fmt: skip
+    """dk, dv [B,Hkv,Sk,D]: each kv head over its group's query heads and listed q blocks."""
+    batch, _, _, d = q.shape
+    kv_heads = k.shape[1]
+    bq, bk, g, nq, nk = (
+        cfg.block_q, cfg.block_kv, cfg.groups, cfg.num_q_blocks, cfg.num_kv_blocks,
+    )  # fmt: skip
 
     def q_block(b, j, t, qi):
         return qi[(b * nk + j) * nq + t]
@@ -318,12 +325,10 @@ def backward(
             out_specs=[kv_of(d), kv_of(d)],
             scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
         ),
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, kv_heads, kv_len, d), k.dtype),
-            jax.ShapeDtypeStruct((batch, kv_heads, kv_len, d), v.dtype),
-        ],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_semantics(len(grid)),
         interpret=cfg.interpret,
+        cost_estimate=cost,
         name="flash_attention_dkv",
-    )(*_lists(bm, by_q=False), *operands)
-    return dq, dk, dv
+    )(*_lists(bm, by_q=False), q, k, v, do, lse, delta, *_packed_meta(meta))
+    return dk, dv

@@ -21,16 +21,10 @@ Array = jnp.ndarray
 _MASKED_LOGIT = -0.5 * float(jnp.finfo(jnp.float32).max)
 
 
-def attention_reference(
-    q: Array, k: Array, v: Array, mask: MaskSpec | None = None, *, scale: float | None = None
-) -> Array:
-    """Masked softmax attention, q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> [B, Sq, H, D].
-
-    Query head h reads kv head h // (H // Hkv); `mask` (default: none) is materialised by
-    `MaskSpec.dense`. Logits and softmax run in f32 (matmuls at highest precision); the
-    result has q's dtype. `scale` defaults to 1 / sqrt(D). Shapes are assumed valid:
-    `mmjax.kernels.attention` checks them.
-    """
+def _reference(
+    q: Array, k: Array, v: Array, mask: MaskSpec | None, scale: float | None
+) -> tuple[Array, Array]:
+    """(out [B, Sq, H, D] in q's dtype, row log-sum-exp [B, H, Sq] f32, 0 on empty rows)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
@@ -47,6 +41,42 @@ def attention_reference(
     weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
     total = jnp.sum(weights, axis=-1, keepdims=True)
     # A row with no visible key has total 0: divide by 1 so it stays exactly 0, NaN-free.
-    probs = weights / jnp.where(total > 0, total, 1.0)
+    seen = total > 0
+    probs = weights / jnp.where(seen, total, 1.0)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(jnp.float32), precision=highest)
-    return out.reshape(batch, q_len, heads, v.shape[-1]).astype(q.dtype)
+    lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, total, 1.0)), 0.0)
+    return (
+        out.reshape(batch, q_len, heads, v.shape[-1]).astype(q.dtype),
+        lse.reshape(batch, heads, q_len),
+    )
+
+
+def attention_reference(
+    q: Array, k: Array, v: Array, mask: MaskSpec | None = None, *, scale: float | None = None
+) -> Array:
+    """Masked softmax attention, q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> [B, Sq, H, D].
+
+    Query head h reads kv head h // (H // Hkv); `mask` (default: none) is materialised by
+    `MaskSpec.dense`. Logits and softmax run in f32 (matmuls at highest precision); the
+    result has q's dtype. `scale` defaults to 1 / sqrt(D). Shapes are assumed valid:
+    `mmjax.kernels.attention` checks them.
+    """
+    return _reference(q, k, v, mask, scale)[0]
+
+
+def reference_forward(
+    q: Array, k: Array, v: Array, mask: MaskSpec, *, scale: float | None = None
+) -> tuple[Array, Array]:
+    """`attention_reference` as a flash backend's forward: (out, lse [B, H, Sq] f32)."""
+    return _reference(q, k, v, mask, scale)
+
+
+def reference_backward(
+    q: Array, k: Array, v: Array, mask: MaskSpec, o: Array, lse: Array, do: Array,
+    *, scale: float | None = None,
+) -> tuple[Array, Array, Array]:  # fmt: skip
+    """(dq, dk, dv) of `attention_reference` for the cotangent `do`, recomputing the
+    forward (the dispatcher uses it only below `CPU_PALLAS_MIN_PAIRS`, where that is cheap)."""
+    del o, lse
+    _, pullback = jax.vjp(lambda q, k, v: attention_reference(q, k, v, mask, scale=scale), q, k, v)
+    return pullback(do)

@@ -8,6 +8,8 @@ from mmjax import kernels
 from mmjax.nn.dense import DenseGeneral
 from mmjax.nn.rope import apply_rope
 
+QKV_AXES = ("batch", "length", "act_heads", "kv")
+
 
 class MultiHeadAttention(nn.Module):
     """Self- or cross-attention with `num_kv_heads` dividing `num_heads` (GQA).
@@ -72,7 +74,7 @@ class MultiHeadAttention(nn.Module):
                 param_dtype=self.param_dtype,
                 name=name,
             )(inputs)
-            return nn.with_logical_constraint(y, ("batch", "length", "act_heads", "kv"))
+            return nn.with_logical_constraint(y, QKV_AXES)
 
         q = project("query", x, self.num_heads)
         k = project("key", kv, kv_heads)
@@ -100,6 +102,7 @@ class MultiHeadAttention(nn.Module):
             window=window,
             q_offset=q_offset,
             impl=self.impl,
+            partition=_mesh_axes(QKV_AXES),
         )
         return DenseGeneral(
             (width,),
@@ -138,6 +141,13 @@ class MultiHeadAttention(nn.Module):
                 cache[name].value, x.astype(cache[name].value.dtype), offset
             )
         return (*(c.value for c in cache.values()), offset)
+
+
+def _mesh_axes(names: tuple[str, ...]) -> tuple | None:
+    """The mesh axes the active logical-axis rules give `names` (None: no rules set), so
+    the attention kernels shard exactly as the surrounding activations are sharded."""
+    spec = tuple(nn.logical_to_mesh_axes(names))
+    return None if all(axis is None for axis in spec) else spec
 
 
 def _write(cache: jnp.ndarray, chunk: jnp.ndarray, offset: jnp.ndarray) -> jnp.ndarray:

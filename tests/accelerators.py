@@ -1,0 +1,81 @@
+"""Compiling for accelerators this machine does not have: libtpu's compile-only TPU devices,
+and the Triton IR inside a program lowered for CUDA."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+
+@contextlib.contextmanager
+def no_persistent_cache() -> Iterator[None]:
+    """Compile-only TPU executables can't be read back from JAX's persistent cache (conftest
+    turns it on): keep them out of it."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+def tpu_devices(topology: str) -> list:
+    """libtpu's compile-only devices for `topology` (no TPU needed, only the libtpu wheel)."""
+    from jax.experimental.topologies import get_topology_desc
+
+    return list(get_topology_desc(platform="tpu", topology_name=topology).devices)
+
+
+def tpu_mesh(topology: str, shape: tuple[int, ...], names: tuple[str, ...]) -> Mesh:
+    """A mesh of `topology`'s compile-only devices with Auto axes."""
+    devices = np.asarray(tpu_devices(topology)).reshape(shape)
+    return Mesh(devices, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def triton_modules(lowered: jax.stages.Lowered) -> list:
+    """The Triton modules (MLIR) of every `__gpu$xla.gpu.triton` call in a CUDA lowering.
+
+    Pallas serialises each kernel's Triton IR as bytecode into the call's backend config;
+    this parses it back with the Triton dialect registered, so a test can read the loops.
+    """
+    from jax._src.interpreters import mlir
+    from jax._src.lib import triton
+    from jax._src.lib.mlir import ir
+
+    blobs = []
+
+    def walk(op) -> None:
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    attrs = inner.operation.attributes
+                    if inner.operation.name == "stablehlo.custom_call" and "triton" in str(
+                        attrs["call_target_name"]
+                    ):
+                        config = ir.DictAttr(attrs["mhlo.backend_config"])
+                        blobs.append(ir.StringAttr(config["ir"]).value_bytes)
+                    walk(inner.operation)
+
+    walk(lowered.compiler_ir("stablehlo").operation)
+    context = ir.Context()
+    context.append_dialect_registry(mlir.upstream_dialects)
+    triton.dialect.register_dialect(context)
+    context.load_all_available_dialects()
+    with context:
+        return [ir.Module.parse(blob) for blob in blobs]
+
+
+def ops_named(op, name: str) -> list:
+    """Every operation called `name` nested anywhere inside `op`."""
+    found = []
+    for region in op.regions:
+        for block in region.blocks:
+            for inner in block.operations:
+                if inner.operation.name == name:
+                    found.append(inner.operation)
+                found += ops_named(inner.operation, name)
+    return found

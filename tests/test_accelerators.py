@@ -1,0 +1,192 @@
+"""The attention kernels as TPU and GPU code, checked without either: compiled for libtpu's
+compile-only v5e devices, lowered to Triton for CUDA, and run per shard inside shard_map on
+8 CPU devices."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from accelerators import no_persistent_cache, ops_named, tpu_devices, tpu_mesh, triton_modules
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mmjax.kernels import MaskSpec, attention
+from mmjax.kernels.pallas_attention import Tiling, pallas_attention, tpu_tiling
+from mmjax.kernels.reference import attention_reference
+
+S = 256
+
+
+def _ids(*runs: tuple[int, int]) -> np.ndarray:
+    """[1, S] ids from (id, length) runs."""
+    return np.concatenate([np.full(n, i, np.int32) for i, n in runs])[None]
+
+
+# The masks of the attention contract, as `attention` keywords over S tokens.
+MASKS = {
+    "bidirectional": {},
+    "causal": {"causal": True},
+    "segments_and_spans": {
+        "causal": True,
+        "segment_ids": _ids((1, 100), (2, 156)),
+        "span_ids": _ids((0, 30), (1, 40), (0, 60), (2, 50), (0, 76)),
+    },
+    "window": {"window": 100},
+}
+
+
+def _grads(impl: str, mask: dict, **kw):
+    """(q, k, v) -> (out, dq, dk, dv) of `attention` under `mask` (ids traced)."""
+
+    def run(q, k, v, ids):
+        def f(q, k, v):
+            return attention(q, k, v, **{**mask, **ids}, impl=impl, **kw)
+
+        out, pullback = jax.vjp(f, q, k, v)
+        return out, *pullback(out)
+
+    return run
+
+
+def _abstract(batch: int, heads: int, kv_heads: int, d: int, sharding=None, length: int = S):
+    q = jax.ShapeDtypeStruct((batch, length, heads, d), jnp.bfloat16, sharding=sharding)
+    k = jax.ShapeDtypeStruct((batch, length, kv_heads, d), jnp.bfloat16, sharding=sharding)
+    return q, k
+
+
+def _traced_ids(mask: dict, batch: int) -> tuple[dict, dict]:
+    """(static keywords, ids as [batch, S] arrays to pass traced)."""
+    ids = {k: np.repeat(v, batch, 0) for k, v in mask.items() if k.endswith("_ids")}
+    return {k: v for k, v in mask.items() if k not in ids}, ids
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_triton_kernels_hold_no_branch_around_their_dots(name: str) -> None:
+    """Lowered for CUDA through the public entry point, the forward, dq and dk/dv kernels
+    loop over their block lists without an scf.if around any dot (Hopper's wgmma pipelining
+    needs branch-free loops), and every dot sits inside a loop."""
+    static, ids = _traced_ids(MASKS[name], 1)
+    q, k = _abstract(1, 4, 2, 64)
+    lowered = (
+        jax.jit(_grads("auto", static)).trace(q, k, k, ids).lower(lowering_platforms=("cuda",))
+    )
+    modules = triton_modules(lowered)
+    assert len(modules) == 3  # forward, dq, dk/dv
+    for module in modules:
+        dots = ops_named(module.operation, "tt.dot")
+        loops = ops_named(module.operation, "scf.for")
+        assert dots and loops
+        assert sum(len(ops_named(loop, "tt.dot")) for loop in loops) >= len(dots)
+        for branch in ops_named(module.operation, "scf.if"):
+            assert not ops_named(branch, "tt.dot"), "a dot inside a branch"
+
+
+def test_one_traced_call_carries_each_platforms_kernel() -> None:
+    """The backend is chosen at lowering: one trace lowers to Mosaic calls for TPU, Triton
+    calls for CUDA and interpret-mode loops for CPU (long sequences) or the XLA reference
+    (short ones), forward and backward alike."""
+    q, k = _abstract(2, 4, 2, 64, length=512)  # 512^2 pairs: the CPU branch is the kernel
+    ids = {"segment_ids": jax.ShapeDtypeStruct((2, 512), jnp.int32)}
+    traced = jax.jit(_grads("auto", {"causal": True})).trace(q, k, k, ids)
+    text = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda", "tpu")}
+    assert text["tpu"].count("tpu_custom_call") == 3 and "triton" not in text["tpu"]
+    assert text["cuda"].count("xla.gpu.triton") == 3 and "tpu_custom_call" not in text["cuda"]
+    assert "custom_call" not in text["cpu"] and "stablehlo.while" in text["cpu"]  # interpret
+
+    short = jnp.zeros((1, 64, 2, 16), jnp.float32)
+    cpu = jax.jit(lambda q: attention(q, q, q, causal=True)).lower(short).as_text()
+    assert "while" not in cpu and "custom_call" not in cpu  # the reference below 512^2 pairs
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_mosaic_kernels_compile_for_a_v5e_topology_inside_shard_map(name: str) -> None:
+    """Forward and both backward kernels compile for a v5e 2x2 topology with the batch and
+    heads sharded over the mesh (the kernels run inside shard_map), and XLA's cost analysis
+    counts their FLOPs (each pallas_call carries its cost estimate)."""
+    mesh = tpu_mesh("v5e:2x2", (2, 2), ("data", "tensor"))
+    sharding = NamedSharding(mesh, P("data", None, "tensor", None))
+    static, ids = _traced_ids(MASKS[name], 4)
+    q, k = _abstract(4, 4, 2, 64, sharding)
+    ids = {n: jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in ids.items()}
+    run = _grads("pallas", static, partition=("data", None, "tensor", None))
+    with jax.set_mesh(mesh), no_persistent_cache():
+        compiled = jax.jit(run).trace(q, k, k, ids).lower().compile()
+    assert compiled.as_text().count("tpu_custom_call") == 3
+    # 2 examples x 2 heads per chip, S^2 pairs at most, 64-wide heads: (2 + 3 + 4) matmuls
+    visible = 2 * 2 * S * S * 64 * 2 * (2 + 3 + 4)
+    assert compiled.cost_analysis()["flops"] >= (0.3 if static.get("causal") else 0.9) * visible
+
+
+def test_tpu_tiles_fit_the_length_and_cut_the_compiled_flops() -> None:
+    """197 ViT tokens run as two 104-row query blocks against one 200-key block (not 2 x 2
+    padded 128-token blocks): the compiled FLOPs of forward + backward fall by the padding
+    share, 1 - (208 x 200) / 256^2."""
+    assert tpu_tiling(197, 197, MaskSpec()) == Tiling.uniform(104, 200)
+    assert tpu_tiling(4096, 4096, MaskSpec(causal=True)) == Tiling.uniform(128, 128)
+    chip = jax.sharding.SingleDeviceSharding(tpu_devices("v5e:2x2")[0])
+    x = jax.ShapeDtypeStruct((4, 197, 12, 64), jnp.bfloat16, sharding=chip)
+
+    def flops(**options) -> float:
+        def f(q):
+            kernel = functools.partial(pallas_attention, platform="tpu", **options)
+            out, pullback = jax.vjp(lambda q: kernel(q, q, q), q)
+            return pullback(out)
+
+        with no_persistent_cache():
+            return jax.jit(f).trace(x).lower().compile().cost_analysis()["flops"]
+
+    fitted, padded = flops(), flops(tiling=Tiling.uniform(128, 128))
+    attention_flops = 4 * 12 * 197**2 * 64 * 2 * (2 + 3 + 4)
+    assert fitted == pytest.approx(padded * 208 * 200 / 256**2, rel=0.02)
+    assert padded - fitted == pytest.approx(
+        attention_flops * (256**2 - 208 * 200) / 197**2, rel=0.02
+    )
+
+
+@pytest.fixture(scope="module")
+def mesh_2x2x2():
+    return jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+
+
+def test_sharded_kernels_equal_the_unsharded_reference(mesh_2x2x2) -> None:
+    """Batch over data x fsdp and heads over tensor on 8 CPU devices: the per-shard
+    kernels (interpret mode) give the reference's outputs and q/k/v gradients."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(4, 64, 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(4, 64, 2, 16)), jnp.float32) for _ in range(2))
+    segment_ids = jnp.asarray(np.repeat([[1, 2, 0, 3]], 16, axis=1).repeat(4, 0), jnp.int32)
+    partition = (("data", "fsdp"), None, "tensor", None)
+
+    def loss(impl: str, q, k, v):
+        out = attention(
+            q, k, v, segment_ids=segment_ids, causal=True, impl=impl, partition=partition
+        )
+        return jnp.sum(out * jnp.sin(out))
+
+    def both(q, k, v):
+        grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2))
+        return grad(functools.partial(loss, "pallas"))(q, k, v), grad(
+            functools.partial(loss, "xla")
+        )(q, k, v)
+
+    with jax.set_mesh(mesh_2x2x2):
+        jaxpr = str(jax.make_jaxpr(functools.partial(loss, "pallas"))(q, k, v))
+        ours, want = jax.jit(both)(q, k, v)
+    assert "shard_map" in jaxpr
+    np.testing.assert_allclose(ours[0], want[0], rtol=1e-5)
+    for got, expected in zip(ours[1], want[1], strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_sequence_split_over_devices_is_xla_or_a_clear_error(mesh_2x2x2) -> None:
+    x = jnp.ones((2, 64, 2, 8), jnp.float32)
+    seq_split = (None, "data", None, None)
+    with jax.set_mesh(mesh_2x2x2):
+        with pytest.raises(ValueError, match="cannot split the sequence"):
+            attention(x, x, x, causal=True, impl="pallas", partition=seq_split)
+        auto = attention(x, x, x, causal=True, impl="auto", partition=seq_split)
+    np.testing.assert_allclose(auto, attention_reference(x, x, x, MaskSpec(causal=True)))
