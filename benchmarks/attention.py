@@ -23,7 +23,9 @@ block's list; default per backend: loop on CPU and GPU). On CPU the kernel runs 
 interpret mode, and xla at S=16384 needs ~30 GB, so use `--skip_time` there.
 `--backend gpu` adds TFLOP/s (only unmasked pairs counted, fwd+bwd counted as 3.5x the
 forward) and the cuDNN (`jax.nn.dot_product_attention`, full / causal) and JAX Pallas `mha`
-(no window, no span ids) baselines, with the device name.
+(no window, no span ids) baselines, with the device name; there "pallas" is mmjax's Triton
+kernel alone and "auto" what models run (cuDNN for full / causal, the Triton kernel for the
+rest). `benchmarks/gpu_check.sh` is the prepared GPU run.
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ def run_case(args, seq: int, mask: str, impl: str) -> dict:
     import jax.numpy as jnp
 
     from mmjax.kernels import MaskSpec
-    from mmjax.kernels.pallas_attention import _defaults, _prepare, executed_kv_blocks
+    from mmjax.kernels.pallas_attention import BACKENDS, executed_kv_blocks, forward_block_map
 
     shape = (1, seq, args.heads, args.head_dim)
     keys = jax.random.split(jax.random.key(0), 4)
@@ -184,9 +186,9 @@ def run_case(args, seq: int, mask: str, impl: str) -> dict:
     row["forward_backward"] = measure(fwd_bwd, (q, k, v, ids, ct), args.repeats, skip_time)
     if impl == "pallas":
         spec = MaskSpec(**mask_kwargs(mask, seq))
-        row["variant"] = args.variant or _defaults(jax.default_backend()).variant
+        row["variant"] = args.variant or BACKENDS[jax.default_backend()].variant
         if skip_time:  # the block map only: running the debug kernel costs a forward
-            bm = _prepare(q, k, v, spec, **pallas_options(args)).bm
+            bm = forward_block_map(q, k, spec, **pallas_options(args))
         else:
             visits, bm = executed_kv_blocks(q, k, v, spec, **pallas_options(args))
             row["executed_kv_blocks"] = int(jnp.sum(visits))
@@ -225,7 +227,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     impls = args.impls or (
-        ["pallas", "xla", "cudnn", "jax_pallas_mha"] if args.backend == "gpu" else ["pallas", "xla"]
+        ["pallas", "auto", "xla", "cudnn", "jax_pallas_mha"]
+        if args.backend == "gpu"
+        else ["pallas", "xla"]
     )
     for seq in args.seq:
         for mask in args.masks:

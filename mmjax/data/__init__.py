@@ -2,7 +2,14 @@
 
 from mmjax.data.config import DATA_DEFAULTS, data_config
 from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, IMAGE_OPS, build_image_ops, decode_image
-from mmjax.data.pipeline import class_names, eval_batches, make_train_iterator, prompt_templates
+from mmjax.data.pipeline import (
+    batch_shapes,
+    class_names,
+    eval_batches,
+    make_train_iterator,
+    prompt_templates,
+    synthetic_example,
+)
 from mmjax.data.sources import (
     DIGIT_NAMES,
     DIGIT_PROMPT_TEMPLATES,
@@ -22,8 +29,10 @@ from mmjax.data.sources import (
 from mmjax.data.tokenizer import (
     ByteTokenizer,
     SentencePieceTokenizer,
+    SizedTokenizer,
     Tokenizer,
     load_or_train_tokenizer,
+    sized_tokenizer,
 )
 
 __all__ = [
@@ -40,10 +49,12 @@ __all__ = [
     "DigitsSource",
     "SentencePieceTokenizer",
     "ShapesSource",
+    "SizedTokenizer",
     "SkimageSource",
     "Source",
     "TfdsSource",
     "Tokenizer",
+    "batch_shapes",
     "build_image_ops",
     "build_source",
     "class_names",
@@ -54,5 +65,7 @@ __all__ = [
     "make_train_iterator",
     "pack_record",
     "prompt_templates",
+    "sized_tokenizer",
+    "synthetic_example",
     "unpack_record",
 ]

@@ -20,6 +20,7 @@ from mmjax.data.sources import (
     DIGIT_PROMPT_TEMPLATES,
     SHAPE_CLASS_NAMES,
     SHAPE_PROMPT_TEMPLATES,
+    ShapesSource,
     build_source,
 )
 from mmjax.data.tokenizer import Tokenizer
@@ -131,6 +132,27 @@ def make_train_iterator(
     # Datasets are lazy, so only this process's examples are read and preprocessed.
     ds = ds[process_index::process_count]
     return iter(ds.to_iter_dataset(_read_options(data_cfg)))
+
+
+def synthetic_example(data_cfg: ConfigDict, tokenizer: Tokenizer) -> Batch:
+    """One training example of `data_cfg`'s layout from a synthetic shapes scene.
+
+    The scene goes through this config's own preprocessing (image ops to data.image_size,
+    tokenization, the data.sequence layout), so keys, shapes and dtypes are exactly what
+    training feeds the model, without the config's data: what compiling a step ahead of
+    time and benchmarking it on an accelerator need.
+    """
+    local = ConfigDict({**data_cfg.to_dict(), "source": "shapes", "augment": ()})
+    record = ShapesSource(data_cfg.split_train, 1)[0]
+    return _train_preprocess_fn(local, tokenizer)(record, np.random.default_rng(0))
+
+
+def batch_shapes(
+    data_cfg: ConfigDict, tokenizer: Tokenizer, global_batch_size: int
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (shape, dtype)} of `data_cfg`'s global training batches (`synthetic_example`)."""
+    example = synthetic_example(data_cfg, tokenizer)
+    return {k: ((global_batch_size, *np.shape(v)), np.asarray(v).dtype) for k, v in example.items()}
 
 
 def eval_batches(

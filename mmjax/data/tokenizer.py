@@ -156,6 +156,28 @@ class ByteTokenizer(Tokenizer):
         return "ByteTokenizer()"
 
 
+class SizedTokenizer(ByteTokenizer):
+    """A vocabulary of the size a config asks for, ids made from bytes (folded into it):
+    every shape a model and its batches take, without the data a SentencePiece model is
+    trained on or the checkpoint an hf tokenizer is read from (ahead-of-time compiles)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        if vocab_size <= self._OFFSET:
+            raise UserError(f"data.vocab_size must exceed {self._OFFSET}, got {vocab_size}")
+        self._size = int(vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._size
+
+    def encode(self, text: str) -> list[int]:
+        span = self._size - self._OFFSET
+        return [b % span + self._OFFSET for b in text.encode("utf-8")]
+
+    def __repr__(self) -> str:
+        return f"SizedTokenizer({self._size})"
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer from a local directory: the vocabulary of imported weights.
 
@@ -276,7 +298,18 @@ class WithVlmTokens(WithSpecialTokens):
 def load_or_train_tokenizer(data_cfg: ConfigDict, workdir: str | None, *, write: bool) -> Tokenizer:
     """The tokenizer of `data_cfg`, with the specials its sequences hold: <BOI>/<EOI> for
     mixed-modal sequences, `WithVlmTokens`'s for data.sequence.kind "vlm"."""
-    tokenizer = _base_tokenizer(data_cfg, workdir, write=write)
+    return _with_sequence_specials(_base_tokenizer(data_cfg, workdir, write=write), data_cfg)
+
+
+def sized_tokenizer(data_cfg: ConfigDict) -> Tokenizer:
+    """A tokenizer with the vocabulary size `load_or_train_tokenizer` would give, read from
+    the config alone: data.vocab_size for SentencePiece and hf tokenizers (for hf, the
+    checkpoint tokenizer's size), bytes for "byte"; plus the sequence specials."""
+    base = ByteTokenizer() if data_cfg.tokenizer == "byte" else SizedTokenizer(data_cfg.vocab_size)
+    return _with_sequence_specials(base, data_cfg)
+
+
+def _with_sequence_specials(tokenizer: Tokenizer, data_cfg: ConfigDict) -> Tokenizer:
     kind = data_cfg.get("sequence", {}).get("kind")
     if kind == "vlm":
         return WithVlmTokens(tokenizer)

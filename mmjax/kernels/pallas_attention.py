@@ -424,6 +424,17 @@ def pallas_attention(
     return attend(q, k, v, mask)
 
 
+def forward_block_map(
+    q: Array, k: Array, mask: MaskSpec | None = None, **options: object
+) -> BlockMap:
+    """The forward kernel's block map for `pallas_attention`'s arguments (nothing run)."""
+    mask = (MaskSpec() if mask is None else mask).resolve(q.shape[1], k.shape[1])
+    p = plan(q.shape, k.shape, mask, **options)
+    groups = q.shape[2] // k.shape[2]
+    _, (blocks,) = _metadata(mask, p, (p.tiling.fwd,), q.shape[0], q.shape[1], k.shape[1], groups)
+    return blocks.bm
+
+
 def executed_kv_blocks(
     q: Array, k: Array, v: Array, mask: MaskSpec | None = None, **options: object
 ) -> tuple[Array, BlockMap]:

@@ -453,7 +453,8 @@ class DotFlops:
 
     flops: 2*M*N*K summed over dot_general, ragged_dot_general and convolution equations, as
         executed (scan bodies times their length, shard_map bodies times their shard count,
-        cond: the max branch).
+        cond: the max branch; a `jax.lax.platform_dependent` cond: the branch lowered for
+        the platform asked for).
     pallas_calls: pallas_call equations met (counted by their cost_estimate flops).
     pallas_calls_without_estimate: those with no cost_estimate, counted as 0.
     while_loops: while loops met; their bodies count once (trip counts aren't static).
@@ -521,6 +522,7 @@ def _shard_count(params: dict) -> int:
 
 @dataclasses.dataclass
 class _FlopAcc:
+    platform: str | None
     pallas_calls: int = 0
     pallas_calls_without_estimate: int = 0
     while_loops: int = 0
@@ -546,7 +548,11 @@ def _jaxpr_flops(jaxpr: Any, acc: _FlopAcc) -> float:
             else:
                 total += float(estimate.flops)
         elif name == "cond":
-            total += max((_jaxpr_flops(j, acc) for j in _subjaxprs(params["branches"])), default=0)
+            branches = list(_subjaxprs(params["branches"]))
+            chosen = _platform_branch(params.get("branches_platforms"), acc.platform)
+            if chosen is not None:
+                branches = [branches[chosen]]
+            total += max((_jaxpr_flops(j, acc) for j in branches), default=0)
         else:
             if name == "while":
                 acc.while_loops += 1
@@ -563,21 +569,36 @@ def _jaxpr_flops(jaxpr: Any, acc: _FlopAcc) -> float:
     return total
 
 
-def dot_flops_report(jaxpr: Any) -> DotFlops:
-    """`DotFlops` of a Jaxpr or ClosedJaxpr (e.g. `jax.jit(f).trace(*args).jaxpr`)."""
-    acc = _FlopAcc()
+def _platform_branch(branches_platforms: Any, platform: str | None) -> int | None:
+    """Which branch of a `platform_dependent` cond lowers for `platform` (None: not such a
+    cond, or no platform asked): the one naming it, else the default (platforms None)."""
+    if branches_platforms is None or platform is None:
+        return None
+    for i, platforms in enumerate(branches_platforms):
+        if platforms is None or platform in platforms:
+            return i
+    return None
+
+
+def dot_flops_report(jaxpr: Any, platform: str | None = None) -> DotFlops:
+    """`DotFlops` of a Jaxpr or ClosedJaxpr (e.g. `jax.jit(f).trace(*args).jaxpr`).
+
+    `platform` ("tpu", "cuda", "cpu") counts each `platform_dependent` choice as lowered for
+    it (without: the costliest branch)."""
+    acc = _FlopAcc(platform)
     flops = _jaxpr_flops(getattr(jaxpr, "jaxpr", jaxpr), acc)
     return DotFlops(flops, acc.pallas_calls, acc.pallas_calls_without_estimate, acc.while_loops)
 
 
-def dot_flops(jaxpr: Any) -> float:
+def dot_flops(jaxpr: Any, platform: str | None = None) -> float:
     """Matmul FLOPs (2*M*N*K per dot_general, likewise convolutions) of a (Closed)Jaxpr.
 
     The jaxpr of a jit-ed step describes the global computation, so this is the total over all
     devices; inside shard_map bodies (per-shard shapes) it multiplies by the shard count. See
-    `dot_flops_report` for the Pallas calls and while loops this cannot fully count.
+    `dot_flops_report` for the Pallas calls and while loops this cannot fully count, and
+    `platform`.
     """
-    return dot_flops_report(jaxpr).flops
+    return dot_flops_report(jaxpr, platform).flops
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,17 +18,17 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence) -> Any:
 
 
 def init_sharded(
-    init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules: Sequence
+    init_fn: Callable[..., Any], mesh: Mesh, rules: Sequence, *args: Any
 ) -> tuple[Any, Any]:
-    """Runs `init_fn(rng)` under jit so every leaf is created directly with its sharding.
+    """Runs `init_fn(*args)` under jit so every leaf is created directly with its sharding.
 
     `init_fn` returns a tree with boxed logical metadata; the result is unboxed.
     Returns (tree, shardings).
     """
-    abstract = jax.eval_shape(init_fn, rng)
+    abstract = jax.eval_shape(init_fn, *args)
     shardings = logical_shardings(abstract, mesh, rules)
     with nn.logical_axis_rules(rules):
-        tree = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
+        tree = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return tree, shardings
 
 

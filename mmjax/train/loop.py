@@ -64,11 +64,13 @@ def fill_vocab_size(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> No
 
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, seed: int):
-    """One optimizer step; the step's rng is fold_in(seed, step), so reruns are reproducible."""
-    base_rng = jax.random.key(seed)
+    """One optimizer step; the step's rng is fold_in(seed, step), so reruns are reproducible.
+
+    The key is made inside the step: building it eagerly would run an op on the default
+    device, which a compile-only TPU topology (`python -m mmjax.aot`) cannot execute."""
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
-        rng = jax.random.fold_in(base_rng, state.step)
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, metrics), grads = grad_fn(state.params, batch, rng)
         grad_norm = optax.tree.norm(grads)
@@ -104,7 +106,10 @@ class Trainer:
         config: ml_collections.ConfigDict,
         workdir: str | None,
         devices: list[jax.Device] | None = None,
+        tokenizer: mmdata.Tokenizer | None = None,
     ):
+        """`tokenizer` replaces the config's own (loaded or trained from the data): how
+        `mmjax.aot` compiles a config without its data."""
         self.config = config
         self.is_main = jax.process_index() == 0
         self.rules = parallel.validate_rules(config.mesh.rules)
@@ -118,7 +123,7 @@ class Trainer:
             raise UserError(
                 f"batch_size {config.batch_size} is not divisible by data x fsdp = {shards}"
             )
-        self.tokenizer = mmdata.load_or_train_tokenizer(
+        self.tokenizer = tokenizer or mmdata.load_or_train_tokenizer(
             config.data, workdir, write=self.is_main and workdir is not None
         )
         fill_vocab_size(config.model, self.tokenizer.vocab_size)
@@ -186,17 +191,14 @@ class Trainer:
             process_count=jax.process_count(),
         )
 
-    def _init_fn(self, example_batch: Mapping[str, np.ndarray]):
-        """rng -> the initial train state, its leaves boxed with their logical axes."""
-        example = {k: jnp.asarray(v[:1]) for k, v in example_batch.items()}
+    def _init_fn(self, seed: int, example: Mapping[str, Any]) -> TrainState:
+        """The initial train state from one example of the batch (batch dimension 1), its
+        leaves boxed with their logical axes. Traced only (the key is made inside), so the
+        abstract state needs no device at all."""
         if self.latents is not None:
             example = objectives.encode_images(example, self.latents, jax.random.key(0))
-
-        def init_fn(rng):
-            params = self.model.init(rng, example)["params"]
-            return TrainState.create(params, self.tx)
-
-        return init_fn
+        params = self.model.init(jax.random.key(seed), example)["params"]
+        return TrainState.create(params, self.tx)
 
     def evaluators(self, workdir: str | None) -> dict:
         """`config.evals` built for this trainer's model, tokenizer, data, mesh and latents
@@ -213,15 +215,22 @@ class Trainer:
 
     def init_state(self, example_batch: Mapping[str, np.ndarray]) -> tuple[TrainState, Any]:
         """Initialises the train state directly with its logical shardings."""
-        init_fn, rng = self._init_fn(example_batch), jax.random.key(self.config.seed)
+        example = {k: np.asarray(v[:1]) for k, v in example_batch.items()}
         with jax.set_mesh(self.mesh):
-            return parallel.init_sharded(init_fn, rng, self.mesh, self.rules)
+            return parallel.init_sharded(
+                self._init_fn, self.mesh, self.rules, self.config.seed, example
+            )
 
-    def abstract_state(self, example_batch: Mapping[str, np.ndarray], boxed: bool = False) -> Any:
-        """The train state's shapes, dtypes and shardings, not computed: a restore target.
-        `boxed`: the shapes inside their logical-axis boxes instead (no shardings)."""
+    def abstract_state(self, example_batch: Mapping[str, Any], boxed: bool = False) -> Any:
+        """The train state's shapes, dtypes and shardings, not computed: a restore target,
+        or the input of an ahead-of-time compile. `example_batch` holds arrays or
+        `jax.ShapeDtypeStruct`s. `boxed`: the shapes inside their logical-axis boxes instead
+        (no shardings)."""
+        example = {
+            k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in example_batch.items()
+        }
         with jax.set_mesh(self.mesh):
-            state = jax.eval_shape(self._init_fn(example_batch), jax.random.key(self.config.seed))
+            state = jax.eval_shape(self._init_fn, self.config.seed, example)
         if boxed:
             return state
         shardings = parallel.logical_shardings(state, self.mesh, self.rules)

@@ -1,0 +1,248 @@
+r"""CLI: compile a config's real train step ahead of time for a TPU topology, or CPU devices.
+
+  python -m mmjax.aot --config experiments/clip.py:B/16 --topology v5e:16x16 \
+      [--mesh fsdp=-1,tensor=1] [--config.key=value ...]
+
+Builds the step through the trainer's own code (model, loss, optimizer, shardings, the
+attention kernels inside shard_map) on libtpu's compile-only devices -- no TPU needed, only
+the `libtpu` wheel (`pip install -e '.[tpu]'`) -- and prints one JSON line: per-chip
+argument / output / temp bytes and whether they fit the chip's HBM, FLOPs and bytes,
+collectives by kind, lowering and compile seconds, and a roofline step time with its MFU
+bound. `--topology cpu:8` compiles for local CPU devices instead (tests, laptops).
+
+No data and no tokenizer are read: batches take the shapes this config's preprocessing
+gives a synthetic scene (`mmjax.data.batch_shapes`), and the vocabulary is data.vocab_size
+(for hf tokenizers, the checkpoint tokenizer's size). `init_from` is ignored (weights do not
+change what compiles); a config that diffuses a frozen VAE's latents cannot be compiled
+this way (the VAE's weights would be read on devices).
+
+How the figures are made (docs/aot.md says more):
+- memory: `compiled.memory_analysis()` per device; peak = arguments + outputs - aliased
+  (the donated state) + temporaries; it fits when below the chip's HBM.
+- FLOPs: XLA's cost analysis counts a loop body once, so a scanned stack would be
+  undercounted: executed FLOPs are counted from the step's jaxpr instead (every matmul and
+  convolution, scan bodies times their length, remat recomputation included, Pallas calls
+  by their cost estimates), and model FLOPs are 3x the forward loss's (no recomputation).
+- bytes: XLA's bytes accessed, scaled by executed / XLA FLOPs to account for loop bodies.
+- collectives: from the optimized HLO, loop bodies times their trip counts
+  (`mmjax.parallel.hlo_stats`).
+- roofline: per chip, max(FLOPs / peak, bytes / HBM bandwidth, collective bytes / ICI
+  bandwidth) with the published figures of `mmjax.parallel.chips`; MFU bound = model FLOPs
+  / (step time x peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from mmjax.errors import UserError, run_cli
+
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def _devices(topology: str) -> tuple[list, Any]:
+    """(devices, chip or None) of "v5e:16x16"-style TPU topologies or "cpu:N"."""
+    import jax
+
+    from mmjax.parallel import chips
+
+    if topology.startswith("cpu:"):
+        count = int(topology.partition(":")[2])
+        available = jax.devices("cpu")
+        if count > len(available):
+            raise UserError(
+                f"--topology {topology}: only {len(available)} CPU devices (set XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={count})"
+            )
+        return available[:count], None
+    try:
+        chip = chips.chip_for_topology(topology)
+        name = chips.canonical_topology(topology)
+    except ValueError as e:
+        raise UserError(f"--topology: {e}") from None
+    # Compile-only devices touch no chip: let several processes (parallel compiles, test
+    # workers) load libtpu at once instead of taking its single-process lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        from jax.experimental.topologies import get_topology_desc
+
+        desc = get_topology_desc(platform="tpu", topology_name=name)
+    except Exception as e:  # libtpu missing or a shape it does not know
+        raise UserError(
+            f"--topology {topology}: libtpu cannot describe it ({e}); install the tpu extra"
+        ) from None
+    return list(desc.devices), chip
+
+
+def _mesh_overrides(spec: str) -> list[str]:
+    """`fsdp=-1,tensor=4` -> config overrides of mesh.*."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        axis, sep, size = item.partition("=")
+        if not sep:
+            raise UserError(f"--mesh {spec!r}: expected axis=size pairs such as fsdp=-1,tensor=2")
+        out.append(f"mesh.{axis.strip()}={size.strip()}")
+    return out
+
+
+def _memory(compiled: Any, devices_per_chip: int) -> dict[str, float]:
+    stats = compiled.memory_analysis()
+    per_device = {
+        "argument_bytes": stats.argument_size_in_bytes,
+        "output_bytes": stats.output_size_in_bytes,
+        "alias_bytes": stats.alias_size_in_bytes,
+        "temp_bytes": stats.temp_size_in_bytes,
+    }
+    per_device["peak_bytes"] = (
+        per_device["argument_bytes"]
+        + per_device["output_bytes"]
+        - per_device["alias_bytes"]
+        + per_device["temp_bytes"]
+    )
+    return {k: v * devices_per_chip for k, v in per_device.items()}
+
+
+def model_flops(trainer: Any, params: Any, batch: Any, platform: str) -> float:
+    """Matmul FLOPs of one training step without recomputation: 3x the forward loss's (the
+    backward's two matmuls per forward one), over all devices, as lowered for `platform`.
+    Call inside the trainer's mesh and logical-axis-rules context."""
+    import jax
+
+    from mmjax.parallel import hlo_stats
+
+    forward = jax.make_jaxpr(
+        lambda params, batch: trainer.loss_fn(params, batch, jax.random.key(0))[0]
+    )(params, batch)
+    return 3 * hlo_stats.dot_flops(forward, platform)
+
+
+def compile_train_step(config: Any, topology: str) -> dict[str, Any]:
+    """Lowers and compiles `config`'s train step for `topology`; returns the report."""
+    import flax.linen as nn
+    import jax
+
+    from mmjax import data as mmdata
+    from mmjax import parallel
+    from mmjax.parallel import hlo_stats
+    from mmjax.train.loop import Trainer
+
+    if config.get("latents", {}).get("vae_workdir"):
+        raise UserError(
+            "latents.vae_workdir: a frozen VAE's weights are read on devices, which an "
+            "ahead-of-time compile has not got; compile the pixel-space config"
+        )
+    config.init_from = {**config.init_from, "format": "", "path": "", "more": {}}
+    devices, chip = _devices(topology)
+    tokenizer = mmdata.sized_tokenizer(config.data)
+    trainer = Trainer(config, None, devices=devices, tokenizer=tokenizer)
+    mesh, rules = trainer.mesh, trainer.rules
+    batch_sharding = parallel.batch_sharding(mesh)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+        for k, (shape, dtype) in mmdata.batch_shapes(
+            config.data, tokenizer, config.batch_size
+        ).items()
+    }
+    state = trainer.abstract_state(batch)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    step = trainer.jit_train_step(shardings)
+    platform = "cpu" if chip is None else "tpu"
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        t0 = time.perf_counter()
+        traced = step.trace(state, batch)
+        useful = model_flops(trainer, state.params, batch, platform)
+        lowered = traced.lower()
+        t1 = time.perf_counter()
+        # Compile-only executables cannot be read back from JAX's persistent cache.
+        cache = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", cache and chip is None)
+        try:
+            compiled = lowered.compile()
+        finally:
+            jax.config.update("jax_enable_compilation_cache", cache)
+        t2 = time.perf_counter()
+
+    devices_per_chip = chip.devices_per_chip if chip else 1
+    num_chips = len(devices) // devices_per_chip
+    executed = hlo_stats.dot_flops_report(traced.jaxpr, platform)
+    useful /= num_chips
+    cost = compiled.cost_analysis()
+    xla_flops = cost.get("flops", 0.0) * devices_per_chip
+    executed_flops = executed.flops / num_chips
+    loop_scale = max(1.0, executed_flops / xla_flops) if xla_flops else 1.0
+    bytes_accessed = cost.get("bytes accessed", 0.0) * devices_per_chip * loop_scale
+    text = compiled.as_text()
+    collectives = hlo_stats.collective_stats(text)
+    collective_bytes = devices_per_chip * sum(
+        v["bytes"] for k, v in collectives.items() if isinstance(v, dict)
+    )
+    report: dict[str, Any] = {
+        "topology": topology,
+        "chips": num_chips,
+        "mesh": dict(mesh.shape),
+        "batch_size": config.batch_size,
+        "lower_s": round(t1 - t0, 1),
+        "compile_s": round(t2 - t1, 1),
+        **_memory(compiled, devices_per_chip),
+        "executed_flops_per_chip": executed_flops,
+        "model_flops_per_chip": useful,
+        "xla_flops_per_chip": xla_flops,
+        "bytes_accessed_per_chip": bytes_accessed,
+        "pallas_calls": executed.pallas_calls,
+        "custom_calls": dict(collections.Counter(_CUSTOM_CALL.findall(text))),
+        "collectives": collectives,
+    }
+    if chip is not None:
+        hbm = chip.hbm_bytes
+        roof = hlo_stats.roofline(executed_flops, bytes_accessed, collective_bytes, chip)
+        report.update(
+            chip=chip.name,
+            hbm_bytes=hbm,
+            fits=report["peak_bytes"] <= hbm,
+            roofline={**roof, "mfu_bound": useful / (roof["step_s"] * chip.peak_flops_bf16)},
+            chip_figures={
+                "peak_flops_bf16": chip.peak_flops_bf16,
+                "hbm_bandwidth": chip.hbm_bandwidth,
+                "ici_bandwidth": chip.ici_bandwidth,
+                "source": chip.source,
+            },
+        )
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m mmjax.aot",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="experiments/NAME.py:VARIANT")
+    parser.add_argument(
+        "--topology", required=True, help="a TPU topology such as v5e:16x16 or v5p:4x4x8, or cpu:N"
+    )
+    parser.add_argument("--mesh", default="", help="mesh sizes, e.g. data=1,fsdp=-1,tensor=4")
+    overrides = [a[len("--config.") :] for a in argv if a.startswith("--config.")]
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+
+    def job() -> None:
+        from mmjax.train.config_cli import apply_overrides, load_config
+
+        config = load_config(args.config)
+        apply_overrides(config, [*overrides, *_mesh_overrides(args.mesh)])
+        report = compile_train_step(config, args.topology)
+        print(json.dumps({"config": args.config, **report}), flush=True)
+
+    return run_cli("mmjax.aot", job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
