@@ -92,7 +92,7 @@ def _paper(c: ml_collections.ConfigDict) -> None:
     )
     c.model = dict(
         name="blip",
-        vision=dict(VIT_B16, remat=True),
+        vision=dict(VIT_B16, remat=True, scan=True),
         text=BERT_BASE,
         vocab_size=0,
         embed_dim=256,

@@ -121,6 +121,7 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
             pool="cls",
             patch_bias=False,  # OpenAI CLIP's conv1 has no bias
             remat=True,
+            scan=True,
         ),
         text=dict(
             vocab_size=0,
@@ -130,6 +131,7 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
             num_heads=text_heads,
             mlp_dim=4 * text_width,
             remat=True,
+            scan=True,
         ),
     )
     c.optimizer.update(lr=lr)

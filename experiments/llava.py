@@ -178,6 +178,7 @@ def _paper(c: ml_collections.ConfigDict, size: str, stage: str, *, connector: st
         dtype="bfloat16",
         attention_impl="auto",
         remat=True,
+        scan=True,
     )
     c.evals = dict(
         vlm=dict(type="vlm", split="test", num_samples=500, batch_size=64, tasks=("caption",))

@@ -173,5 +173,6 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
         dtype="bfloat16",
         attention_impl="auto",
         remat=True,
+        scan=not arg.startswith("chinchilla"),  # Flamingo's LMs: gated layers between blocks
     )
     c.evals = {}

@@ -190,4 +190,5 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
         dtype="bfloat16",
         attention_impl="auto",
         remat=True,
+        scan=True,
     )

@@ -250,5 +250,6 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
         dtype="bfloat16",
         attention_impl="auto",
         remat=True,
+        scan=True,
     )
     # set --config.latents.vae_workdir to a VAE with f = 8 and 4 latent channels

@@ -32,6 +32,8 @@ class VisionTransformer(nn.Module):
     activation: str = "gelu"
     norm_eps: float = 1e-5
     remat: bool = False
+    remat_policy: str = "full"  # nn.transformer.REMAT_POLICIES
+    scan: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -46,7 +48,8 @@ class VisionTransformer(nn.Module):
         `feature_layer` k returns (None, the encoder's hidden state k) indexed as HF's
         `hidden_states`: 0 the embeddings after norm_pre, depth (or -1) the last block's
         output, -2 the penultimate one that LLaVA-1.5 reads; no norm_post, and the blocks
-        after it are neither run nor created."""
+        after it are neither run nor created (with `scan`: only the last one may be left out,
+        so k is 0, -2 or the last)."""
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; valid: {POOLS}")
         if self.posemb not in POSEMBS:
@@ -76,16 +79,18 @@ class VisionTransformer(nn.Module):
             x = LayerNorm(name="norm_pre", epsilon=self.norm_eps, **kw)(x)
         read_cls = pooled_only and self.pool == "cls" and feature_layer is None
         x = Transformer(
-            depth,
+            self.depth,
             self.num_heads,
             self.mlp_dim,
             activation=self.activation,
             norm_eps=self.norm_eps,
             remat=self.remat,
+            remat_policy=self.remat_policy,
+            scan=self.scan,
             attention_impl=self.attention_impl,
             name="encoder",
             **kw,
-        )(x, read_at=jnp.zeros(x.shape[:1], jnp.int32) if read_cls else None)
+        )(x, read_at=jnp.zeros(x.shape[:1], jnp.int32) if read_cls else None, num_blocks=depth)
         if feature_layer is not None:
             return None, x
         x = LayerNorm(name="norm_post", epsilon=self.norm_eps, **kw)(x)

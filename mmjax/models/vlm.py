@@ -56,6 +56,8 @@ class CausalLM(nn.Module):
     norm_eps: float = 1e-5
     decode: bool = False
     remat: bool = False
+    remat_policy: str = "full"  # nn.transformer.REMAT_POLICIES
+    scan: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -76,6 +78,8 @@ class CausalLM(nn.Module):
             rope_theta=self.rope_theta,
             decode=self.decode,
             remat=self.remat,
+            remat_policy=self.remat_policy,
+            scan=self.scan,
             attention_impl=self.attention_impl,
             **kw,
         )
@@ -158,8 +162,10 @@ class VLM(nn.Module):
     dropped unless `keep_cls`, as LLaVA does); `feature_layer`: read the ViT's hidden state
     of that index instead of its output (LLaVA-1.5: -2); `connector`: build_connector's
     config, whose out_dim must be `width`. The LM: vocab_size, width, depth, num_heads,
-    mlp_dim. Flamingo: a gated layer before LM blocks N-1, 2N-1, ... (N =
-    `cross_attention_every`; Flamingo-3B N=1, 9B N=4, 80B N=7), its FFW `mlp_dim` wide.
+    mlp_dim, remat, remat_policy, scan (the ViT's are in `vision`). Flamingo: a gated layer
+    before LM blocks N-1, 2N-1, ... (N = `cross_attention_every`; Flamingo-3B N=1, 9B N=4,
+    80B N=7), its FFW `mlp_dim` wide; its layers run between the LM's blocks, so the LM
+    cannot scan.
     """
 
     vision: Mapping[str, Any]
@@ -177,6 +183,8 @@ class VLM(nn.Module):
     norm_eps: float = 1e-5
     decode: bool = False  # KV cache: batches are chunks written at `cache_offset`
     remat: bool = False
+    remat_policy: str = "full"  # nn.transformer.REMAT_POLICIES
+    scan: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -200,6 +208,8 @@ class VLM(nn.Module):
             norm_eps=self.norm_eps,
             decode=self.decode,
             remat=self.remat,
+            remat_policy=self.remat_policy,
+            scan=self.scan,
             attention_impl=self.attention_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,

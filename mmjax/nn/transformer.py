@@ -8,6 +8,7 @@ and the other decoders use.
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax.nn.attention import MultiHeadAttention
@@ -71,8 +72,27 @@ class TransformerBlock(nn.Module):
         return nn.with_logical_constraint(x + y, ACT)
 
 
+# Named jax.checkpoint policies for a rematerialised block: what its backward pass may keep
+# from the forward pass instead of recomputing. "dots_no_batch" keeps the projection and MLP
+# matmul outputs (the dots without batch dimensions) and recomputes attention: MaxText's
+# "minimal", so no separate entry.
+REMAT_POLICIES: dict[str, Callable[..., bool]] = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_saveable,  # every matmul, attention scores included
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class Transformer(nn.Module):
-    """`depth` TransformerBlocks; `remat` recomputes each block's activations in backward."""
+    """`depth` TransformerBlocks; `remat` recomputes each block's activations in backward
+    (what it may keep instead: `remat_policy`, a REMAT_POLICIES name).
+
+    `scan` runs the blocks as one `nn.scan`, so XLA compiles one block however deep the stack
+    (big_vision's and MaxText's scanned layers): the first depth - 1 blocks are `layers`, each
+    parameter stacked along a leading "layers" logical axis, and the last block is `last`,
+    run on its own so that `read_at` can compute only the read-out token. Unscanned, the
+    blocks are `block0` ... `block{depth - 1}` (the layout converters write).
+    """
 
     depth: int
     num_heads: int
@@ -86,6 +106,8 @@ class Transformer(nn.Module):
     rope_theta: float | None = None
     decode: bool = False  # KV cache (nn.attention.MultiHeadAttention)
     remat: bool = False
+    remat_policy: str = "full"
+    scan: bool = False
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -100,41 +122,98 @@ class Transformer(nn.Module):
         cache_offset: jnp.ndarray | None = None,
         read_at: jnp.ndarray | None = None,
         before_block: Callable[[int, jnp.ndarray], jnp.ndarray] | None = None,
+        num_blocks: int | None = None,
     ) -> jnp.ndarray:
         """x [B, L, width] -> [B, L, width]. `read_at` (int [B]): the caller reads only the
         token at that position (CLS or end-of-text pooling), so the last block computes only
         it and returns [B, 1, width]: the same values for about 1/depth less work.
         `before_block(i, x)`: the caller's layers run on x before block i (Flamingo's gated
-        cross-attention inside a frozen LM)."""
-        block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
-        last = self.depth - 1
-        for i in range(self.depth):
-            if before_block is not None:
-                x = before_block(i, x)
-            x = block(
-                self.num_heads,
-                self.mlp_dim,
-                activation=self.activation,
-                causal=self.causal,
-                norm=self.norm,
-                norm_eps=self.norm_eps,
-                gated_mlp=self.gated_mlp,
-                use_bias=self.use_bias,
-                rope_theta=self.rope_theta,
-                decode=self.decode,
-                attention_impl=self.attention_impl,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"block{i}",
-            )(x, segment_ids, span_ids, positions, cache_offset, read_at if i == last else None)
+        cross-attention inside a frozen LM); unscanned stacks only.
+        `num_blocks`: only the first blocks run and exist (a tower's intermediate features);
+        a scanned stack can leave out only its last block."""
+        n = self.depth if num_blocks is None else num_blocks
+        if not 0 <= n <= self.depth:
+            raise ValueError(f"num_blocks {n} is outside [0, {self.depth}]")
+        block = self._block_class()
+        args = (segment_ids, span_ids, positions, cache_offset)
+        if not self.scan:
+            for i in range(n):
+                if before_block is not None:
+                    x = before_block(i, x)
+                at = read_at if i == n - 1 else None
+                x = block(**self._block_fields(), name=f"block{i}")(x, *args, at)
+            return x
+        if before_block is not None:
+            raise ValueError(
+                "before_block runs the caller's layers between blocks, which a scanned stack "
+                "cannot: set scan=False (Flamingo's LM)"
+            )
+        if n not in (0, self.depth - 1, self.depth):
+            raise ValueError(
+                f"a scanned stack of depth {self.depth} runs all its blocks or all but the last, "
+                f"not {n}: set scan=False"
+            )
+        if read_at is not None and n < self.depth:
+            raise ValueError("read_at needs the last block of a scanned stack, which is left out")
+        if min(n, self.depth - 1) > 0:
+            scanned = nn.scan(
+                _scan_step,
+                variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,) * len(args),
+                length=self.depth - 1,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = scanned(block(**self._block_fields(), name="layers"), x, *args)
+        if n == self.depth:
+            x = block(**self._block_fields(), name="last")(x, *args, read_at)
         return x
+
+    def _block_class(self) -> type[TransformerBlock]:
+        """TransformerBlock, rematerialised with the named policy if `remat`."""
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"unknown remat_policy {self.remat_policy!r}; valid: {sorted(REMAT_POLICIES)}"
+            )
+        if not self.remat:
+            return TransformerBlock
+        # Inside a scan the loop already keeps XLA from merging the recomputation away
+        return nn.remat(
+            TransformerBlock,
+            policy=REMAT_POLICIES[self.remat_policy],
+            prevent_cse=not self.scan,
+        )
+
+    def _block_fields(self) -> dict:
+        """The TransformerBlock fields every block of this stack is built with."""
+        return dict(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            activation=self.activation,
+            causal=self.causal,
+            norm=self.norm,
+            norm_eps=self.norm_eps,
+            gated_mlp=self.gated_mlp,
+            use_bias=self.use_bias,
+            rope_theta=self.rope_theta,
+            decode=self.decode,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+
+def _scan_step(block: TransformerBlock, x: jnp.ndarray, *args: jnp.ndarray | None) -> tuple:
+    """One step of the scanned stack: (carry x, no per-layer output)."""
+    return block(x, *args), None
 
 
 def llama_decoder(
     depth: int, num_heads: int, mlp_dim: int, *, norm_eps: float, rope_theta: float, **kw
 ) -> Transformer:
     """The causal Llama stack of the unified decoders (Transfusion Sec. 4.1, UniFluid): RMSNorm,
-    bias-free SwiGLU, RoPE; `kw` passes decode, remat, attention_impl and dtypes."""
+    bias-free SwiGLU, RoPE; `kw` passes decode, remat, remat_policy, scan, attention_impl and
+    dtypes."""
     return Transformer(
         depth,
         num_heads,

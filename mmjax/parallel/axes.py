@@ -24,6 +24,7 @@ LOGICAL_AXES = {
     "patch": "flattened patch pixels of a patch embedding",
     "position": "rows of a learned position embedding",
     "proj": "output width of a projection head",
+    "layers": "stacked layers of a scanned stack",
 }
 
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -40,6 +41,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch", None),
     ("position", None),
     ("proj", "tensor"),
+    ("layers", None),  # replicated: FSDP shards the other dimensions
 )
 
 

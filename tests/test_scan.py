@@ -1,0 +1,162 @@
+"""Scanned transformer stacks: the same function, gradients and decoding as the unrolled stack,
+stacked parameters under the "layers" logical axis, named remat policies, clear errors."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import REPO
+
+from mmjax.models.vit import VisionTransformer
+from mmjax.models.vlm import CausalLM
+from mmjax.nn import Transformer, llama_decoder
+from mmjax.parallel import DEFAULT_RULES
+from mmjax.train.config_cli import load_config
+
+F32 = dict(dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla")  # fast compiles
+DEPTH = 3
+
+
+def stack_blocks(params: dict) -> dict:
+    """An unrolled stack's `block{i}` parameters in the scanned layout: the blocks but the
+    last stacked along a new leading axis as `layers`, and the last block as `last` (absent
+    when the stack was built without its last block)."""
+    blocks = [params[f"block{i}"] for i in range(len(params))]
+    stacked = {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks[: DEPTH - 1])}
+    return stacked | ({"last": blocks[DEPTH - 1]} if len(blocks) == DEPTH else {})
+
+
+def packed_rows() -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """x [2, 12, 32], two packed segments per row (a padded tail in row 1) and RoPE
+    positions that restart in each segment."""
+    segment_ids = jnp.asarray([[1] * 5 + [2] * 7, [1] * 8 + [2] * 2 + [0] * 2], jnp.int32)
+    starts = jnp.asarray([[0] * 5 + [5] * 7, [0] * 8 + [8] * 4])
+    positions = jnp.arange(12)[None] - starts
+    x = jax.random.normal(jax.random.key(1), (2, 12, 32))
+    return x, segment_ids, positions
+
+
+def decoder(**kw) -> Transformer:
+    return llama_decoder(DEPTH, 4, 64, norm_eps=1e-5, rope_theta=10_000.0, **F32, **kw)
+
+
+def test_a_scanned_causal_lm_stack_equals_the_unrolled_one():
+    x, segment_ids, positions = packed_rows()
+    params = nn.unbox(decoder().init(jax.random.key(0), x, segment_ids, None, positions))
+    unrolled = decoder().apply(params, x, segment_ids, None, positions)
+    scanned = decoder(scan=True).apply(
+        {"params": stack_blocks(params["params"])}, x, segment_ids, None, positions
+    )
+    np.testing.assert_allclose(scanned, unrolled, atol=1e-5)
+
+
+def test_a_scanned_vit_stack_reads_out_as_the_unrolled_one():
+    """`read_at` (the last block computes one token) and the ViT's penultimate features (the
+    scanned stack without its last block) give the unrolled stack's values."""
+    vit = dict(patch_size=4, width=32, depth=DEPTH, num_heads=4, mlp_dim=64, **F32)
+    images = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    params = nn.unbox(VisionTransformer(**vit).init(jax.random.key(0), images))["params"]
+    scanned = {**params, "encoder": stack_blocks(params["encoder"])}
+    pooled = VisionTransformer(**vit).apply({"params": params}, images, pooled_only=True)[0]
+    got = VisionTransformer(**vit, scan=True).apply({"params": scanned}, images, pooled_only=True)
+    np.testing.assert_allclose(got[0], pooled, atol=1e-5)
+
+    encoder = {f"block{i}": params["encoder"][f"block{i}"] for i in range(DEPTH - 1)}
+    penultimate = {**params, "encoder": stack_blocks(encoder)}
+    want = VisionTransformer(**vit).apply({"params": params}, images, feature_layer=-2)[1]
+    scan_vit = VisionTransformer(**vit, scan=True)
+    built = nn.unbox(scan_vit.init(jax.random.key(0), images, feature_layer=-2))["params"]
+    assert set(built["encoder"]) == {"layers"}  # the last block is neither run nor created
+    got = scan_vit.apply({"params": penultimate}, images, feature_layer=-2)[1]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="runs all its blocks or all but the last"):
+        scan_vit.apply({"params": scanned}, images, feature_layer=1)
+
+
+def test_remat_policies_give_the_gradients_of_no_remat():
+    x, segment_ids, positions = packed_rows()
+    params = decoder(scan=True).init(jax.random.key(0), x, segment_ids, None, positions)
+
+    def grads(**kw):
+        loss = lambda p: jnp.sum(  # noqa: E731
+            decoder(scan=True, **kw).apply(p, x, segment_ids, None, positions) ** 2
+        )
+        return jax.jit(jax.grad(loss))(params)
+
+    want = grads()
+    for policy in ("full", "dots"):
+        got = grads(remat=True, remat_policy=policy)
+        jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5), got, want)
+
+
+def test_scanned_kv_cache_decoding_equals_the_full_forward_pass():
+    """A prompt prefilled into the scanned stack's cache, then one token at a time."""
+    lm = dict(vocab_size=40, width=32, depth=DEPTH, num_heads=4, mlp_dim=64, scan=True, **F32)
+    model, cached = CausalLM(**lm), CausalLM(**lm, decode=True)
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 1, 40)
+    segment_ids, positions = jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(10), (2, 10))
+    params = model.init(jax.random.key(0), tokens, segment_ids, positions)["params"]
+    full = model.apply({"params": params}, tokens, segment_ids, positions)
+    cache = cached.init(jax.random.key(0), tokens, segment_ids, positions)["cache"]
+    apply = jax.jit(functools.partial(cached.apply, mutable=["cache"]))
+    for start, stop in [(0, 4), *((i, i + 1) for i in range(4, 10))]:
+        chunk = (tokens[:, start:stop], segment_ids[:, start:stop], positions[:, start:stop])
+        logits, state = apply({"params": params, "cache": cache}, *chunk, jnp.full((2,), start))
+        cache = state["cache"]
+        np.testing.assert_allclose(logits, full[:, start:stop], atol=1e-4)
+
+
+def test_scanned_parameters_carry_the_layers_axis_first():
+    x, segment_ids, positions = packed_rows()
+    boxed = jax.eval_shape(
+        decoder(scan=True).init, jax.random.key(0), x, segment_ids, None, positions
+    )
+    specs = nn.get_partition_spec(boxed)["params"]
+    assert set(specs) == {"layers", "last"}
+    is_spec = lambda s: isinstance(s, jax.sharding.PartitionSpec)  # noqa: E731
+    stacked = jax.tree.leaves(specs["layers"], is_leaf=is_spec)
+    assert stacked and all(s[0] == "layers" and "layers" not in s[1:] for s in stacked)
+    assert all("layers" not in s for s in jax.tree.leaves(specs["last"], is_leaf=is_spec))
+    shapes = nn.unbox(boxed)["params"]
+    assert shapes["layers"]["attn"]["query"]["kernel"].shape == (DEPTH - 1, 32, 4, 8)
+    # replicated by the default rules: FSDP shards the other dimensions
+    kernel = specs["layers"]["attn"]["query"]["kernel"]
+    assert nn.logical_to_mesh_axes(kernel, DEFAULT_RULES)[0] is None
+    unrolled = jax.eval_shape(decoder().init, jax.random.key(0), x, segment_ids, None, positions)
+    assert set(unrolled["params"]) == {f"block{i}" for i in range(DEPTH)}
+
+
+def test_an_unknown_policy_or_a_hook_in_a_scanned_stack_is_a_clear_error():
+    x, segment_ids, positions = packed_rows()
+    with pytest.raises(ValueError, match=r"unknown remat_policy 'dot'; valid: \['dots', "):
+        decoder(remat=True, remat_policy="dot").init(
+            jax.random.key(0), x, segment_ids, None, positions
+        )
+    with pytest.raises(ValueError, match=r"before_block .* scanned stack cannot: set scan=False"):
+        decoder(scan=True).init(
+            jax.random.key(0), x, segment_ids, None, positions, before_block=lambda i, y: y
+        )
+
+
+def test_a_tiny_scanned_transfusion_trains(tmp_path):
+    from mmjax.train.loop import Trainer
+
+    c = load_config(f"{REPO}/experiments/transfusion.py:tiny")
+    c.model.update(depth=DEPTH, width=32, mlp_dim=64, attention_impl="xla")
+    c.model.update(scan=True, remat=True, remat_policy="dots")
+    c.update(batch_size=16, total_steps=10)
+    c.optimizer.update(warmup_steps=2, lr=3e-3)
+    trainer = Trainer(c, str(tmp_path))
+    batch = next(trainer.data_iterator())
+    state, shardings = trainer.init_state(batch)
+    assert "layers" in state.params["decoder"]
+    step = trainer.jit_train_step(shardings)
+    fixed = {k: jnp.asarray(v) for k, v in batch.items()}  # one batch, so the loss must fall
+    losses = []
+    for _ in range(10):
+        state, metrics = step(state, fixed)
+        losses.append(float(metrics["lm_loss"]))
+    assert losses[-1] < 0.85 * losses[0], losses
