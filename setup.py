@@ -28,8 +28,10 @@ setup(
     extras_require={
         # torch, transformers and open_clip build the small random reference models that the
         # converters' parity tests import; nbclient runs the notebooks; tensorboardX's protobufs
-        # check the event files mmjax writes.
+        # check the event files mmjax writes; jax[tpu] brings libtpu, whose compile-only TPU
+        # devices let the tests compile the Mosaic kernels and sharded steps for TPU pods.
         "test": [
+            "jax[tpu]>=0.7.1",
             "pytest>=8",
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",

@@ -88,6 +88,7 @@ def _paper(c: ml_collections.ConfigDict) -> None:
         image_size=224,
         max_text_len=30,
         tokenizer="hf",  # BERT's, from data.tokenizer_path
+        vocab_size=30522,  # that tokenizer's size, for compiling without it (mmjax.aot)
         prefetch=4,
     )
     c.model = dict(

@@ -191,6 +191,7 @@ def _paper_stage1(c: ml_collections.ConfigDict) -> None:
         image_size=224,
         max_text_len=32,
         tokenizer="hf",  # BERT's, from data.tokenizer_path
+        vocab_size=30522,  # that tokenizer's size, for compiling without it (mmjax.aot)
         prefetch=4,
     )
     # Two captions of one image are no ITM negatives (LAVIS's image-id mask)
@@ -220,6 +221,7 @@ def _paper_stage2(c: ml_collections.ConfigDict, lm: str) -> None:
         source="array_record",
         image_size=224,
         tokenizer="hf",  # OPT's, from data.tokenizer_path
+        vocab_size=50265,  # that tokenizer's size, for compiling without it (mmjax.aot)
         prefetch=4,
         sequence=dict(
             kind="vlm",

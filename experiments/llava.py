@@ -156,6 +156,7 @@ def _paper(c: ml_collections.ConfigDict, size: str, stage: str, *, connector: st
         source="array_record",
         image_size=336,
         tokenizer="hf",  # Vicuna's, from data.tokenizer_path
+        vocab_size=32000,  # that tokenizer's size, for compiling without it (mmjax.aot)
         prefetch=4,
         sequence=dict(
             kind="vlm",

@@ -160,7 +160,9 @@ def _tiny_shapes(c: ml_collections.ConfigDict) -> None:
 
 def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
     """Paper sizes: 4,096-token sequences of 256x256 images as 32x32x8 VAE latents in 2x2
-    patches (256 tokens per image), batch 2M tokens, 250k steps (Sec. 4.1)."""
+    patches (256 tokens per image), batch 2M tokens, 250k steps (Sec. 4.1). Set
+    --config.latents.vae_workdir to a trained f = 8 VAE with 8 latent channels
+    (experiments/vae.py:kl-f8 --config.model.latent_channels=8)."""
     depth, width, heads = PAPER_SHAPES[arg]
     c.mesh.update(data=1, fsdp=-1)
     c.batch_size = 512
@@ -170,10 +172,11 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
     c.checkpoint_every = 2_000
     c.data = data_config(
         source="array_record",
-        image_size=32,
+        image_size=256,
         vocab_size=32_000,
         prefetch=4,
-        sequence=dict(kind="transfusion", max_len=4096, patch_size=2, channels=8),
+        # 16x16-pixel patches: 2x2 latent patches of the f = 8 VAE
+        sequence=dict(kind="transfusion", max_len=4096, patch_size=16, channels=3),
     )
     c.model = dict(
         name="transfusion",

@@ -13,8 +13,8 @@ bound. `--topology cpu:8` compiles for local CPU devices instead (tests, laptops
 No data and no tokenizer are read: batches take the shapes this config's preprocessing
 gives a synthetic scene (`mmjax.data.batch_shapes`), and the vocabulary is data.vocab_size
 (for hf tokenizers, the checkpoint tokenizer's size). `init_from` is ignored (weights do not
-change what compiles); a config that diffuses a frozen VAE's latents cannot be compiled
-this way (the VAE's weights would be read on devices).
+change what compiles). A config that diffuses a frozen VAE's latents (model.image_shape a
+latent shape) compiles on precomputed latents: the VAE's encoder is left out of the step.
 
 How the figures are made (docs/aot.md says more):
 - memory: `compiled.memory_analysis()` per device; peak = arguments + outputs - aliased
@@ -82,6 +82,23 @@ def _devices(topology: str) -> tuple[list, Any]:
     return list(desc.devices), chip
 
 
+def _stacks(model_cfg: Any) -> str:
+    """How the config's transformer stacks run: remat policies and scanning, e.g.
+    "full, scanned" (each distinct setting once, nested towers included)."""
+    settings: set[str] = set()
+
+    def walk(cfg: Any) -> None:
+        if "remat" in cfg:
+            policy = cfg.get("remat_policy", "full") if cfg["remat"] else "no remat"
+            settings.add(f"{policy}{', scanned' if cfg.get('scan') else ''}")
+        for value in cfg.values():
+            if hasattr(value, "items"):
+                walk(value)
+
+    walk(model_cfg)
+    return "; ".join(sorted(settings)) or "no remat"
+
+
 def _mesh_overrides(spec: str) -> list[str]:
     """`fsdp=-1,tensor=4` -> config overrides of mesh.*."""
     out = []
@@ -132,24 +149,31 @@ def compile_train_step(config: Any, topology: str) -> dict[str, Any]:
     from mmjax import data as mmdata
     from mmjax import parallel
     from mmjax.parallel import hlo_stats
+    from mmjax.train.latents import latent_image_shape
     from mmjax.train.loop import Trainer
 
-    if config.get("latents", {}).get("vae_workdir"):
-        raise UserError(
-            "latents.vae_workdir: a frozen VAE's weights are read on devices, which an "
-            "ahead-of-time compile has not got; compile the pixel-space config"
-        )
+    # A config that diffuses VAE latents compiles on precomputed latents: the frozen VAE's
+    # weights would be read on devices, and its encoder is not what the step trains.
+    latent_shape = latent_image_shape(config)
     config.init_from = {**config.init_from, "format": "", "path": "", "more": {}}
     devices, chip = _devices(topology)
     tokenizer = mmdata.sized_tokenizer(config.data)
-    trainer = Trainer(config, None, devices=devices, tokenizer=tokenizer)
+    trainer = Trainer(
+        config,
+        None,
+        devices=devices,
+        tokenizer=tokenizer,
+        precomputed_latents=latent_shape is not None,
+    )
     mesh, rules = trainer.mesh, trainer.rules
     batch_sharding = parallel.batch_sharding(mesh)
+    shapes = mmdata.batch_shapes(config.data, tokenizer, config.batch_size)
+    if latent_shape is not None:
+        images, dtype = shapes["images"]
+        shapes["images"] = ((*images[:2], *latent_shape), dtype)
     batch = {
         k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-        for k, (shape, dtype) in mmdata.batch_shapes(
-            config.data, tokenizer, config.batch_size
-        ).items()
+        for k, (shape, dtype) in shapes.items()
     }
     state = trainer.abstract_state(batch)
     shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -189,6 +213,7 @@ def compile_train_step(config: Any, topology: str) -> dict[str, Any]:
         "chips": num_chips,
         "mesh": dict(mesh.shape),
         "batch_size": config.batch_size,
+        "stacks": _stacks(config.model),
         "lower_s": round(t1 - t0, 1),
         "compile_s": round(t2 - t1, 1),
         **_memory(compiled, devices_per_chip),

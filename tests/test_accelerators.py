@@ -5,12 +5,16 @@ compile-only v5e devices, lowered to Triton for CUDA, and run per shard inside s
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from accelerators import no_persistent_cache, ops_named, tpu_devices, tpu_mesh, triton_modules
+from helpers import REPO
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -218,3 +222,27 @@ def test_a_2_layer_models_sharded_train_step_compiles_for_v5e_2x2(
     assert report["model_flops_per_chip"] <= report["executed_flops_per_chip"]
     assert report["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the weights
     assert 0 < report["roofline"]["mfu_bound"] <= 1
+
+
+@pytest.mark.slow
+def test_no_involuntary_rematerialisation_on_a_data_fsdp_tensor_mesh() -> None:
+    """The token lookup and the timestep embedding reshard from their weights' split to the
+    batch's in steps XLA's partitioner can take: compiling Transfusion for v5e:2x4 as data x
+    fsdp x tensor = 2 x 2 x 2 logs no "Involuntary full rematerialization" (without the
+    steps, 3 such warnings)."""
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "0",
+        "LIBTPU_INIT_ARGS": "--minloglevel=0 --stderrthreshold=0",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "mmjax.aot",
+            "--config", "experiments/transfusion.py:tiny", "--config.model.depth=2",
+            "--topology", "v5e:2x4", "--mesh", "data=2,fsdp=2,tensor=2",
+        ],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "spmd_partitioner" in proc.stderr  # the partitioner's log is on
+    assert "Involuntary full rematerialization" not in proc.stderr

@@ -121,7 +121,7 @@ def gpu_tiling(head_dim: int) -> Tiling:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Backend:
+class Backend:
     """What one backend likes: variant, tiles, and how to round the head dimension."""
 
     variant: str
@@ -143,9 +143,9 @@ class _Backend:
 # per step -- with 256-token tiles, where per-iteration overhead is small against the
 # block's matmuls (benchmarks/attention.py).
 BACKENDS = {
-    "tpu": _Backend("grid", pow2=False, d_multiple=1),
-    "gpu": _Backend("loop", pow2=True, d_multiple=16),
-    "cpu": _Backend("loop", pow2=False, d_multiple=8),
+    "tpu": Backend("grid", pow2=False, d_multiple=1),
+    "gpu": Backend("loop", pow2=True, d_multiple=16),
+    "cpu": Backend("loop", pow2=False, d_multiple=8),
 }
 
 

@@ -3,7 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.nn import LayerNorm, Transformer
+from mmjax.nn import LayerNorm, TokenEmbed, Transformer
 from mmjax.nn.initializers import logical
 
 
@@ -76,13 +76,9 @@ class TextTransformer(nn.Module):
         if self.pool not in POOLS:
             raise ValueError(f"unknown text pool {self.pool!r}; valid: {POOLS}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.Embed(
-            self.vocab_size,
-            self.width,
-            embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
-            param_dtype=self.param_dtype,
-            name="token_embedding",
-        )(tokens)
+        x = TokenEmbed(self.vocab_size, self.width, self.param_dtype, name="token_embedding")(
+            tokens
+        )
         pos = self.param(
             "pos_embedding",
             logical(nn.initializers.normal(0.01), "position", "embed"),

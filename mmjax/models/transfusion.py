@@ -24,10 +24,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.nn import RMSNorm, TimestepEmbed, llama_decoder
+from mmjax.nn import RMSNorm, TimestepEmbed, TokenEmbed, llama_decoder
 from mmjax.nn.conv import Conv, GroupNorm, ResnetBlock
 from mmjax.nn.dense import DenseGeneral
 from mmjax.nn.initializers import logical
+from mmjax.nn.reshard import from_width_to_batch_split
 
 ACT = ("batch", "length", "act_embed")
 PATCH_ENCODERS = ("linear", "unet")
@@ -160,12 +161,7 @@ class Transfusion(nn.Module):
             )
         self.num_patches = (h // p) * (w // p)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.token_embedding = nn.Embed(
-            self.vocab_size,
-            self.width,
-            embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
-            param_dtype=self.param_dtype,
-        )
+        self.token_embedding = TokenEmbed(self.vocab_size, self.width, self.param_dtype)
         if self.patch_encoder == "unet":
             self.patches = UNetPatches(self.width, p, c, self.unet_channels, **kw)
         else:
@@ -211,6 +207,7 @@ class Transfusion(nn.Module):
         needs: the encoder's skip activations and the timestep embedding)."""
         b, m = images.shape[:2]
         cond = self.time_embed(timesteps.reshape(b * m)).astype(self.dtype)
+        cond = from_width_to_batch_split(cond, ("batch", "act_embed"))
         tokens, skips = self.patches.encode(images.reshape(b * m, *images.shape[2:]), cond)
         x = tokens + self.patch_pos.astype(self.dtype) + cond[:, None]
         return x.reshape(b, m, *x.shape[1:]), (skips, cond)

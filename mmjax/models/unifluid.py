@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax.core import freeze
 
 from mmjax.models.vit import VisionTransformer
-from mmjax.nn import RMSNorm, llama_decoder
+from mmjax.nn import RMSNorm, TokenEmbed, llama_decoder
 from mmjax.nn.dense import DenseGeneral
 from mmjax.nn.diffusion_head import DiffusionHead
 from mmjax.nn.initializers import logical
@@ -100,12 +100,7 @@ class UniFluid(nn.Module):
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image_shape {self.image_shape} is not divisible by patch_size")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.token_embedding = nn.Embed(
-            self.vocab_size,
-            self.width,
-            embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
-            param_dtype=self.param_dtype,
-        )
+        self.token_embedding = TokenEmbed(self.vocab_size, self.width, self.param_dtype)
         # Modality-specific input projections (Sec. 3.1): visual tokens, image features.
         self.visual_in = DenseGeneral((self.width,), ("patch", "embed"), **kw)
         pos_init = logical(nn.initializers.normal(0.02), "position", "embed")

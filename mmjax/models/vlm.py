@@ -34,7 +34,7 @@ from flax.core import freeze
 
 from mmjax.models.resamplers import build_connector
 from mmjax.models.vit import VisionTransformer
-from mmjax.nn import LayerNorm, Mlp, MultiHeadAttention, RMSNorm, llama_decoder
+from mmjax.nn import LayerNorm, Mlp, MultiHeadAttention, RMSNorm, TokenEmbed, llama_decoder
 from mmjax.nn.dense import DenseGeneral
 from mmjax.nn.initializers import logical
 
@@ -64,12 +64,7 @@ class CausalLM(nn.Module):
 
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.token_embedding = nn.Embed(
-            self.vocab_size,
-            self.width,
-            embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
-            param_dtype=self.param_dtype,
-        )
+        self.token_embedding = TokenEmbed(self.vocab_size, self.width, self.param_dtype)
         self.decoder = llama_decoder(
             self.depth,
             self.num_heads,

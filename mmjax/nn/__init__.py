@@ -1,6 +1,7 @@
 """Building blocks: attention, MLPs, norms, RoPE, patch and timestep embeddings, transformers."""
 
 from mmjax.nn.attention import MultiHeadAttention
+from mmjax.nn.embed import TokenEmbed
 from mmjax.nn.mlp import Mlp
 from mmjax.nn.norms import LayerNorm, RMSNorm, make_norm
 from mmjax.nn.patch_embed import PatchEmbed
@@ -15,6 +16,7 @@ __all__ = [
     "PatchEmbed",
     "RMSNorm",
     "TimestepEmbed",
+    "TokenEmbed",
     "Transformer",
     "TransformerBlock",
     "apply_rope",

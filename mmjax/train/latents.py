@@ -37,6 +37,7 @@ def load_latent_space(config: ml_collections.ConfigDict, mesh: Mesh) -> LatentSp
     pixel space. Checks the VAE against the data and model configs first (UserError)."""
     latents = config.get("latents")
     if not latents or not latents.get("vae_workdir"):
+        _check_pixel_space(config)
         return None
     workdir = os.path.abspath(latents.vae_workdir)
     where = f"latents.vae_workdir {latents.vae_workdir!r}"
@@ -81,6 +82,27 @@ def _vae_config(workdir: str, where: str) -> ml_collections.ConfigDict:
     if name != "vae":
         raise UserError(f"{where} holds no trained VAE: its model is {name!r}, not 'vae'")
     return vae_config
+
+
+def latent_image_shape(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
+    """model.image_shape when it is not the data's pixel shape (a VAE's latents), else None."""
+    shape = config.model.get("image_shape")
+    seq = config.data.get("sequence", {})
+    if shape is None or not seq.get("kind"):
+        return None
+    size = int(config.data.image_size)
+    pixels = (size, size, int(seq.get("channels", 3)))
+    return tuple(shape) if tuple(shape) != pixels else None
+
+
+def _check_pixel_space(config: ml_collections.ConfigDict) -> None:
+    """Without a VAE the model must read the data's pixels (UserError otherwise)."""
+    latent = latent_image_shape(config)
+    if latent is not None:
+        raise UserError(
+            f"model.image_shape {latent} is not the data's pixel shape: it is a VAE latent "
+            "shape, so set latents.vae_workdir to a trained VAE (experiments/vae.py)"
+        )
 
 
 def _check_shapes(config: ml_collections.ConfigDict, vae: VAE, vae_size: int, where: str) -> None:

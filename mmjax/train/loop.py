@@ -107,9 +107,11 @@ class Trainer:
         workdir: str | None,
         devices: list[jax.Device] | None = None,
         tokenizer: mmdata.Tokenizer | None = None,
+        precomputed_latents: bool = False,
     ):
-        """`tokenizer` replaces the config's own (loaded or trained from the data): how
-        `mmjax.aot` compiles a config without its data."""
+        """`tokenizer` replaces the config's own (loaded or trained from the data), and
+        `precomputed_latents` says the batches hold a latent-diffusion model's latents
+        already (no VAE loaded): how `mmjax.aot` compiles a config without its data."""
         self.config = config
         self.is_main = jax.process_index() == 0
         self.rules = parallel.validate_rules(config.mesh.rules)
@@ -143,7 +145,7 @@ class Trainer:
         )
         self.model = models.build_model(config.model)
         # config.latents: a frozen VAE whose latents the model diffuses (None: pixel space)
-        self.latents = load_latent_space(config, self.mesh)
+        self.latents = None if precomputed_latents else load_latent_space(config, self.mesh)
         self.loss_fn = objectives.build_loss(
             config.objective.name, self.apply_fn, **config.objective.get("kwargs", {})
         )

@@ -1,0 +1,161 @@
+"""The README's ahead-of-time table: every paper preset compiled for TPU pods with `mmjax.aot`.
+
+  python benchmarks/aot_table.py [--out /tmp/mmjax_aot.jsonl] [--only clip_b16 ...]
+  python benchmarks/aot_table.py --markdown            # the table from what --out holds
+
+Each (preset, topology) runs `python -m mmjax.aot` in a fresh process (one at a time: a
+256-chip compile takes gigabytes of host memory) over its candidate meshes and remat
+policies in order, keeping the first whose per-chip peak fits the chip's HBM; every
+attempt's JSON line, with its command, is appended to --out, and pairs already there are
+skipped, so an interrupted run resumes. Topologies: v5e-256 (v5e:16x16) and v5p-128
+(v5p:4x4x8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+TOPOLOGIES = ("v5e:16x16", "v5p:4x4x8")
+
+# BLIP-2's 2,320 pairs (16 GPUs x 145) split over no power-of-two pod: 2,304 = 9 x 256.
+BLIP2_BATCH = ["batch_size=2304"]
+
+# name: (experiment, label, [(mesh, overrides), ...] candidates in order)
+PRESETS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
+    "clip_b16": ("clip.py:B/16", "CLIP B/16", [("data=1,fsdp=-1", [])]),
+    "clip_l14": ("clip.py:L/14", "CLIP L/14", [("data=1,fsdp=-1", [])]),
+    "siglip_so400m": ("siglip.py:So400m/14", "SigLIP So400m/14", [("data=1,fsdp=-1", [])]),
+    "transfusion_1.4b": ("transfusion.py:1.4B", "Transfusion 1.4B", [("data=1,fsdp=-1", [])]),
+    "transfusion_7b": (
+        "transfusion.py:7B",
+        "Transfusion 7B",
+        [("data=1,fsdp=-1", []), ("data=1,fsdp=-1,tensor=4", [])],
+    ),
+    "unifluid_9b": (
+        "unifluid.py:9B",
+        "UniFluid 9B",
+        [("data=1,fsdp=-1", []), ("data=1,fsdp=-1,tensor=4", [])],
+    ),
+    "llava_7b": (
+        "llava.py:7B_stage2",
+        "LLaVA-1.5 7B (stage 2)",
+        [("data=1,fsdp=-1", []), ("data=1,fsdp=-1,tensor=2", [])],
+    ),
+    "flamingo_9b": (
+        "flamingo.py:9B",
+        "Flamingo 9B",
+        [("data=1,fsdp=-1", []), ("data=1,fsdp=-1,tensor=4", [])],
+    ),
+    "blip2_stage1": (
+        "blip2.py:stage1",
+        "BLIP-2 stage 1 (ViT-g)",
+        [("data=1,fsdp=-1", BLIP2_BATCH)],
+    ),
+}
+
+
+def command(experiment: str, topology: str, mesh: str, overrides: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mmjax.aot",
+        "--config",
+        f"experiments/{experiment}",
+        "--topology",
+        topology,
+        "--mesh",
+        mesh,
+        *(f"--config.{o}" for o in overrides),
+    ]
+
+
+def _done(path: str) -> set[tuple[str, str]]:
+    if not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {(r["preset"], r["topology"]) for r in rows if r.get("fits") or r.get("final")}
+
+
+def run(out: str, only: list[str], timeout: int) -> None:
+    done = _done(out)
+    for name, (experiment, _, candidates) in PRESETS.items():
+        if only and name not in only:
+            continue
+        for topology in TOPOLOGIES:
+            if (name, topology) in done:
+                continue
+            for i, (mesh, overrides) in enumerate(candidates):
+                cmd = command(experiment, topology, mesh, overrides)
+                shown = " ".join(["python", *cmd[1:]])
+                print(f"[aot_table] {shown}", file=sys.stderr, flush=True)
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+                    row = json.loads(lines[-1]) if lines else {"error": proc.stderr[-2000:]}
+                except subprocess.TimeoutExpired:
+                    row = {"error": f"compile ran past {timeout} s"}
+                row.update(preset=name, topology=topology, command=shown, mesh_arg=mesh)
+                row["final"] = row.get("fits", False) or i == len(candidates) - 1
+                with open(out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if row.get("fits"):
+                    break
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.1f}"
+
+
+def markdown(out: str) -> str:
+    """The README table: the final attempt of every (preset, topology), in PRESETS order."""
+    with open(out) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    final = {(r["preset"], r["topology"]): r for r in rows if r.get("final")}
+    lines = [
+        "| preset | pod | mesh (data, fsdp, tensor) | remat, layers | batch | per-chip peak / HBM "
+        "(GiB) | compile (s) | roofline step (s), bound | MFU bound |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    commands = []
+    for name, (_, label, _) in PRESETS.items():
+        for topology in TOPOLOGIES:
+            r = final.get((name, topology))
+            if r is None:
+                continue
+            commands.append(r["command"])
+            pod = f"{topology.split(':')[0]}-{r.get('chips', '?')}"
+            if "error" in r:
+                lines.append(
+                    f"| {label} | {pod} | {r['mesh_arg']} | | | failed: {r['error'][-120:]} |||"
+                )
+                continue
+            mesh = ", ".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+            roof = r["roofline"]
+            fits = "" if r["fits"] else " (does not fit)"
+            lines.append(
+                f"| {label} | {pod} | {mesh} | {r['stacks']} | {r['batch_size']} | "
+                f"{_gib(r['peak_bytes'])} / {_gib(r['hbm_bytes'])}{fits} | {r['compile_s']:.0f} | "
+                f"{roof['step_s']:.3f}, {roof['bound']} | {roof['mfu_bound']:.0%} |"
+            )
+    return "\n".join(lines + ["", "```bash", *commands, "```"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="/tmp/mmjax_aot.jsonl")
+    parser.add_argument("--only", nargs="*", default=[], choices=sorted(PRESETS))
+    parser.add_argument("--timeout", type=int, default=5400, help="seconds per compile")
+    parser.add_argument("--markdown", action="store_true", help="print the table only")
+    args = parser.parse_args()
+    if not args.markdown:
+        run(args.out, args.only, args.timeout)
+    print(markdown(args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
