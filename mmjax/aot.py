@@ -16,7 +16,7 @@ gives a synthetic scene (`mmjax.data.batch_shapes`), and the vocabulary is data.
 change what compiles). A config that diffuses a frozen VAE's latents (model.image_shape a
 latent shape) compiles on precomputed latents: the VAE's encoder is left out of the step.
 
-How the figures are made (docs/aot.md says more):
+How the figures are made (docs/accelerators.md says more):
 - memory: `compiled.memory_analysis()` per device; peak = arguments + outputs - aliased
   (the donated state) + temporaries; it fits when below the chip's HBM.
 - FLOPs: XLA's cost analysis counts a loop body once, so a scanned stack would be

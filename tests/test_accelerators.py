@@ -246,3 +246,34 @@ def test_no_involuntary_rematerialisation_on_a_data_fsdp_tensor_mesh() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "spmd_partitioner" in proc.stderr  # the partitioner's log is on
     assert "Involuntary full rematerialization" not in proc.stderr
+
+
+@pytest.mark.parametrize("experiment", ["clip.py:tiny", "transfusion.py:tiny", "llava.py:tiny"])
+def test_batch_shapes_without_data_are_the_training_batches(experiment: str) -> None:
+    """What `mmjax.aot` compiles for: the keys, shapes and dtypes of a real training batch,
+    and a vocabulary of the trained tokenizer's size, from the config alone."""
+    from mmjax import data as mmdata
+    from mmjax.train.config_cli import load_config
+
+    config = load_config(f"experiments/{experiment}")
+    real = mmdata.load_or_train_tokenizer(config.data, None, write=False)
+    sized = mmdata.sized_tokenizer(config.data)
+    assert sized.vocab_size == real.vocab_size
+    batch = next(mmdata.make_train_iterator(config.data, real, global_batch_size=8, seed=0))
+    shapes = mmdata.batch_shapes(config.data, sized, 8)
+    assert shapes == {k: (v.shape, v.dtype) for k, v in batch.items()}
+
+
+def test_cudnn_takes_only_what_it_expresses_exactly() -> None:
+    from mmjax.kernels.dispatch import cudnn_eligible
+
+    q = jnp.zeros((2, 128, 8, 64), jnp.bfloat16)
+    k = jnp.zeros((2, 128, 2, 64), jnp.bfloat16)
+    ids = jnp.ones((2, 128), jnp.int32)
+    assert cudnn_eligible(q, k, MaskSpec(causal=True))
+    assert cudnn_eligible(q, k, MaskSpec())
+    assert not cudnn_eligible(q, k, MaskSpec(segment_ids=ids, kv_segment_ids=ids))
+    assert not cudnn_eligible(q, k, MaskSpec(causal=True, window=16))
+    assert not cudnn_eligible(q, k, MaskSpec(causal=True, q_offset=3))
+    assert not cudnn_eligible(q[:, :1], k, MaskSpec(causal=True))  # decoding: Sq != Sk
+    assert not cudnn_eligible(q.astype(jnp.float32), k, MaskSpec(causal=True))

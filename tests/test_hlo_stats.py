@@ -3,7 +3,6 @@ chip figures and TPU topology names."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from functools import partial
 
@@ -11,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from accelerators import no_persistent_cache, tpu_devices
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -33,29 +33,9 @@ ROWS, COLS = 16, 128  # the per-device block every collective below moves
 BLOCK = ROWS * COLS * 4  # bytes of one f32 block
 
 
-@contextlib.contextmanager
-def no_persistent_cache():
-    """Compile-only TPU executables can't be read back from JAX's persistent cache (conftest
-    turns it on): keep them out of it."""
-    enabled = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_compilation_cache", enabled)
-
-
 def compiled_text(jitted, *args) -> str:
     with no_persistent_cache():
         return jitted.trace(*args).lower().compile().as_text()
-
-
-def tpu_devices(topology: str) -> list:
-    """libtpu's compile-only devices for `topology` (no TPU needed, only the libtpu wheel)."""
-    pytest.importorskip("libtpu")
-    from jax.experimental.topologies import get_topology_desc
-
-    return list(get_topology_desc(platform="tpu", topology_name=topology).devices)
 
 
 def compile_psum_scan(devices: list) -> str:
