@@ -142,7 +142,7 @@ def markdown(out: str) -> str:
                 f"{_gib(r['peak_bytes'])} / {_gib(r['hbm_bytes'])}{fits} | {r['compile_s']:.0f} | "
                 f"{roof['step_s']:.3f}, {roof['bound']} | {roof['mfu_bound']:.0%} |"
             )
-    return "\n".join(lines + ["", "```bash", *commands, "```"])
+    return "\n".join([*lines, "", "```bash", *commands, "```"])
 
 
 def main() -> None:

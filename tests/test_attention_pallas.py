@@ -19,7 +19,7 @@ from test_attention_reference import FAST_COMPILE, Case, naive_mask
 
 from mmjax.kernels import MaskSpec, attention
 from mmjax.kernels.block_mask import EMPTY, FULL, PARTIAL
-from mmjax.kernels.pallas_attention import VARIANTS, executed_kv_blocks, pallas_attention
+from mmjax.kernels.pallas_attention import VARIANTS, Tiling, executed_kv_blocks, pallas_attention
 from mmjax.kernels.reference import attention_reference
 from mmjax.models.text import TextTransformer
 from mmjax.models.vit import VisionTransformer
@@ -338,3 +338,26 @@ def test_transfusion_style_layer_loss_and_grads_match() -> None:
     np.testing.assert_allclose(pallas, xla, rtol=1e-5, atol=1e-5)
     for grad, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(grad, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_head_groups_split_over_programs_sum_to_the_whole_group() -> None:
+    """dk/dv with each kv head's 4 query heads shared by 2 programs (f32 partials added by
+    the wrapper) equal the reference; the split grows only until the grid fills the GPU."""
+    from mmjax.kernels.pallas_attention import GPU_MIN_PROGRAMS, Tile, kv_head_split
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 40, 8, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 40, 2, 16)), jnp.float32) for _ in range(2))
+    tile = Tile(16, 16)
+    tiling = Tiling(tile, tile, Tile(16, 16, kv_head_split=2))
+    mask = MaskSpec(causal=True)
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask))), (0, 1, 2))(q, k, v)
+
+    ours = grads(functools.partial(pallas_attention, variant="loop", tiling=tiling))
+    for got, want in zip(ours, grads(attention_reference), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert kv_head_split(1, 2, 8, 2) == 8  # 32 programs at most: the whole group
+    assert kv_head_split(4, 8, 4, -(-GPU_MIN_PROGRAMS // 32)) == 1  # 4 x 8 x nk fill it
+    assert kv_head_split(1, 8, 4, -(-GPU_MIN_PROGRAMS // 16)) == 2

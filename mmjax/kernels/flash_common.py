@@ -34,6 +34,9 @@ class Config:
     non-empty count when the metadata is known at trace time, None when it is traced (the
     extent is then the traced maximum, a dynamic grid bound). The loop variant ignores them.
     `num_warps` / `num_stages` are Triton launch parameters (None: not a Triton call).
+    `kv_head_split` splits a kv head's query-head group over that many dk/dv programs (the
+    loop variant), whose partial sums the wrapper adds: more programs when few kv heads
+    would leave streaming multiprocessors idle.
     """
 
     variant: str  # "grid" (TPU, scalar prefetch) or "loop" (GPU; CPU interpret mode)
@@ -52,6 +55,7 @@ class Config:
     debug: bool
     num_warps: int | None = None
     num_stages: int | None = None
+    kv_head_split: int = 1  # loop dk/dv: programs per kv head, each a share of its group
 
 
 def dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:

@@ -61,6 +61,7 @@ class Tile:
     block_kv: int
     num_warps: int | None = None
     num_stages: int | None = None
+    kv_head_split: int = 1  # dk/dv of the loop variant: programs per kv head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,19 @@ def tpu_tiling(q_len: int, kv_len: int, mask: MaskSpec) -> Tiling:
     one_kv_block = kv_len <= _TPU_BLOCK or (not sparse and kv_len <= _TPU_ONE_KV_BLOCK)
     block_kv = _round_up(kv_len, 8) if one_kv_block else _TPU_BLOCK
     return Tiling.uniform(block_q, block_kv)
+
+
+# An H100 has 132 streaming multiprocessors: a kernel wants at least two programs for each.
+GPU_MIN_PROGRAMS = 2 * 132
+
+
+def kv_head_split(batch: int, kv_heads: int, groups: int, kv_blocks: int) -> int:
+    """Programs per kv head for the dk/dv kernel: the fewest shares of the query-head group
+    (a divisor of it) that give `GPU_MIN_PROGRAMS` programs, or the whole group."""
+    for split in range(1, groups + 1):
+        if groups % split == 0 and batch * kv_heads * split * kv_blocks >= GPU_MIN_PROGRAMS:
+            return split
+    return groups
 
 
 def gpu_tiling(head_dim: int) -> Tiling:
@@ -221,6 +235,11 @@ def plan(
                 )
             )
     tiling = Tiling(*(_clip(t, q_len, kv_len, backend.pow2) for t in tiling.tiles()))
+    kv_pad = _round_up(kv_len, math.lcm(*(t.block_kv for t in tiling.tiles())))
+    if platform == "gpu" and variant == "loop":
+        batch, kv_heads, dkv = q_shape[0], kv_shape[2], tiling.dkv
+        split = kv_head_split(batch, kv_heads, q_shape[2] // kv_heads, kv_pad // dkv.block_kv)
+        tiling = dataclasses.replace(tiling, dkv=dataclasses.replace(dkv, kv_head_split=split))
     d_pad = _round_up(head_dim, backend.d_multiple)
     if backend.pow2:
         d_pad = _next_pow2(d_pad)
@@ -228,7 +247,7 @@ def plan(
         variant=variant,
         tiling=tiling,
         q_pad=_round_up(q_len, math.lcm(*(t.block_q for t in tiling.tiles()))),
-        kv_pad=_round_up(kv_len, math.lcm(*(t.block_kv for t in tiling.tiles()))),
+        kv_pad=kv_pad,
         d_pad=d_pad,
         scale=float(1.0 / math.sqrt(head_dim) if scale is None else scale),
         interpret=platform == "cpu" if interpret is None else interpret,
@@ -270,16 +289,24 @@ def _metadata(
     concrete = mask.is_concrete()
     xp = np if concrete else jnp
     meta = padded_token_metadata(mask, batch, q_len, kv_len, p.q_pad, p.kv_pad, xp)
+    maps: dict[tuple[int, int], tuple[BlockMap, int]] = {}  # one per distinct tile shape
     out = []
     for tile in tiles:
-        bm = block_map(meta, block_q=tile.block_q, block_kv=tile.block_kv, causal=mask.causal,
-                       window=mask.window, xp=xp)  # fmt: skip
+        shape = (tile.block_q, tile.block_kv)
+        if shape not in maps:
+            bm = block_map(meta, block_q=shape[0], block_kv=shape[1], causal=mask.causal,
+                           window=mask.window, xp=xp)  # fmt: skip
+            visited = (
+                int(bm.kv_count.sum())
+                if concrete
+                else _structural_visits(mask, tile, p, batch, (q_len, kv_len))
+            )
+            maps[shape] = (bm, visited)
+        bm, visited = maps[shape]
         if concrete:  # known at trace time: numpy sized the grid exactly
             kv_slots, q_slots = max(1, int(bm.kv_count.max())), max(1, int(bm.q_count.max()))
-            visited = int(bm.kv_count.sum())
         else:  # traced: the grid variant's slot extent becomes dynamic
             kv_slots = q_slots = None
-            visited = _structural_visits(mask, tile, p, batch, (q_len, kv_len))
         cfg = Config(
             variant=p.variant,
             block_q=tile.block_q,
@@ -297,6 +324,7 @@ def _metadata(
             debug=p.debug,
             num_warps=tile.num_warps,
             num_stages=tile.num_stages,
+            kv_head_split=tile.kv_head_split,
         )
         out.append(_Blocks(cfg, jax.tree.map(jnp.asarray, bm) if concrete else bm, visited))
     if concrete:

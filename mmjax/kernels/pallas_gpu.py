@@ -6,8 +6,10 @@ whose trip count is read from the lists (ordinary int32 inputs):
 
 - forward, grid (B, H, nq): loops over the q block's listed kv blocks (online softmax);
 - dq, grid (B, H, nq): the same loop;
-- dk/dv, grid (B, Hkv, nk): loops over the query heads of the kv head's group and, for
-  each, the kv block's listed q blocks (the transposed lists).
+- dk/dv, grid (B, Hkv x split, nk): loops over the query heads of (a share of) the kv
+  head's group and, for each, the kv block's listed q blocks (the transposed lists); with
+  few kv heads each group is split over several programs whose partial sums are added
+  after (GQA would otherwise leave most of an H100's 132 SMs idle).
 
 Every input is passed whole (a block equal to the array) and the kernel slices its tiles
 with `pl.ds`: on GPU these are plain global-memory loads; in interpret mode on CPU (where
@@ -143,16 +145,19 @@ def _dkv_kernel(
     q_index_ref, q_full_ref, q_count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     *refs, cfg: fc.Config,
 ) -> None:  # fmt: skip
-    """Program (b, kv head h, kv block j): dk, dv over the group's heads and listed q blocks."""
+    """Program (b, s, kv block j): dk, dv of kv head s // split over its share s % split of
+    the group's query heads and their listed q blocks (the whole group when split is 1)."""
     meta, dk_ref, dv_ref = TokenMeta(*refs[:5]), refs[5], refs[6]
-    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bq, bk = cfg.block_q, cfg.block_kv
+    b, s, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bq, bk, split = cfg.block_q, cfg.block_kv, cfg.kv_head_split
+    h, share = jax.lax.div(s, split), jax.lax.rem(s, split)
+    heads = cfg.groups // split
     kv_rows = _rows(j, bk)
     k, v = k_ref[b, kv_rows, h, :], v_ref[b, kv_rows, h, :]
     kv_ids = _kv_ids(meta, b, kv_rows)
 
     def per_head(head, dkv):
-        qh = h * cfg.groups + head
+        qh = h * cfg.groups + share * heads + head
 
         def body(t, dkv, masked: bool):
             i = q_index_ref[b, j, t]
@@ -165,7 +170,7 @@ def _dkv_kernel(
         return fc.full_then_partial(q_full_ref[b, j], q_count_ref[b, j], body, dkv)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, cfg.groups, per_head, (zeros, zeros))
+    dk, dv = jax.lax.fori_loop(0, heads, per_head, (zeros, zeros))
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -221,13 +226,23 @@ def dkv(
     cfg: fc.Config, q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
     meta: TokenMeta, bm: BlockMap, cost: pl.CostEstimate | None = None,
 ) -> tuple[Array, Array]:  # fmt: skip
-    """dk, dv [B,Sk,Hkv,D]: each kv head over its group's query heads and listed q blocks."""
-    batch, d, kv_heads = q.shape[0], q.shape[3], k.shape[2]
-    kv_block = pl.BlockSpec((None, cfg.block_kv, None, d), lambda b, h, j: (b, j, h, 0))
+    """dk, dv [B,Sk,Hkv,D]: each kv head over its group's query heads and listed q blocks;
+    with `cfg.kv_head_split` > 1 the group's shares write f32 partials summed here."""
+    batch, d = q.shape[0], q.shape[3]
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    split = cfg.kv_head_split
+    partial = (batch, kv_len, kv_heads * split, d)
+    dtypes = (k.dtype, v.dtype) if split == 1 else (jnp.float32, jnp.float32)
+    kv_block = pl.BlockSpec((None, cfg.block_kv, None, d), lambda b, s, j: (b, j, s, 0))
     dk, dv = _call(
-        _dkv_kernel, cfg, (batch, kv_heads, cfg.num_kv_blocks), [kv_block, kv_block],
-        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        _dkv_kernel, cfg, (batch, kv_heads * split, cfg.num_kv_blocks), [kv_block, kv_block],
+        [jax.ShapeDtypeStruct(partial, dtype) for dtype in dtypes],
         "flash_attention_dkv_loop", cost, bm.q_index, bm.q_full, bm.q_count,
         q, k, v, do, lse, delta, *_meta_arrays(meta),
     )  # fmt: skip
-    return dk, dv
+    if split == 1:
+        return dk, dv
+    return tuple(
+        x.reshape(batch, kv_len, kv_heads, split, d).sum(axis=3).astype(like.dtype)
+        for x, like in ((dk, k), (dv, v))
+    )
