@@ -277,3 +277,20 @@ def test_cudnn_takes_only_what_it_expresses_exactly() -> None:
     assert not cudnn_eligible(q, k, MaskSpec(causal=True, q_offset=3))
     assert not cudnn_eligible(q[:, :1], k, MaskSpec(causal=True))  # decoding: Sq != Sk
     assert not cudnn_eligible(q.astype(jnp.float32), k, MaskSpec(causal=True))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--topology", "v9z:2x2"], "unknown chip"),
+        (["--topology", "cpu:999"], "only 8 CPU devices"),
+        (["--topology", "v5e:2x2", "--mesh", "fsdp"], "expected axis=size pairs"),
+        (["--topology", "v5e:2x2", "--config.model.widht=3"], "unknown config key"),
+    ],
+)
+def test_aot_cli_bad_input_is_one_error_line(args, message, capsys) -> None:
+    from mmjax.aot import main
+
+    assert main(["--config", "experiments/clip.py:tiny", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmjax.aot: error:") and message in err[0]
