@@ -294,3 +294,24 @@ def test_aot_cli_bad_input_is_one_error_line(args, message, capsys) -> None:
     assert main(["--config", "experiments/clip.py:tiny", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mmjax.aot: error:") and message in err[0]
+
+
+def test_a_2_layer_train_step_lowers_for_cuda_with_the_triton_kernels() -> None:
+    """The trainer's whole step (loss, grads, AdamW) traced on this CPU host lowers for
+    CUDA: each layer's attention forward, dq and dk/dv are Triton calls."""
+    from mmjax import data as mmdata
+    from mmjax.train.config_cli import apply_overrides, load_config
+    from mmjax.train.loop import Trainer, make_train_step
+
+    config = load_config("experiments/transfusion.py:tiny")
+    apply_overrides(config, ["model.depth=2"])
+    tokenizer = mmdata.sized_tokenizer(config.data)
+    trainer = Trainer(config, None, devices=jax.devices()[:1], tokenizer=tokenizer)
+    shapes = mmdata.batch_shapes(config.data, tokenizer, 8)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
+    state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer.abstract_state(batch)
+    )
+    step = jax.jit(make_train_step(trainer.loss_fn, trainer.tx, trainer.schedule, seed=0))
+    text = step.trace(state, batch).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2 * 3
