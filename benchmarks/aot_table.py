@@ -28,7 +28,12 @@ BLIP2_BATCH = ["batch_size=2304"]
 PRESETS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
     "clip_b16": ("clip.py:B/16", "CLIP B/16", [("data=1,fsdp=-1", [])]),
     "clip_l14": ("clip.py:L/14", "CLIP L/14", [("data=1,fsdp=-1", [])]),
-    "siglip_so400m": ("siglip.py:So400m/14", "SigLIP So400m/14", [("data=1,fsdp=-1", [])]),
+    # So400m's width of 1,152 = 9 x 128 splits over 128 fsdp devices at most
+    "siglip_so400m": (
+        "siglip.py:So400m/14",
+        "SigLIP So400m/14",
+        [("data=1,fsdp=-1", []), ("data=2,fsdp=-1", [])],
+    ),
     "transfusion_1.4b": ("transfusion.py:1.4B", "Transfusion 1.4B", [("data=1,fsdp=-1", [])]),
     "transfusion_7b": (
         "transfusion.py:7B",

@@ -315,3 +315,14 @@ def test_a_2_layer_train_step_lowers_for_cuda_with_the_triton_kernels() -> None:
     step = jax.jit(make_train_step(trainer.loss_fn, trainer.tx, trainer.schedule, seed=0))
     text = step.trace(state, batch).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2 * 3
+
+
+def test_a_mesh_that_does_not_divide_a_parameter_is_one_error_line(capsys) -> None:
+    """SigLIP So400m's width of 1,152 does not split over 256 fsdp devices: the error names
+    the parameter, its logical axis and the devices, before anything compiles."""
+    from mmjax.aot import main
+
+    code = main(["--config", "experiments/siglip.py:So400m/14", "--topology", "v5e:16x16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "size 1152 does not split over mesh axes ('fsdp',) = 256 devices" in err[0]

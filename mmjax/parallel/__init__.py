@@ -4,6 +4,7 @@ from mmjax.parallel.axes import DEFAULT_RULES, LOGICAL_AXES, MESH_AXES, validate
 from mmjax.parallel.distributed import maybe_initialize
 from mmjax.parallel.mesh import make_mesh, mesh_shape
 from mmjax.parallel.sharding import (
+    UnevenShardingError,
     batch_sharding,
     global_batch,
     init_sharded,
@@ -14,6 +15,7 @@ __all__ = [
     "DEFAULT_RULES",
     "LOGICAL_AXES",
     "MESH_AXES",
+    "UnevenShardingError",
     "batch_sharding",
     "global_batch",
     "init_sharded",

@@ -11,10 +11,43 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 BATCH_AXES = ("data", "fsdp")
 
 
+class UnevenShardingError(ValueError):
+    """A parameter dimension the mesh axes of its logical name do not divide."""
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence) -> Any:
-    """Maps a tree of boxed (LogicallyPartitioned) abstract values to NamedShardings."""
+    """Maps a tree of boxed (LogicallyPartitioned) abstract values to NamedShardings.
+
+    Raises UnevenShardingError naming the first parameter whose dimension the mesh axes its logical
+    name maps to do not divide (e.g. a width of 1,152 over 256 fsdp devices)."""
     specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    _check_even(nn.meta.unbox(abstract_tree), shardings, abstract_tree)
+    return shardings
+
+
+def _check_even(shapes: Any, shardings: Any, boxed: Any) -> None:
+    """UnevenShardingError unless each dimension splits evenly over its sharding's devices."""
+    names = {
+        jax.tree_util.keystr(path): getattr(leaf, "names", None)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(
+            boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+        )[0]
+    }
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    for (path, leaf), sharding in zip(flat, jax.tree.leaves(shardings), strict=True):
+        for dim, (size, entry) in enumerate(zip(leaf.shape, sharding.spec, strict=False)):
+            axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+            devices = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+            if size % devices:
+                key = jax.tree_util.keystr(path)
+                logical = names.get(key) or ()
+                which = f" ({logical[dim]!r})" if dim < len(logical) else ""
+                raise UnevenShardingError(
+                    f"{key.replace(chr(39), '')}: dimension {dim}{which} of size {size} does not "
+                    f"split over mesh axes {tuple(axes)} = {devices} devices; choose mesh sizes "
+                    "that divide it (e.g. move devices from fsdp to data)"
+                )
 
 
 def init_sharded(

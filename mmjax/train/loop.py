@@ -219,9 +219,12 @@ class Trainer:
         """Initialises the train state directly with its logical shardings."""
         example = {k: np.asarray(v[:1]) for k, v in example_batch.items()}
         with jax.set_mesh(self.mesh):
-            return parallel.init_sharded(
-                self._init_fn, self.mesh, self.rules, self.config.seed, example
-            )
+            try:
+                return parallel.init_sharded(
+                    self._init_fn, self.mesh, self.rules, self.config.seed, example
+                )
+            except parallel.UnevenShardingError as e:
+                raise UserError(f"mesh: {e}") from None
 
     def abstract_state(self, example_batch: Mapping[str, Any], boxed: bool = False) -> Any:
         """The train state's shapes, dtypes and shardings, not computed: a restore target,
@@ -235,7 +238,10 @@ class Trainer:
             state = jax.eval_shape(self._init_fn, self.config.seed, example)
         if boxed:
             return state
-        shardings = parallel.logical_shardings(state, self.mesh, self.rules)
+        try:
+            shardings = parallel.logical_shardings(state, self.mesh, self.rules)
+        except parallel.UnevenShardingError as e:
+            raise UserError(f"mesh: {e}") from None
         return abstract_like(nn.meta.unbox(state), shardings)
 
     def jit_train_step(self, state_shardings: Any):
