@@ -43,8 +43,9 @@ def _check_even(shapes: Any, shardings: Any, boxed: Any) -> None:
                 key = jax.tree_util.keystr(path)
                 logical = names.get(key) or ()
                 which = f" ({logical[dim]!r})" if dim < len(logical) else ""
+                where = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
                 raise UnevenShardingError(
-                    f"{key.replace(chr(39), '')}: dimension {dim}{which} of size {size} does not "
+                    f"{where}: dimension {dim}{which} of size {size} does not "
                     f"split over mesh axes {tuple(axes)} = {devices} devices; choose mesh sizes "
                     "that divide it (e.g. move devices from fsdp to data)"
                 )
