@@ -26,6 +26,7 @@ from mmjax.parallel.hlo_stats import (
     collective_stats,
     dot_flops,
     dot_flops_report,
+    hbm_bytes,
     roofline,
 )
 
@@ -344,3 +345,28 @@ def test_roofline_takes_the_slowest_term():
         "bound": "compute",
     }
     assert roofline(0.0, 0.0, 800e9, chip)["bound"] == "collective"
+
+
+def _scan_bytes(length: int) -> float:
+    """hbm_bytes of a tanh(x @ w_i) scan over `length` stacked 256x256 weights (CPU)."""
+
+    def f(x, ws):
+        return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws)[0]
+
+    x = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+    ws = jax.ShapeDtypeStruct((length, 256, 256), jnp.float32)
+    return hbm_bytes(jax.jit(f).trace(x, ws).lower().compile().as_text())
+
+
+def test_hbm_bytes_grow_with_the_trip_count_reading_one_layer_of_weights_per_step():
+    """Each step adds the same bytes (the scan body times its trip count), and a step reads
+    its layer's slice of the stacked weights, not the whole stack."""
+    five, six, ten = (_scan_bytes(n) for n in (5, 6, 10))
+    step = six - five
+    assert ten - five == pytest.approx(5 * step)
+    # x read, the weight slice read, and the step's outputs: a few 256 KiB arrays, far less
+    # than the 10-layer stack (2.5 MiB) that reading the whole operand would cost
+    assert 3 * BLOCK_256 <= step < 10 * BLOCK_256
+
+
+BLOCK_256 = 256 * 256 * 4

@@ -8,6 +8,7 @@ one step costs per chip. Three pieces:
   the collectives as they execute, loops multiplied out.
 - `dot_flops` counts matmul/convolution FLOPs in a jaxpr, which (unlike XLA's cost analysis)
   sees through loops with their trip counts and through Pallas kernels that declare a cost.
+- `hbm_bytes` estimates the bytes the same program reads and writes, loops multiplied out.
 - `roofline` turns per-chip FLOPs and bytes into a lower bound on step time for a `Chip`.
 """
 
@@ -440,6 +441,96 @@ def collective_stats(hlo_text: str) -> dict[str, Any]:
     if result.unknown_trip_counts:
         out[UNKNOWN_TRIP_COUNTS] = result.unknown_trip_counts
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# HBM traffic in HLO text
+# ---------------------------------------------------------------------------------------------
+
+# Ops that move no data of their own: names for buffers, tuples, constants, control.
+_NO_TRAFFIC = {
+    "parameter", "tuple", "get-tuple-element", "bitcast", "constant", "after-all",
+    "partition-id", "replica-id", "opt-barrier", "add-dependency", "while", "conditional",
+    "call",
+}  # fmt: skip
+# Ops inside a fusion that read only part of a parameter (a scanned stack's layer weights).
+_SLICING = ("dynamic-slice", "slice", "gather")
+
+
+class _TrafficCounter:
+    """Bytes each executed instruction reads and writes (fusions, custom calls, copies,
+    collectives, ...), loop bodies times their trip counts: an estimate of HBM traffic."""
+
+    def __init__(self, hlo_text: str) -> None:
+        self.computations, self.entry = _parse_module(hlo_text)
+        self.memo: dict[str, float] = {}
+
+    def total(self, name: str) -> float:
+        if name not in self.memo:
+            self.memo[name] = 0.0
+            self.memo[name] = self._scan(self.computations[name])
+        return self.memo[name]
+
+    def _sub(self, name: str) -> float:
+        return self.total(name) if name in self.computations else 0.0
+
+    def _scan(self, comp: _Computation) -> float:
+        total = 0.0
+        for inst in comp.instructions:
+            if inst.opcode == "while":
+                trips = _infer_trip_count(inst, comp, self.computations) or 1
+                total += trips * sum(self._sub(b) for b in inst.called("body"))
+            elif inst.opcode == "conditional":
+                branches = inst.called("branch_computations") or [
+                    *inst.called("true_computation"),
+                    *inst.called("false_computation"),
+                ]
+                total += max((self._sub(b) for b in branches), default=0.0)
+            elif inst.opcode == "call":
+                total += sum(self._sub(c) for c in inst.called("to_apply"))
+            elif inst.opcode not in _NO_TRAFFIC and not inst.opcode.endswith("-done"):
+                total += self._written(inst, comp) + self._read(inst, comp)
+        return total
+
+    def _written(self, inst: _Instruction, comp: _Computation) -> float:
+        if inst.opcode in _KIND_OF_OPCODE:
+            return _collective_bytes(inst, comp)
+        return _nbytes(_arrays(inst.shape))
+
+    def _read(self, inst: _Instruction, comp: _Computation) -> float:
+        """Operand bytes; a fusion reads only the slices it takes of a sliced parameter."""
+        fused = None
+        if inst.opcode == "fusion":
+            fused = self.computations.get(next(iter(inst.called("calls")), ""))
+        total = 0.0
+        for index, operand in enumerate(inst.operands):
+            source = comp.by_name.get(operand)
+            full = _nbytes(_arrays(source.shape)) if source is not None else 0.0
+            taken = _sliced_read(fused, index) if fused is not None else None
+            total += full if taken is None else min(full, taken)
+        return total
+
+
+def _sliced_read(fused: _Computation, index: int) -> float | None:
+    """Bytes a fused computation reads of its parameter `index` when every use slices it
+    (None: it reads the whole parameter)."""
+    params = [i for i in fused.instructions if i.opcode == "parameter"]
+    param = next((p for p in params if p.operand_text.strip() == str(index)), None)
+    if param is None:
+        return None
+    users = [i for i in fused.instructions if param.name in i.operands]
+    if not users or any(u.opcode not in _SLICING or u.operands[0] != param.name for u in users):
+        return None
+    return sum(_nbytes(_arrays(u.shape)) for u in users)
+
+
+def hbm_bytes(hlo_text: str) -> float:
+    """Bytes one execution of a compiled module reads and writes, per device: every
+    executed instruction's operands and results (a fusion's sliced parameters by the slices
+    it takes), while bodies times their trip counts, the costliest branch of a conditional.
+    XLA's own cost analysis counts a loop body once, which undercounts a scanned stack."""
+    counter = _TrafficCounter(hlo_text)
+    return counter.total(counter.entry)
 
 
 # ---------------------------------------------------------------------------------------------
