@@ -37,15 +37,35 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mmjax.errors import UserError, run_cli
+
+
+@contextlib.contextmanager
+def no_persistent_cache() -> Iterator[None]:
+    """JAX's persistent compilation cache off for the duration: a compile-only TPU
+    executable can be written to it but never read back (the read fails with a warning).
+    JAX decides once per process whether the cache is used, so the decision is reset."""
+    import jax
+    from jax._src import compilation_cache  # the reset of that decision is not public
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
+
 
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
@@ -187,13 +207,11 @@ def compile_train_step(config: Any, topology: str) -> dict[str, Any]:
         useful = model_flops(trainer, state.params, batch, platform)
         lowered = traced.lower()
         t1 = time.perf_counter()
-        # Compile-only executables cannot be read back from JAX's persistent cache.
-        cache = jax.config.jax_enable_compilation_cache
-        jax.config.update("jax_enable_compilation_cache", cache and chip is None)
-        try:
+        if chip is None:
             compiled = lowered.compile()
-        finally:
-            jax.config.update("jax_enable_compilation_cache", cache)
+        else:
+            with no_persistent_cache():
+                compiled = lowered.compile()
         t2 = time.perf_counter()
 
     devices_per_chip = chip.devices_per_chip if chip else 1

@@ -3,24 +3,13 @@ and the Triton IR inside a program lowered for CUDA."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from mmjax.aot import no_persistent_cache
 
-@contextlib.contextmanager
-def no_persistent_cache() -> Iterator[None]:
-    """Compile-only TPU executables can't be read back from JAX's persistent cache (conftest
-    turns it on): keep them out of it."""
-    enabled = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_compilation_cache", enabled)
+__all__ = ["no_persistent_cache", "ops_named", "tpu_devices", "tpu_mesh", "triton_modules"]
 
 
 def tpu_devices(topology: str) -> list:
