@@ -43,7 +43,12 @@ PRESETS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
     "unifluid_9b": (
         "unifluid.py:9B",
         "UniFluid 9B",
-        [("data=1,fsdp=-1", []), ("data=1,fsdp=-1,tensor=4", [])],
+        [
+            ("data=1,fsdp=-1", []),
+            ("data=1,fsdp=-1,tensor=4", []),
+            ("data=1,fsdp=-1,tensor=8", []),
+            ("data=1,fsdp=-1,tensor=16", []),
+        ],
     ),
     "llava_7b": (
         "llava.py:7B_stage2",

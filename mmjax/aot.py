@@ -163,6 +163,39 @@ def model_flops(trainer: Any, params: Any, batch: Any, platform: str) -> float:
     return 3 * hlo_stats.dot_flops(forward, platform)
 
 
+# How the TPU compiler says a program does not fit: "Used 16.18G of 15.75G hbm." or "the
+# total memory required for HLO temporaries (97.62G) exceeds available HBM (15.75G)".
+_OUT_OF_HBM = re.compile(
+    r"Used (?P<used>[\d.]+)(?P<u>[KMGT]) of (?P<hbm>[\d.]+)(?P<h>[KMGT]) hbm"
+    r"|required for [\w ]+\((?P<used2>[\d.]+)(?P<u2>[KMGT])\) exceeds available HBM "
+    r"\((?P<hbm2>[\d.]+)(?P<h2>[KMGT])\)"
+)
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _out_of_memory(config: Any, topology: str, mesh: Any, chip: Any, devices: int, used) -> dict:
+    """The report of a step the TPU compiler refused for lack of HBM: what it needed."""
+    need, need_unit, have, have_unit = (
+        used.group("used", "u", "hbm", "h")
+        if used.group("used")
+        else used.group("used2", "u2", "hbm2", "h2")
+    )
+    per_device = float(need) * _UNITS[need_unit]
+    hbm = float(have) * _UNITS[have_unit]
+    return {
+        "topology": topology,
+        "chips": devices // chip.devices_per_chip,
+        "mesh": dict(mesh.shape),
+        "batch_size": config.batch_size,
+        "stacks": _stacks(config.model),
+        "peak_bytes": per_device * chip.devices_per_chip,
+        "hbm_bytes": hbm * chip.devices_per_chip,
+        "fits": False,
+        "error": f"out of HBM: the compiler needs {need} {need_unit}iB of the {have} "
+        f"{have_unit}iB usable per device",
+    }
+
+
 def compile_train_step(config: Any, topology: str) -> dict[str, Any]:
     """Lowers and compiles `config`'s train step for `topology`; returns the report."""
     import flax.linen as nn
@@ -207,11 +240,17 @@ def compile_train_step(config: Any, topology: str) -> dict[str, Any]:
         useful = model_flops(trainer, state.params, batch, platform)
         lowered = traced.lower()
         t1 = time.perf_counter()
-        if chip is None:
-            compiled = lowered.compile()
-        else:
-            with no_persistent_cache():
+        try:
+            if chip is None:
                 compiled = lowered.compile()
+            else:
+                with no_persistent_cache():
+                    compiled = lowered.compile()
+        except Exception as e:  # XLA refuses a program larger than the chip's HBM
+            used = _OUT_OF_HBM.search(str(e))
+            if used is None:
+                raise
+            return _out_of_memory(config, topology, mesh, chip, len(devices), used)
         t2 = time.perf_counter()
 
     devices_per_chip = chip.devices_per_chip if chip else 1

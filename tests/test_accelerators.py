@@ -326,3 +326,20 @@ def test_a_mesh_that_does_not_divide_a_parameter_is_one_error_line(capsys) -> No
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "size 1152 does not split over mesh axes ('fsdp',) = 256 devices" in err[0]
+
+
+@pytest.mark.slow
+def test_a_step_larger_than_the_chips_hbm_is_reported_not_raised() -> None:
+    """A 4.8B-parameter stack data-parallel on 4 v5e chips: the TPU compiler refuses it, and
+    the report says it does not fit and by how much instead of a traceback."""
+    from mmjax.aot import compile_train_step
+    from mmjax.train.config_cli import apply_overrides, load_config
+
+    config = load_config("experiments/transfusion.py:tiny")
+    apply_overrides(
+        config,
+        ["model.width=8192", "model.mlp_dim=32768", "model.depth=6", "model.num_heads=64"],
+    )
+    report = compile_train_step(config, "v5e:2x2")
+    assert not report["fits"] and report["peak_bytes"] > report["hbm_bytes"]
+    assert report["error"].startswith("out of HBM: the compiler needs")
