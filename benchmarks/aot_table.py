@@ -60,10 +60,11 @@ PRESETS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
         "Flamingo 9B",
         [("data=1,fsdp=-1", []), ("data=1,fsdp=-1,tensor=4", [])],
     ),
+    # ViT-g's width of 1,408 = 11 x 128 splits over 128 fsdp devices at most
     "blip2_stage1": (
         "blip2.py:stage1",
         "BLIP-2 stage 1 (ViT-g)",
-        [("data=1,fsdp=-1", BLIP2_BATCH)],
+        [("data=1,fsdp=-1", BLIP2_BATCH), ("data=2,fsdp=-1", BLIP2_BATCH)],
     ),
 }
 
