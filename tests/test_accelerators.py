@@ -91,14 +91,16 @@ def test_triton_kernels_hold_no_branch_around_their_dots(name: str) -> None:
 
 def test_one_traced_call_carries_each_platforms_kernel() -> None:
     """The backend is chosen at lowering: one trace lowers to Mosaic calls for TPU, Triton
-    calls for CUDA and interpret-mode loops for CPU (long sequences) or the XLA reference
+    calls for CUDA and ROCm and interpret-mode loops for CPU (long sequences) or the XLA reference
     (short ones), forward and backward alike."""
     q, k = _abstract(2, 4, 2, 64, length=512)  # 512^2 pairs: the CPU branch is the kernel
     ids = {"segment_ids": jax.ShapeDtypeStruct((2, 512), jnp.int32)}
     traced = jax.jit(_grads("auto", {"causal": True})).trace(q, k, k, ids)
-    text = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda", "tpu")}
+    platforms = ("cpu", "cuda", "rocm", "tpu")
+    text = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in platforms}
     assert text["tpu"].count("tpu_custom_call") == 3 and "triton" not in text["tpu"]
-    assert text["cuda"].count("xla.gpu.triton") == 3 and "tpu_custom_call" not in text["cuda"]
+    for gpu in ("cuda", "rocm"):
+        assert text[gpu].count("xla.gpu.triton") == 3 and "tpu_custom_call" not in text[gpu]
     assert "custom_call" not in text["cpu"] and "stablehlo.while" in text["cpu"]  # interpret
 
     short = jnp.zeros((1, 64, 2, 16), jnp.float32)

@@ -1,8 +1,8 @@
 """Which attention backend runs, decided when the program is lowered, and kernels in shard_map.
 
 One traced attention call carries every backend: `jax.lax.platform_dependent` keeps the
-Mosaic kernel for "tpu", the Triton kernel for "cuda" and, by default (CPU), the kernel in
-interpret mode or the XLA reference; lowering for a platform keeps only its branch. So a
+Mosaic kernel for "tpu", the Triton kernel for "cuda" and "rocm" and, by default (CPU), the
+kernel in interpret mode or the XLA reference; lowering for a platform keeps only its branch. So a
 step traced on a CPU host and lowered for a TPU topology (ahead-of-time compilation,
 `python -m mmjax.aot`) holds Mosaic calls, not interpret-mode HLO. The forward and the
 backward choose separately, inside one `jax.custom_vjp` whose residuals have the same
@@ -66,14 +66,18 @@ def _flash(q: Array, k: Array, v: Array, mask: MaskSpec, scale: float | None, im
         def on(backend):
             return lambda q, k, v: backend[0](q, k, v, mask)
 
-        return jax.lax.platform_dependent(q, k, v, tpu=on(tpu), cuda=on(gpu), default=on(cpu))
+        return jax.lax.platform_dependent(
+            q, k, v, tpu=on(tpu), cuda=on(gpu), rocm=on(gpu), default=on(cpu)
+        )
 
     def backward(q, k, v, mask, o, lse, do):
         def on(backend):
             return lambda *args: backend[1](*args[:3], mask, *args[3:])
 
         args = (q, k, v, o, lse, do)
-        return jax.lax.platform_dependent(*args, tpu=on(tpu), cuda=on(gpu), default=on(cpu))
+        return jax.lax.platform_dependent(
+            *args, tpu=on(tpu), cuda=on(gpu), rocm=on(gpu), default=on(cpu)
+        )
 
     return flash_vjp(forward, backward)(q, k, v, mask)
 
