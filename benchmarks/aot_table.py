@@ -43,11 +43,13 @@ PRESETS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
     "unifluid_9b": (
         "unifluid.py:9B",
         "UniFluid 9B",
+        # Its So400m ViT's width of 1,152 splits over 128 fsdp devices at most; its 256k
+        # vocabulary's logits dominate the memory of each example
         [
             ("data=1,fsdp=-1", []),
             ("data=1,fsdp=-1,tensor=4", []),
-            ("data=1,fsdp=-1,tensor=8", []),
-            ("data=1,fsdp=-1,tensor=16", []),
+            ("data=2,fsdp=-1", []),
+            ("data=2,fsdp=-1,tensor=2", []),
         ],
     ),
     "llava_7b": (
