@@ -8,7 +8,7 @@ AdamW, donated state) for the config on one device, feeds it `--batch` copies of
 synthetic example laid out by the config's own preprocessing (`mmjax.data.synthetic_example`:
 4,096-token Transfusion sequences for the paper presets), compiles, warms up, and times
 `--steps` steps. Prints one JSON line: median step seconds, tokens/s, model FLOPs per step
-(3x the forward loss's matmul FLOPs, no recomputation: `mmjax.aot.model_flops`) and MFU
+(the step's matmul FLOPs without recomputation: `mmjax.aot.model_flops`) and MFU
 against the card's published dense bf16 peak (`mmjax.parallel.chips`; H100 / H200 SXM
 989.5 TFLOP/s). `key=value` arguments override the config (e.g. `model.remat_policy=dots`).
 Run by benchmarks/gpu_check.sh.
@@ -64,7 +64,7 @@ def main() -> None:
     state, shardings = trainer.init_state(batch)
     step = trainer.jit_train_step(shardings)
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-        flops = model_flops(trainer, state.params, batch, "cuda")
+        flops = model_flops(trainer, state, batch, "cuda")
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0

@@ -22,7 +22,7 @@ How the figures are made (docs/accelerators.md says more):
 - FLOPs: XLA's cost analysis counts a loop body once, so a scanned stack would be
   undercounted: executed FLOPs are counted from the step's jaxpr instead (every matmul and
   convolution, scan bodies times their length, remat recomputation included, Pallas calls
-  by their cost estimates), and model FLOPs are 3x the forward loss's (no recomputation).
+  by their cost estimates), and model FLOPs from the same step traced with remat off.
 - bytes: every executed HLO instruction's operands and results, loop bodies times their
   trip counts (`hlo_stats.hbm_bytes`; XLA's own figure, which sees a loop body once, is
   `xla_bytes_accessed_per_chip`).
@@ -149,18 +149,35 @@ def _memory(compiled: Any, devices_per_chip: int) -> dict[str, float]:
     return {k: v * devices_per_chip for k, v in per_device.items()}
 
 
-def model_flops(trainer: Any, params: Any, batch: Any, platform: str) -> float:
-    """Matmul FLOPs of one training step without recomputation: 3x the forward loss's (the
-    backward's two matmuls per forward one), over all devices, as lowered for `platform`.
+def model_flops(trainer: Any, state: Any, batch: Any, platform: str) -> float:
+    """Matmul FLOPs one training step needs, over all devices, as lowered for `platform`:
+    the step's jaxpr traced again with every stack's remat off, so recomputation is not
+    counted while frozen towers (no weight gradients) and the optimizer are as they run.
     Call inside the trainer's mesh and logical-axis-rules context."""
     import jax
+    import ml_collections
 
     from mmjax.parallel import hlo_stats
+    from mmjax.train.loop import make_train_step
 
-    forward = jax.make_jaxpr(
-        lambda params, batch: trainer.loss_fn(params, batch, jax.random.key(0))[0]
-    )(params, batch)
-    return 3 * hlo_stats.dot_flops(forward, platform)
+    def without_remat(cfg: Any) -> None:
+        for key, value in cfg.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                without_remat(value)
+            elif key == "remat":
+                cfg[key] = False
+
+    config = ml_collections.ConfigDict(trainer.config.to_dict())
+    without_remat(config.model)
+    plain = type(trainer)(
+        config,
+        None,
+        devices=list(trainer.mesh.devices.flat),
+        tokenizer=trainer.tokenizer,
+        precomputed_latents=trainer.latents is None,
+    )
+    step = make_train_step(plain.loss_fn, plain.tx, plain.schedule, config.seed)
+    return hlo_stats.dot_flops(jax.make_jaxpr(step)(state, batch), platform)
 
 
 # How the TPU compiler says a program does not fit: "Used 16.18G of 15.75G hbm." or "the
@@ -237,7 +254,7 @@ def compile_train_step(config: Any, topology: str) -> dict[str, Any]:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         t0 = time.perf_counter()
         traced = step.trace(state, batch)
-        useful = model_flops(trainer, state.params, batch, platform)
+        useful = model_flops(trainer, state, batch, platform)
         lowered = traced.lower()
         t1 = time.perf_counter()
         try:

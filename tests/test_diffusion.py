@@ -218,7 +218,7 @@ def test_masked_loss_ignores_masked_elements():
 
 def _exact_eps(schedule):
     def eps(x, t):
-        ab = schedule.alpha_bars[t][:, None]
+        ab = jnp.asarray(schedule.alpha_bars)[t][:, None]
         var = ab * SIGMA**2 + 1 - ab
         return jnp.sqrt(1 - ab) / var * (x - jnp.sqrt(ab) * MU)
 

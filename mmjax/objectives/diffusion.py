@@ -33,7 +33,10 @@ PROCESSES = ("ddpm", "flow")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """A discrete noise schedule of T steps: f32 arrays [T] indexed by t in [0, T).
+    """A discrete noise schedule of T steps: f32 numpy arrays [T] indexed by t in [0, T).
+
+    numpy, not device arrays: a schedule is made while a step is built, where no op may run
+    on a device (compile-only TPU devices cannot); traced code indexes `jnp.asarray` of it.
 
     Attributes:
       betas: beta_t, the variance added at step t.
@@ -41,9 +44,9 @@ class Schedule:
       alpha_bars: prod_{s <= t} alpha_s, decreasing from near 1 to near 0.
     """
 
-    betas: jax.Array
-    alphas: jax.Array
-    alpha_bars: jax.Array
+    betas: np.ndarray
+    alphas: np.ndarray
+    alpha_bars: np.ndarray
 
     @property
     def num_steps(self) -> int:
@@ -54,9 +57,9 @@ def _from_betas(betas: np.ndarray) -> Schedule:
     alphas = 1.0 - betas
     alpha_bars = np.cumprod(alphas)  # in float64, then cast
     return Schedule(
-        betas=jnp.asarray(betas, jnp.float32),
-        alphas=jnp.asarray(alphas, jnp.float32),
-        alpha_bars=jnp.asarray(alpha_bars, jnp.float32),
+        betas=betas.astype(np.float32),
+        alphas=alphas.astype(np.float32),
+        alpha_bars=alpha_bars.astype(np.float32),
     )
 
 
@@ -105,7 +108,7 @@ def q_sample(x0: jax.Array, t: jax.Array, noise: jax.Array, schedule: Schedule) 
     `t` is int in [0, T), shaped like x0's leading dims (e.g. [B], or [B, S] per token) and
     broadcast over the rest.
     """
-    ab = _expand(schedule.alpha_bars[t], x0)
+    ab = _expand(jnp.asarray(schedule.alpha_bars)[t], x0)
     return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise
 
 

@@ -64,7 +64,7 @@ def _discrete_loop(
 ) -> jax.Array:
     """Runs `step(i, x, eps, ab, ab_prev)` from the noisiest spaced t down to t = 0."""
     ts = spaced_timesteps(schedule.num_steps, num_steps or schedule.num_steps)
-    ab_seq = schedule.alpha_bars[ts]
+    ab_seq = jnp.asarray(schedule.alpha_bars)[ts]
     ab_prev_seq = jnp.concatenate([jnp.ones((1,), ab_seq.dtype), ab_seq[:-1]])
     ts = jnp.asarray(ts)
 
