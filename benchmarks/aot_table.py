@@ -2,6 +2,7 @@
 
   python benchmarks/aot_table.py [--out /tmp/mmjax_aot.jsonl] [--only clip_b16 ...]
   python benchmarks/aot_table.py --markdown            # the table from what --out holds
+  python benchmarks/aot_table.py --refresh_flops       # recount model FLOPs of --out's rows
 
 Each (preset, topology) runs `python -m mmjax.aot` in a fresh process (one at a time: a
 256-chip compile takes gigabytes of host memory) over its candidate meshes and remat
@@ -9,6 +10,11 @@ policies in order, keeping the first whose per-chip peak fits the chip's HBM; ev
 attempt's JSON line, with its command, is appended to --out, and pairs already there are
 skipped, so an interrupted run resumes. Topologies: v5e-256 (v5e:16x16) and v5p-128
 (v5p:4x4x8).
+
+`--refresh_flops` recounts the model FLOPs of every fitting row with `mmjax.aot --flops_only`
+(a trace, no compile) and recomputes its MFU bound from the row's roofline step time: for rows
+compiled before a change of how model FLOPs are counted, whose compiled figures still hold.
+The step's executed FLOPs must come out the same, or the row is left as it was.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -107,9 +114,7 @@ def run(out: str, only: list[str], timeout: int) -> None:
                 shown = " ".join(["python", *cmd[1:]])
                 print(f"[aot_table] {shown}", file=sys.stderr, flush=True)
                 try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-                    row = json.loads(lines[-1]) if lines else {"error": proc.stderr[-2000:]}
+                    row = _last_json(cmd, timeout)
                 except subprocess.TimeoutExpired:
                     row = {"error": f"compile ran past {timeout} s"}
                 row.update(preset=name, topology=topology, command=shown, mesh_arg=mesh)
@@ -118,6 +123,37 @@ def run(out: str, only: list[str], timeout: int) -> None:
                     f.write(json.dumps(row) + "\n")
                 if row.get("fits"):
                     break
+
+
+def _last_json(cmd: list[str], timeout: int) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"error": proc.stderr[-2000:]}
+
+
+def refresh_flops(out: str, timeout: int) -> None:
+    """Recounts model FLOPs and MFU bounds of `out`'s fitting rows (module docstring)."""
+    with open(out) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for row in rows:
+        if not row.get("fits"):
+            continue
+        cmd = [sys.executable, *shlex.split(row["command"])[1:], "--flops_only"]
+        print(f"[aot_table] {row['command']} --flops_only", file=sys.stderr, flush=True)
+        new = _last_json(cmd, timeout)
+        executed = new.get("executed_flops_per_chip", 0.0)
+        if abs(executed - row["executed_flops_per_chip"]) > 1e-6 * executed:
+            print(f"[aot_table] left as it was: {new.get('error', new)}", file=sys.stderr)
+            continue
+        row["model_flops_per_chip"] = new["model_flops_per_chip"]
+        peak = row["chip_figures"]["peak_flops_bf16"]
+        row["roofline"]["mfu_bound"] = new["model_flops_per_chip"] / (
+            row["roofline"]["step_s"] * peak
+        )
+        row["model_flops_command"] = f"{row['command']} --flops_only"
+    with open(out + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(out + ".tmp", out)
 
 
 def _gib(x: float) -> str:
@@ -164,8 +200,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], choices=sorted(PRESETS))
     parser.add_argument("--timeout", type=int, default=5400, help="seconds per compile")
     parser.add_argument("--markdown", action="store_true", help="print the table only")
+    parser.add_argument("--refresh_flops", action="store_true", help="recount model FLOPs")
     args = parser.parse_args()
-    if not args.markdown:
+    if args.refresh_flops:
+        refresh_flops(args.out, args.timeout)
+    elif not args.markdown:
         run(args.out, args.only, args.timeout)
     print(markdown(args.out))
 

@@ -213,8 +213,10 @@ def _out_of_memory(config: Any, topology: str, mesh: Any, chip: Any, devices: in
     }
 
 
-def compile_train_step(config: Any, topology: str) -> dict[str, Any]:
-    """Lowers and compiles `config`'s train step for `topology`; returns the report."""
+def compile_train_step(config: Any, topology: str, flops_only: bool = False) -> dict[str, Any]:
+    """Lowers and compiles `config`'s train step for `topology`; returns the report.
+    `flops_only`: trace the step and count its FLOPs only (seconds, not minutes: no lowering
+    or compile, so no memory, bytes or collectives)."""
     import flax.linen as nn
     import jax
 
@@ -255,6 +257,8 @@ def compile_train_step(config: Any, topology: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         traced = step.trace(state, batch)
         useful = model_flops(trainer, state, batch, platform)
+        if flops_only:
+            return _flops_report(config, topology, mesh, chip, len(devices), traced, useful)
         lowered = traced.lower()
         t1 = time.perf_counter()
         try:
@@ -271,12 +275,8 @@ def compile_train_step(config: Any, topology: str) -> dict[str, Any]:
         t2 = time.perf_counter()
 
     devices_per_chip = chip.devices_per_chip if chip else 1
-    num_chips = len(devices) // devices_per_chip
-    executed = hlo_stats.dot_flops_report(traced.jaxpr, platform)
-    useful /= num_chips
+    flops = _flops_report(config, topology, mesh, chip, len(devices), traced, useful)
     cost = compiled.cost_analysis()
-    xla_flops = cost.get("flops", 0.0) * devices_per_chip
-    executed_flops = executed.flops / num_chips
     text = compiled.as_text()
     bytes_accessed = hlo_stats.hbm_bytes(text) * devices_per_chip
     collectives = hlo_stats.collective_stats(text)
@@ -284,23 +284,17 @@ def compile_train_step(config: Any, topology: str) -> dict[str, Any]:
         v["bytes"] for k, v in collectives.items() if isinstance(v, dict)
     )
     report: dict[str, Any] = {
-        "topology": topology,
-        "chips": num_chips,
-        "mesh": dict(mesh.shape),
-        "batch_size": config.batch_size,
-        "stacks": _stacks(config.model),
+        **flops,
         "lower_s": round(t1 - t0, 1),
         "compile_s": round(t2 - t1, 1),
         **_memory(compiled, devices_per_chip),
-        "executed_flops_per_chip": executed_flops,
-        "model_flops_per_chip": useful,
-        "xla_flops_per_chip": xla_flops,
+        "xla_flops_per_chip": cost.get("flops", 0.0) * devices_per_chip,
         "bytes_accessed_per_chip": bytes_accessed,
         "xla_bytes_accessed_per_chip": cost.get("bytes accessed", 0.0) * devices_per_chip,
-        "pallas_calls": executed.pallas_calls,
         "custom_calls": dict(collections.Counter(_CUSTOM_CALL.findall(text))),
         "collectives": collectives,
     }
+    executed_flops, useful = flops["executed_flops_per_chip"], flops["model_flops_per_chip"]
     if chip is not None:
         hbm = chip.hbm_bytes
         roof = hlo_stats.roofline(executed_flops, bytes_accessed, collective_bytes, chip)
@@ -319,6 +313,26 @@ def compile_train_step(config: Any, topology: str) -> dict[str, Any]:
     return report
 
 
+def _flops_report(
+    config: Any, topology: str, mesh: Any, chip: Any, num_devices: int, traced: Any, useful: float
+) -> dict[str, Any]:
+    """The FLOP counts of a traced step, per chip (`--flops_only`)."""
+    from mmjax.parallel import hlo_stats
+
+    num_chips = num_devices // (chip.devices_per_chip if chip else 1)
+    executed = hlo_stats.dot_flops_report(traced.jaxpr, "cpu" if chip is None else "tpu")
+    return {
+        "topology": topology,
+        "chips": num_chips,
+        "mesh": dict(mesh.shape),
+        "batch_size": config.batch_size,
+        "stacks": _stacks(config.model),
+        "executed_flops_per_chip": executed.flops / num_chips,
+        "model_flops_per_chip": useful / num_chips,
+        "pallas_calls": executed.pallas_calls,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
@@ -331,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--topology", required=True, help="a TPU topology such as v5e:16x16 or v5p:4x4x8, or cpu:N"
     )
     parser.add_argument("--mesh", default="", help="mesh sizes, e.g. data=1,fsdp=-1,tensor=4")
+    parser.add_argument(
+        "--flops_only", action="store_true", help="trace and count FLOPs only: no compile"
+    )
     overrides = [a[len("--config.") :] for a in argv if a.startswith("--config.")]
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
 
@@ -339,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         config = load_config(args.config)
         apply_overrides(config, [*overrides, *_mesh_overrides(args.mesh)])
-        report = compile_train_step(config, args.topology)
+        report = compile_train_step(config, args.topology, args.flops_only)
         print(json.dumps({"config": args.config, **report}), flush=True)
 
     return run_cli("mmjax.aot", job)
