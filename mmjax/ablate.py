@@ -45,13 +45,11 @@ def median_step_ms(rows: Sequence[dict], batch_size: int) -> float | None:
 
 def parameter_count(config) -> int:
     """The parameters of `config`'s model, from shapes alone (its first batch's layout)."""
-    import flax.linen as nn
     import jax
 
-    from mmjax.train.loop import Trainer
+    from mmjax.train.build import build
 
-    trainer = Trainer(config, workdir=None, devices=jax.devices()[:1])
-    params = nn.meta.unbox(trainer.abstract_state(next(trainer.data_iterator())).params)
+    params = build(config, devices=jax.devices()[:1]).abstract_params()
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 

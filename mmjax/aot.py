@@ -293,6 +293,7 @@ def compile_train_step(config: Any, topology: str, flops_only: bool = False) -> 
         "xla_bytes_accessed_per_chip": cost.get("bytes accessed", 0.0) * devices_per_chip,
         "custom_calls": dict(collections.Counter(_CUSTOM_CALL.findall(text))),
         "collectives": collectives,
+        "hlo_text_bytes": len(text),  # the optimized HLO's size: grows with unrolled depth
     }
     executed_flops, useful = flops["executed_flops_per_chip"], flops["model_flops_per_chip"]
     if chip is not None:

@@ -21,17 +21,17 @@ def evaluate(workdir: str, overrides: Sequence[str] = ()) -> dict[str, float]:
     import flax.linen as nn
     import jax
 
+    from mmjax.train.build import load_trained
     from mmjax.train.metrics import MetricWriter
-    from mmjax.train.restore import load_trained
 
-    trained = load_trained(workdir, overrides)
-    trainer = trained.trainer
-    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-        evaluators = trainer.evaluators(workdir)
+    trained = load_trained(workdir, overrides)  # parameters only: no optimizer state
+    bundle = trained.bundle
+    with jax.set_mesh(bundle.mesh), nn.logical_axis_rules(bundle.rules):
+        evaluators = bundle.evaluators(workdir)
         record = {}
         for evaluator in evaluators.values():
             record.update(evaluator(trained.params))
-    writer = MetricWriter(workdir, active=trainer.is_main)
+    writer = MetricWriter(workdir, active=jax.process_index() == 0)
     writer.write(trained.step, record)
     writer.close()
     return {"step": trained.step, **record}

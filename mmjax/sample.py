@@ -1,11 +1,12 @@
-"""CLI: sample from the latest checkpoint of a Transfusion or UniFluid workdir.
+"""CLI: sample from the latest checkpoint of a workdir whose family has a sampler
+(mmjax/families.py: Transfusion and UniFluid).
 
   python -m mmjax.sample --workdir DIR --prompt "a red circle left of a blue square" --num 16
   python -m mmjax.sample --workdir DIR --caption 16        # caption 16 held-out test images
 
 Text -> image writes a PNG grid to `DIR/samples/<prompt>.png`; image -> text prints one
 caption per line and writes the captioned grid to `DIR/samples/captions.png`. Sampler
-defaults come from the run's `transfusion` or `unifluid` eval config when it has one (else
+defaults come from the run's eval config of its family when it has one (else
 Transfusion: DDIM, 250 steps, CFG scale 3; UniFluid: per-token DDPM, 100 steps, temperature 1,
 CFG scale 3, raster order); flags override them. A run on VAE latents (`config.latents`)
 generates latents, decoded to pixels for the grid; Transfusion captions the latents of the
@@ -18,111 +19,58 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
 
 from mmjax.errors import UserError
 
-DEFAULTS = dict(sampler="ddim", num_steps=250, cfg_scale=3.0, clip_x0=None)
-UNIFLUID_DEFAULTS = dict(num_steps=100, temperature=1.0, cfg_scale=3.0, clip_x0=None, order="")
-FAMILIES = ("transfusion", "unifluid")
-
 
 def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
     """Runs the requested sampling; returns the paths it wrote."""
     import flax.linen as nn
     import jax
-    import numpy as np
 
-    from mmjax.data.sequences import check_sequence_config
+    from mmjax import families
+    from mmjax.data import check_sequence_config
     from mmjax.models.vae import LatentSpace
-    from mmjax.objectives.diffusion import make_schedule
-    from mmjax.sampling.transfusion import caption_images, generate_images
-    from mmjax.train.restore import load_trained
+    from mmjax.sampling.sampler import SampleContext
+    from mmjax.train.build import load_trained
 
-    trained = load_trained(args.workdir, overrides)
-    config, trainer = trained.config, trained.trainer
-    seq = config.data.get("sequence", {})
-    family = config.model.name
-    if family not in FAMILIES or not seq.get("kind"):
-        raise UserError(f"{args.workdir} holds a {family!r} run, not one of {FAMILIES}")
-    size = int(config.data.image_size)
-    num_patches = check_sequence_config(seq, size)
-    latents = trainer.latents or LatentSpace.pixels(int(seq.channels))
-    defaults = UNIFLUID_DEFAULTS if family == "unifluid" else DEFAULTS
-    settings = {**defaults, **_eval_settings(config, family, defaults)}
+    trained = load_trained(args.workdir, overrides)  # parameters only: no optimizer state
+    config, bundle = trained.config, trained.bundle
+    sampler = bundle.family.sampler
+    if sampler is None:
+        with_one = sorted(f.name for f in families.FAMILIES.values() if f.sampler is not None)
+        raise UserError(
+            f"{args.workdir} holds a {bundle.family.name!r} run, which has no sampler; "
+            f"the families with one are {with_one}"
+        )
+    seq, size = config.data.sequence, int(config.data.image_size)
+    latents = bundle.latents or LatentSpace.pixels(int(seq.channels))
+    defaults = sampler.defaults
+    settings = {**defaults, **_eval_settings(config, bundle.family.evaluators, defaults)}
     settings.update({k: v for k, v in vars(args).items() if k in defaults and v is not None})
-    kwargs = dict(config.objective.get("kwargs", {}))
+    ctx = SampleContext(
+        decoder=bundle.model.clone(decode=True),
+        params=trained.params,
+        tokenizer=bundle.tokenizer,
+        seq=seq,
+        num_patches=check_sequence_config(seq, size),
+        image_shape=latents.latent_shape((size, size)),
+        objective=dict(config.objective.get("kwargs", {})),
+        latents=latents,
+        rng=jax.random.key(args.seed),
+    )
     out_dir = os.path.join(args.workdir, "samples")
-
-    decoder = trainer.model.clone(decode=True)
-    model_args = (decoder, trained.params, trainer.tokenizer)
-    prompts = ([args.prompt] * args.num, jax.random.key(args.seed))
-    image_shape = latents.latent_shape((size, size))
-    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-        if family == "unifluid":
-            from mmjax.sampling import unifluid
-
-            images = None
-            if args.prompt is not None:
-                images = unifluid.generate_images(
-                    *model_args,
-                    *prompts,
-                    image_shape=image_shape,
-                    num_tokens=num_patches,
-                    seq=seq,
-                    schedule=make_schedule(kwargs["schedule"], int(kwargs["num_train_steps"])),
-                    order=settings["order"] or kwargs.get("order", "raster"),
-                    num_steps=int(settings["num_steps"]),
-                    temperature=float(settings["temperature"]),
-                    cfg_scale=float(settings["cfg_scale"]),
-                    clip_x0=settings["clip_x0"],
-                )
-
-            def caption(pixels: np.ndarray) -> list[str]:
-                return unifluid.caption_images(
-                    *model_args,
-                    pixels,
-                    num_tokens=num_patches,
-                    seq=seq,
-                    rng=jax.random.key(args.seed),
-                    temperature=0.0 if args.top_p is None else 1.0,
-                    top_p=1.0 if args.top_p is None else args.top_p,
-                )
-
-            return _write(args, config, latents, out_dir, images, caption)
+    with jax.set_mesh(bundle.mesh), nn.logical_axis_rules(bundle.rules):
         if args.prompt is not None:
-            num_train_steps = int(kwargs.get("num_train_steps", 1000))
-            schedule = None
-            if settings["sampler"] != "euler":
-                schedule = make_schedule(kwargs.get("schedule", "cosine"), num_train_steps)
-            images = generate_images(
-                *model_args,
-                *prompts,
-                image_shape=image_shape,
-                num_patches=num_patches,
-                max_len=int(seq.max_len),
-                schedule=schedule,
-                sampler=settings["sampler"],
-                num_steps=int(settings["num_steps"]),
-                cfg_scale=float(settings["cfg_scale"]),
-                num_train_steps=num_train_steps,
-                clip_x0=settings["clip_x0"],
-            )
+            images = sampler.draw(ctx, [args.prompt] * args.num, settings)
             return _write(args, config, latents, out_dir, images, None)
-        encode = jax.jit(lambda x: latents.encode(x, jax.random.key(args.seed)))
-
-        def caption(pixels: np.ndarray) -> list[str]:
-            return caption_images(
-                *model_args,
-                encode(pixels),
-                num_patches=num_patches,
-                max_len=int(seq.max_len),
-            )
-
-        return _write(args, config, latents, out_dir, None, caption)
+        return _write(
+            args, config, latents, out_dir, None, lambda x: sampler.caption(ctx, x, settings)
+        )
 
 
 def _write(
@@ -159,9 +107,12 @@ def _write(
     return [path]
 
 
-def _eval_settings(config: ml_collections.ConfigDict, family: str, defaults: dict) -> dict:
+def _eval_settings(
+    config: ml_collections.ConfigDict, evaluators: Sequence[str], defaults: Mapping[str, Any]
+) -> dict:
+    """The sampler settings of the run's first eval of its family's evaluators."""
     for cfg in config.get("evals", {}).values():
-        if cfg.get("type") == family:
+        if cfg.get("type") in evaluators:
             return {k: cfg[k] for k in defaults if k in cfg}
     return {}
 

@@ -29,10 +29,9 @@ from mmjax.objectives.blip import (
 )
 from mmjax.objectives.contrastive import clip_loss
 from mmjax.train import train_and_evaluate
+from mmjax.train.build import fill_vocab_size, load_trained
 from mmjax.train.config_cli import apply_overrides, load_config
-from mmjax.train.loop import fill_vocab_size
 from mmjax.train.metrics import read_metrics
-from mmjax.train.restore import load_trained
 from mmjax.train.stages import matches, param_paths
 
 VOCAB, TEXT_LEN = 16, 6

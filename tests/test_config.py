@@ -10,8 +10,8 @@ from helpers import REPO
 
 from mmjax.errors import UserError
 from mmjax.models import build_model
+from mmjax.train.build import fill_vocab_size
 from mmjax.train.config_cli import REQUIRED_KEYS, apply_overrides, config_variants, load_config
-from mmjax.train.loop import fill_vocab_size
 
 CLIP = os.path.join(REPO, "experiments", "clip.py")
 

@@ -319,7 +319,7 @@ def test_training_starts_from_imported_weights_and_evaluates_with_their_tokenize
     with TrainingRun(trainer, str(tmp_path / "run")) as run:
         final = run.train()
         got = flax.traverse_util.flatten_dict(run.state.params, sep="/")
-    want = flax.traverse_util.flatten_dict(trainer.imported.params, sep="/")
+    want = flax.traverse_util.flatten_dict(trainer.bundle.imported.params, sep="/")
     assert got.keys() == want.keys()
     for path in want:
         np.testing.assert_array_equal(got[path], want[path], err_msg=path)

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 from helpers import REPO
 
+from mmjax.data import make_train_iterator
 from mmjax.data.tokenizer import TOKENIZER_FILE
 from mmjax.models import build_model
 from mmjax.objectives import build_loss
 from mmjax.train import train_and_evaluate
+from mmjax.train.build import fill_vocab_size, load_trained
 from mmjax.train.config_cli import apply_overrides, config_variants, load_config
-from mmjax.train.loop import Trainer, fill_vocab_size
+from mmjax.train.loop import Trainer
 from mmjax.train.metrics import read_metrics
-from mmjax.train.restore import load_trained
 from mmjax.train.stages import param_paths
 
 EXPERIMENTS = ("lm", "flamingo", "xgen_mm")
@@ -151,9 +152,14 @@ def test_flamingo_learns_on_the_frozen_lm(lm_run, tmp_path):
     closed = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.zeros_like(x) if path[-1].key.endswith("_gate") else x, params
     )
-    apply = lambda p, b, rng: trained.trainer.model.apply({"params": p}, b)  # noqa: E731
+    apply = lambda p, b, rng: trained.bundle.model.apply({"params": p}, b)  # noqa: E731
     loss_fn = jax.jit(build_loss("vlm", apply))
-    batch = next(trained.trainer.data_iterator())
+    config = trained.config
+    batch = next(
+        make_train_iterator(
+            config.data, trained.bundle.tokenizer, global_batch_size=config.batch_size, seed=0
+        )
+    )
     with_images = float(loss_fn(params, batch, jax.random.key(0))[0])
     lm_alone = float(loss_fn(closed, batch, jax.random.key(0))[0])
     assert with_images < lm_alone - 0.08, (with_images, lm_alone)

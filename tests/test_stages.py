@@ -15,11 +15,12 @@ from helpers import FAST, REPO, tiny_clip_config, tree_digest
 from mmjax.models import build_model
 from mmjax.train import train_and_evaluate
 from mmjax.train.__main__ import main as train_cli
+from mmjax.train.build import fill_vocab_size, load_trained
 from mmjax.train.config_cli import apply_overrides, load_config
-from mmjax.train.loop import Trainer, fill_vocab_size
+from mmjax.train.loop import Trainer
 from mmjax.train.metrics import read_metrics
-from mmjax.train.restore import load_trained
-from mmjax.train.stages import load_from_workdir, matches, param_paths
+from mmjax.train.stages import matches, param_paths
+from mmjax.train.workdir import load_from_workdir
 
 SOURCE_STEPS = 30  # the earlier run
 TOWER = "image_tower"

@@ -151,7 +151,7 @@ def test_a_workdir_without_a_trained_vae_is_named(vae_workdir, tmp_path, trained
     untrained = tmp_path / "untrained"  # a VAE config, no checkpoint
     untrained.mkdir()
     shutil.copy(os.path.join(vae_workdir, "config.json"), untrained)
-    with pytest.raises(UserError, match="holds no trained VAE: no checkpoint in"):
+    with pytest.raises(UserError, match="holds no trained VAE: workdir: no complete checkpoint in"):
         Trainer(shapes_config(str(untrained)), None, devices=DEVICES)
     not_a_vae = trained[2]  # the Transfusion run's own workdir
     with open(os.path.join(not_a_vae, "config.json"), "w") as f:

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmjax.data.sequences import SEQUENCE_DEFAULTS, sequence_example, unifluid_layout
+from mmjax.data.kinds import sequence_example
+from mmjax.data.sequences import SEQUENCE_DEFAULTS, unifluid_layout
 from mmjax.data.tokenizer import ByteTokenizer, WithImageMarkers
 from mmjax.errors import UserError
 from mmjax.models.unifluid import UniFluid

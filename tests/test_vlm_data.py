@@ -12,12 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmjax.data import data_config, load_or_train_tokenizer, make_train_iterator
-from mmjax.data.sequences import (
-    SEQUENCE_DEFAULTS,
-    check_sequence_config,
-    sequence_example,
-    vlm_layout,
-)
+from mmjax.data.kinds import check_sequence_config, sequence_example
+from mmjax.data.sequences import SEQUENCE_DEFAULTS, vlm_layout
 from mmjax.data.sources import DIGIT_NAMES, DigitsSource, ShapesSource
 from mmjax.data.tokenizer import ByteTokenizer, WithImageMarkers, WithVlmTokens
 from mmjax.data.vlm_tasks import (

@@ -16,9 +16,9 @@ from mmjax.data.vlm_tasks import box_text, task_pairs
 from mmjax.errors import UserError
 from mmjax.evals.vlm import Question, box_score, distractor_metrics, normalise, score_answer
 from mmjax.train import train_and_evaluate
+from mmjax.train.build import load_trained
 from mmjax.train.config_cli import apply_overrides, load_config
 from mmjax.train.metrics import read_metrics
-from mmjax.train.restore import load_trained
 
 SHAPES = ShapesSource("test", 50)
 SIZE = SHAPES[0]["image"].shape[0]

@@ -2,10 +2,20 @@
 
 from mmjax.data.config import DATA_DEFAULTS, data_config
 from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, IMAGE_OPS, build_image_ops, decode_image
+from mmjax.data.kinds import (
+    SEQUENCE_KINDS,
+    SequenceKind,
+    check_sequence_config,
+    load_or_train_tokenizer,
+    register_sequence_kind,
+    sequence_kind,
+    sized_tokenizer,
+)
 from mmjax.data.pipeline import (
     batch_shapes,
     class_names,
     eval_batches,
+    first_example,
     make_train_iterator,
     prompt_templates,
     synthetic_example,
@@ -26,14 +36,7 @@ from mmjax.data.sources import (
     pack_record,
     unpack_record,
 )
-from mmjax.data.tokenizer import (
-    ByteTokenizer,
-    SentencePieceTokenizer,
-    SizedTokenizer,
-    Tokenizer,
-    load_or_train_tokenizer,
-    sized_tokenizer,
-)
+from mmjax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, SizedTokenizer, Tokenizer
 
 __all__ = [
     "DATA_DEFAULTS",
@@ -41,6 +44,7 @@ __all__ = [
     "DIGIT_NAMES",
     "DIGIT_PROMPT_TEMPLATES",
     "IMAGE_OPS",
+    "SEQUENCE_KINDS",
     "SHAPE_CLASS_NAMES",
     "SHAPE_PROMPT_TEMPLATES",
     "SOURCES",
@@ -48,6 +52,7 @@ __all__ = [
     "ByteTokenizer",
     "DigitsSource",
     "SentencePieceTokenizer",
+    "SequenceKind",
     "ShapesSource",
     "SizedTokenizer",
     "SkimageSource",
@@ -57,14 +62,18 @@ __all__ = [
     "batch_shapes",
     "build_image_ops",
     "build_source",
+    "check_sequence_config",
     "class_names",
     "data_config",
     "decode_image",
     "eval_batches",
+    "first_example",
     "load_or_train_tokenizer",
     "make_train_iterator",
     "pack_record",
     "prompt_templates",
+    "register_sequence_kind",
+    "sequence_kind",
     "sized_tokenizer",
     "synthetic_example",
     "unpack_record",

@@ -14,7 +14,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, build_augment_ops, build_image_ops
-from mmjax.data.sequences import check_vlm_fit, sequence_example
+from mmjax.data.kinds import sequence_example, sequence_kind
 from mmjax.data.sources import (
     DIGIT_NAMES,
     DIGIT_PROMPT_TEMPLATES,
@@ -55,12 +55,11 @@ def _train_preprocess_fn(
     preprocess = _preprocess_fn(data_cfg, tokenizer)
     augment = build_augment_ops(tuple(data_cfg.get("augment", ())), int(data_cfg.image_size))
 
-    seq = data_cfg.get("sequence", {})
-    if seq.get("kind") == "vlm" and data_cfg.get("augment"):
-        # Qwen-VL boxes and the spatial questions describe the unaugmented frame
+    kind = sequence_kind(data_cfg)
+    if kind is not None and not kind.moves_pixels and data_cfg.get("augment"):
         raise UserError(
             f"data.augment {tuple(data_cfg.augment)} moves pixels away from the boxes and "
-            "relations the vlm tasks state: leave data.augment empty"
+            f"relations the {kind.name} tasks state: leave data.augment empty"
         )
 
     def apply(record: dict[str, Any], rng: np.random.Generator) -> Batch:
@@ -69,10 +68,10 @@ def _train_preprocess_fn(
             record = {**record, "caption": captions[rng.integers(len(captions))]}
         example = preprocess(record)
         image = augment(example["image"], rng)
-        if seq.get("kind"):
+        if kind is not None:
             ids = tokenizer.encode(record["caption"])
             record = {**record, "source": data_cfg.source}
-            row = sequence_example(image, ids, tokenizer, seq, rng, record)
+            row = sequence_example(image, ids, tokenizer, data_cfg.sequence, rng, record)
             return row | {"label": example["label"]}
         return {**example, "image": image}
 
@@ -119,8 +118,9 @@ def make_train_iterator(
     if not 0 <= seed < 2**32:
         raise UserError(f"seed must be in [0, 2**32 - 1] for the data shuffle, got {seed}")
     source = build_source(data_cfg, data_cfg.split_train)
-    if data_cfg.get("sequence", {}).get("kind") == "vlm":
-        check_vlm_fit(source, data_cfg.source, tokenizer, data_cfg.sequence)
+    kind = sequence_kind(data_cfg)
+    if kind is not None and kind.check_fit is not None:
+        kind.check_fit(source, data_cfg.source, tokenizer, data_cfg.sequence)
     ds = (
         grain.MapDataset.source(source)
         .shuffle(seed)
@@ -132,6 +132,13 @@ def make_train_iterator(
     # Datasets are lazy, so only this process's examples are read and preprocessed.
     ds = ds[process_index::process_count]
     return iter(ds.to_iter_dataset(_read_options(data_cfg)))
+
+
+def first_example(data_cfg: ConfigDict, tokenizer: Tokenizer) -> Batch:
+    """The train split's first record as training lays it out: the shapes of a model's inputs
+    from the config's own data, without an iterator (reading a trained workdir)."""
+    record = build_source(data_cfg, data_cfg.split_train)[0]
+    return _train_preprocess_fn(data_cfg, tokenizer)(record, np.random.default_rng(0))
 
 
 def synthetic_example(data_cfg: ConfigDict, tokenizer: Tokenizer) -> Batch:

@@ -29,7 +29,7 @@ A VLM (kind "vlm") reads one image and an instruction and is trained on the answ
 """
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -58,35 +58,44 @@ SEQUENCE_DEFAULTS: dict[str, Any] = dict(
     tasks={task: 1.0 for task in TASKS},  # vlm: task mix weights (vlm_tasks.TASKS)
     task_identifiers=False,  # vlm: MiniGPT-v2's "[vqa]"-style token leads each instruction
 )
-KINDS = ("transfusion", "unifluid", "vlm")
 VLM_MODES = ("prefix", "flamingo")
 _FIT_CHECK_RECORDS = 256  # records whose every task pair must fit max_len before training
 
 
-def check_sequence_config(seq: ConfigDict, image_size: int) -> int:
-    """Validates `data.sequence` against the image size; returns the slots an image takes
-    (its patches; for kind "vlm" its V visual tokens, or the one <image> marker of flamingo)."""
-    if seq.kind not in KINDS:
-        raise UserError(f"unknown data.sequence.kind {seq.kind!r}; valid: {KINDS}")
-    if seq.kind == "vlm":
-        return check_vlm_config(seq)
+def check_transfusion_config(seq: ConfigDict, image_size: int) -> int:
+    """Validates a Transfusion `data.sequence` against the image size; returns the patches an
+    image takes."""
+    return _check_fits(seq, _num_patches(seq, image_size), start_slots=0)
+
+
+def check_unifluid_config(seq: ConfigDict, image_size: int) -> int:
+    """Validates a UniFluid `data.sequence` (its tokens_per_step included); returns the visual
+    tokens an image takes."""
+    num_patches = _num_patches(seq, image_size)
+    m = int(seq.get("tokens_per_step", 1))
+    if m < 1 or num_patches % m:
+        raise UserError(
+            f"data.sequence.tokens_per_step {m} must be >= 1 and divide the {num_patches} "
+            "visual tokens of an image"
+        )
+    return _check_fits(seq, num_patches, start_slots=m - 1)
+
+
+def _num_patches(seq: ConfigDict, image_size: int) -> int:
     p = int(seq.patch_size)
     if image_size % p:
         raise UserError(f"data.image_size {image_size} is not divisible by patch_size {p}")
-    num_patches = (image_size // p) ** 2
-    extra = 0
-    if seq.kind == "unifluid":
-        m = int(seq.get("tokens_per_step", 1))
-        if m < 1 or num_patches % m:
-            raise UserError(
-                f"data.sequence.tokens_per_step {m} must be >= 1 and divide the {num_patches} "
-                "visual tokens of an image"
-            )
-        extra = m - 1  # start slots
-    if num_patches + extra + 4 > seq.max_len:
+    return (image_size // p) ** 2
+
+
+def _check_fits(seq: ConfigDict, num_patches: int, start_slots: int) -> int:
+    """`num_patches`, after checking that they, `start_slots` and <bos> <BOI> <EOI> <eos> fit
+    data.sequence.max_len."""
+    if num_patches + start_slots + 4 > seq.max_len:
+        extra = f" and {start_slots} start slots" if start_slots else ""
         raise UserError(
             f"data.sequence.max_len {seq.max_len} cannot hold an image of {num_patches} "
-            f"patches{f' and {extra} start slots' if extra else ''} plus <bos> <BOI> <EOI> <eos>"
+            f"patches{extra} plus <bos> <BOI> <EOI> <eos>"
         )
     return num_patches
 
@@ -101,7 +110,7 @@ def transfusion_example(
     """One sequence: tokens/positions/segment_ids/span_ids/lm_mask [L], images [1, H, W, C],
     image_positions [1, P], image_valid [1], image_first [1] (1 when the image precedes its
     caption). `tokenizer` has boi_id/eoi_id (WithImageMarkers)."""
-    num_patches = check_sequence_config(seq, image.shape[0])
+    num_patches = check_transfusion_config(seq, image.shape[0])
     max_len = int(seq.max_len)
     caption_first = rng.random() < seq.caption_first
     if caption_first and rng.random() < seq.caption_drop:
@@ -187,7 +196,7 @@ def unifluid_example(
     `image_positions` / `query_positions` [1, P] (each visual token's slot and the slot that
     predicts it), `feature_positions` [1, F], `image_valid` [1] (1: a generation row) and
     `image_first` [1] (1: an understanding row). Slots of the other kind are at L (unused)."""
-    num_patches = check_sequence_config(seq, image.shape[0])
+    num_patches = check_unifluid_config(seq, image.shape[0])
     generate = rng.random() < seq.caption_first
     if generate and rng.random() < seq.caption_drop:
         caption_ids = []
@@ -340,47 +349,3 @@ def check_vlm_fit(source: Source, source_name: str, tokenizer: Any, seq: ConfigD
             f"data.sequence.max_len {seq.max_len} is too short for the longest task pair, "
             f"{longest} tokens with {slots} image slot(s) and <eos>: {text}"
         )
-
-
-Example = Callable[..., dict[str, np.ndarray]]
-
-
-def _reads_caption(example: Example) -> Example:
-    """A layout of the caption ids alone, as the dispatcher calls it."""
-    return lambda image, caption_ids, tokenizer, seq, rng, record: example(
-        image, caption_ids, tokenizer, seq, rng
-    )
-
-
-def _reads_record(example: Example) -> Example:
-    """A layout of the whole record (scene metadata included), as the dispatcher calls it."""
-
-    def call(image, caption_ids, tokenizer, seq, rng, record):
-        if record is None:
-            raise ValueError(f"data.sequence.kind {seq.kind!r} lays out a record: pass `record`")
-        return example(image, record, tokenizer, seq, rng)
-
-    return call
-
-
-EXAMPLES = {
-    "transfusion": _reads_caption(transfusion_example),
-    "unifluid": _reads_caption(unifluid_example),
-    "vlm": _reads_record(vlm_example),
-}
-
-
-def sequence_example(
-    image: np.ndarray,
-    caption_ids: list[int],
-    tokenizer: Any,
-    seq: ConfigDict,
-    rng: np.random.Generator,
-    record: Mapping[str, Any] | None = None,
-) -> dict[str, np.ndarray]:
-    """One training sequence of `seq.kind`; each kind's example validates `seq` itself.
-    `record` is the source record plus its data `source` name, for layouts that read more
-    than the caption (vlm)."""
-    if seq.kind not in EXAMPLES:
-        check_sequence_config(seq, image.shape[0])  # raises, naming the valid kinds
-    return EXAMPLES[seq.kind](image, caption_ids, tokenizer, seq, rng, record)

@@ -9,23 +9,21 @@ eos; `tokenize` frames every text as [bos] + ids + [eos] and pads to a fixed len
 import abc
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 from etils import epath
 from ml_collections import ConfigDict
 
-from mmjax.data.sources import build_source, sample_captions
-from mmjax.data.vlm_tasks import IMAGE_TOKEN, SPECIAL_TOKENS, task_texts
+from mmjax.data.sources import Source, build_source, sample_captions
+from mmjax.data.vlm_tasks import IMAGE_TOKEN, SPECIAL_TOKENS
 from mmjax.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZERS = ("sentencepiece", "byte", "hf")
 # Enough text to fit a small vocabulary; bounds the read of a large dataset.
 _MAX_TRAINING_CAPTIONS = 100_000
-# VLM tokenizers read every task's texts of these records (about 30 texts each for shapes)
-_MAX_TASK_RECORDS = 2_000
 
 
 class Tokenizer(abc.ABC):
@@ -295,45 +293,43 @@ class WithVlmTokens(WithSpecialTokens):
         return f"WithVlmTokens({self.base!r})"
 
 
-def load_or_train_tokenizer(data_cfg: ConfigDict, workdir: str | None, *, write: bool) -> Tokenizer:
-    """The tokenizer of `data_cfg`, with the specials its sequences hold: <BOI>/<EOI> for
-    mixed-modal sequences, `WithVlmTokens`'s for data.sequence.kind "vlm"."""
-    return _with_sequence_specials(_base_tokenizer(data_cfg, workdir, write=write), data_cfg)
+TrainingTexts = Callable[[Source, str], list[str]]  # (train split, data.source) -> texts
 
 
-def sized_tokenizer(data_cfg: ConfigDict) -> Tokenizer:
-    """A tokenizer with the vocabulary size `load_or_train_tokenizer` would give, read from
-    the config alone: data.vocab_size for SentencePiece and hf tokenizers (for hf, the
-    checkpoint tokenizer's size), bytes for "byte"; plus the sequence specials."""
-    base = ByteTokenizer() if data_cfg.tokenizer == "byte" else SizedTokenizer(data_cfg.vocab_size)
-    return _with_sequence_specials(base, data_cfg)
+def sized_base_tokenizer(data_cfg: ConfigDict) -> Tokenizer:
+    """A tokenizer with the vocabulary size `base_tokenizer` would give, read from the config
+    alone: data.vocab_size for SentencePiece and hf tokenizers (for hf, the checkpoint
+    tokenizer's size), bytes for "byte"."""
+    return ByteTokenizer() if data_cfg.tokenizer == "byte" else SizedTokenizer(data_cfg.vocab_size)
 
 
-def _with_sequence_specials(tokenizer: Tokenizer, data_cfg: ConfigDict) -> Tokenizer:
-    kind = data_cfg.get("sequence", {}).get("kind")
-    if kind == "vlm":
-        return WithVlmTokens(tokenizer)
-    if kind:
-        return WithImageMarkers(tokenizer)
-    return tokenizer
-
-
-def _train_sentencepiece(data_cfg: ConfigDict) -> "SentencePieceTokenizer":
-    """A SentencePiece model of the train split's captions, or for VLM sequences of the
-    instructions and answers of every task, with each digit its own token (box coordinates)."""
+def _train_sentencepiece(
+    data_cfg: ConfigDict, texts: TrainingTexts | None, split_digits: bool
+) -> "SentencePieceTokenizer":
+    """A SentencePiece model of `texts` of the train split (default: its captions); with
+    `split_digits` each digit is its own token (box coordinates)."""
     source = build_source(data_cfg, data_cfg.split_train)
-    vocab_size = int(data_cfg.vocab_size)
-    if data_cfg.get("sequence", {}).get("kind") == "vlm":
-        texts = task_texts(source, data_cfg.source, _MAX_TASK_RECORDS)
-        return SentencePieceTokenizer.train(texts, vocab_size, split_digits=True)
-    return SentencePieceTokenizer.train(sample_captions(source, _MAX_TRAINING_CAPTIONS), vocab_size)
+    corpus = (
+        texts(source, data_cfg.source)
+        if texts is not None
+        else sample_captions(source, _MAX_TRAINING_CAPTIONS)
+    )
+    return SentencePieceTokenizer.train(corpus, int(data_cfg.vocab_size), split_digits=split_digits)
 
 
-def _base_tokenizer(data_cfg: ConfigDict, workdir: str | None, *, write: bool) -> Tokenizer:
-    """The tokenizer named by `data_cfg.tokenizer`.
+def base_tokenizer(
+    data_cfg: ConfigDict,
+    workdir: str | None,
+    *,
+    write: bool,
+    texts: TrainingTexts | None = None,
+    split_digits: bool = False,
+) -> Tokenizer:
+    """The tokenizer named by `data_cfg.tokenizer`, without the specials of a sequence kind
+    (data/kinds.py adds them).
 
     SentencePiece: loads `workdir/tokenizer.model` when present (so a resumed run keeps its
-    vocabulary), else trains on the train split's captions (VLM sequences: its task texts).
+    vocabulary), else trains on the train split's `texts` (default: its captions).
     Training is deterministic, so every process trains the same model; only the caller with
     `write` (process 0) saves it.
     """
@@ -352,7 +348,7 @@ def _base_tokenizer(data_cfg: ConfigDict, workdir: str | None, *, write: bool) -
             return SentencePieceTokenizer(path.read_bytes())
         except RuntimeError as e:
             raise UserError(f"cannot load tokenizer '{path}': {e}") from e
-    tokenizer = _train_sentencepiece(data_cfg)
+    tokenizer = _train_sentencepiece(data_cfg, texts, split_digits)
     if write and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{TOKENIZER_FILE}.tmp"

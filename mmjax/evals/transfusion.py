@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, build_image_ops
-from mmjax.data.sequences import check_sequence_config, sequence_example
+from mmjax.data.kinds import check_sequence_config, sequence_example
 from mmjax.data.sources import build_source
 from mmjax.errors import UserError
 from mmjax.evals import generation

@@ -39,11 +39,11 @@ from flax.core import freeze
 from mmjax.models.resamplers import QFormer
 from mmjax.models.vit import VisionTransformer
 from mmjax.nn import LayerNorm, Mlp, MultiHeadAttention
-from mmjax.nn.dense import DenseGeneral
+from mmjax.nn.axes import ACT
+from mmjax.nn.dense import DenseGeneral, dtypes
 from mmjax.nn.initializers import logical
 from mmjax.nn.mlp import ACTIVATIONS
 
-ACT = ("batch", "length", "act_embed")
 BLIP_TEXT_MODES = ("text", "grounded", "decoder")
 
 
@@ -63,7 +63,7 @@ class LMHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, word_embedding: jnp.ndarray) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         h = DenseGeneral((x.shape[-1],), ("embed", "proj"), name="transform", **kw)(x)
         h = LayerNorm(name="norm", epsilon=self.norm_eps, **kw)(ACTIVATIONS[self.activation](h))
         bias = self.param(
@@ -95,13 +95,10 @@ class _Stage1(nn.Module):
         object.__setattr__(self, "vision", freeze(dict(self.vision)))
         super().__post_init__()
 
-    def _kw(self) -> dict[str, Any]:
-        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
-
     def _image_tokens(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
         """The ViT's tokens [B, N, D] (all of them, CLS included), or the batch's own."""
         vit = VisionTransformer(
-            **{"attention_impl": self.attention_impl, **self._kw(), **self.vision}, name="vision"
+            **{"attention_impl": self.attention_impl, **dtypes(self), **self.vision}, name="vision"
         )
         if "image_tokens" in batch:
             return batch["image_tokens"]
@@ -120,7 +117,7 @@ class _Stage1(nn.Module):
 
     def _embed(self, name: str, x: jnp.ndarray) -> jnp.ndarray:
         """The unit-norm ITC embedding of features x [..., D] (projection `name`)."""
-        proj = DenseGeneral((self.embed_dim,), ("embed", "proj"), name=name, **self._kw())
+        proj = DenseGeneral((self.embed_dim,), ("embed", "proj"), name=name, **dtypes(self))
         return _normalize(proj(x))
 
     def _logit_scale(self) -> jnp.ndarray:
@@ -130,7 +127,7 @@ class _Stage1(nn.Module):
         return 1.0 / jnp.clip(temperature, *self.temperature_range)
 
     def _itm_head(self) -> DenseGeneral:
-        return DenseGeneral((2,), ("embed", None), name="itm_head", **self._kw())
+        return DenseGeneral((2,), ("embed", None), name="itm_head", **dtypes(self))
 
 
 class Blip2(_Stage1):
@@ -153,7 +150,7 @@ class Blip2(_Stage1):
             None,
             vocab_size=self.vocab_size,
             max_text_len=self.max_text_len,
-            **{"attention_impl": self.attention_impl, **self._kw(), **self.qformer},
+            **{"attention_impl": self.attention_impl, **dtypes(self), **self.qformer},
             name="qformer",
         )
         image_tokens = self._image_tokens(batch)
@@ -173,7 +170,7 @@ class Blip2(_Stage1):
         text = batch["text"]
         unimodal = encode(text, "unimodal")
         grounded = encode(text, "multimodal_causal").text
-        lm_head = LMHead(norm_eps=qformer.norm_eps, name="lm_head", **self._kw())
+        lm_head = LMHead(norm_eps=qformer.norm_eps, name="lm_head", **dtypes(self))
         return {
             "image_tokens": image_tokens,
             "image_emb": self._embed("vision_proj", unimodal.queries),
@@ -205,7 +202,7 @@ class BlipTextLayer(nn.Module):
         image_tokens: jnp.ndarray | None,
         mode: str,
     ) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
 
         def add_norm(name: str, residual: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
             y = LayerNorm(name=f"{name}_norm", epsilon=self.norm_eps, **kw)(residual + y)
@@ -247,7 +244,7 @@ class BlipText(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         normal = nn.initializers.normal(0.02)
         self.word_embedding = self.param(
             "word_embedding", logical(normal, "vocab", "embed"), (self.vocab_size, self.width)
@@ -312,7 +309,7 @@ class Blip(_Stage1):
         text_model = BlipText(
             self.vocab_size,
             max_len=self.max_text_len,
-            **{"attention_impl": self.attention_impl, **self._kw(), **self.text},
+            **{"attention_impl": self.attention_impl, **dtypes(self), **self.text},
             name="text",
         )
         image_tokens = self._image_tokens(batch)
@@ -328,7 +325,7 @@ class Blip(_Stage1):
         if "itm_text" in batch:
             return {"itm_logits": match(batch["itm_text"])}
         text = batch["text"]
-        lm_head = LMHead(norm_eps=text_model.norm_eps, name="lm_head", **self._kw())
+        lm_head = LMHead(norm_eps=text_model.norm_eps, name="lm_head", **dtypes(self))
         return {
             "image_tokens": image_tokens,
             "image_emb": self._embed("vision_proj", image_tokens[:, 0]),  # the CLS token

@@ -28,13 +28,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.nn.attention import MultiHeadAttention
-from mmjax.nn.dense import DenseGeneral
+from mmjax.nn.axes import ACT
+from mmjax.nn.dense import DenseGeneral, dtypes
 from mmjax.nn.initializers import logical
 from mmjax.nn.mlp import ACTIVATIONS, Mlp
 from mmjax.nn.norms import LayerNorm
 from mmjax.nn.sincos import sincos_2d
 
-ACT = ("batch", "length", "act_embed")
 RANK_NAMES = {3: "[batch, tokens, dim]", 4: "[batch, frames, tokens, dim]"}
 
 
@@ -62,7 +62,7 @@ class LinearProjector(nn.Module):
     @nn.compact
     def __call__(self, image_tokens: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
         _check_rank(image_tokens, "linear")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         y = DenseGeneral((self.out_dim,), (None, "embed"), name="proj", **kw)(image_tokens)
         return nn.with_logical_constraint(y, ACT)
 
@@ -82,7 +82,7 @@ class MlpProjector(nn.Module):
             raise ValueError(
                 f"unknown activation {self.activation!r}; valid: {sorted(ACTIVATIONS)}"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         h = DenseGeneral((self.out_dim,), ("embed", "mlp"), name="fc1", **kw)(image_tokens)
         h = ACTIVATIONS[self.activation](h)
         y = DenseGeneral((self.out_dim,), ("mlp", "embed"), name="fc2", **kw)(h)
@@ -109,7 +109,7 @@ class ConcatProjector(nn.Module):
                 f"number of image tokens, {n}, is not divisible by {self.group}"
             )
         x = image_tokens.reshape(batch, n // self.group, self.group * dim)
-        return _project(self.out_dim, x, dtype=self.dtype, param_dtype=self.param_dtype)
+        return _project(self.out_dim, x, **dtypes(self))
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ class QFormerLayer(nn.Module):
     def __call__(
         self, x: jnp.ndarray, image_tokens: jnp.ndarray, mask: Mapping[str, Any]
     ) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
 
         def add_norm(name: str, residual: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
             y = LayerNorm(name=name, epsilon=self.norm_eps, **kw)(residual + y)
@@ -221,7 +221,7 @@ class QFormer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         normal = nn.initializers.normal(0.02)
         self.query_tokens = self.param(
             "query_tokens",
@@ -359,7 +359,7 @@ class PerceiverBlock(nn.Module):
 
     @nn.compact
     def __call__(self, media: jnp.ndarray, latents: jnp.ndarray) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         media = LayerNorm(name="media_norm", epsilon=self.norm_eps, **kw)(media)
         normed = LayerNorm(name="latent_norm", epsilon=self.norm_eps, **kw)(latents)
         # Flamingo App. A.1.1: keys and values are the media concatenated with the latents
@@ -401,7 +401,7 @@ class PerceiverResampler(nn.Module):
     @nn.compact
     def __call__(self, image_tokens: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
         _check_rank(image_tokens, "perceiver", ranks=(3, 4))
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         media = image_tokens if image_tokens.ndim == 4 else image_tokens[:, None]
         batch, frames, n, dim = media.shape
         if frames > self.max_frames:
@@ -472,7 +472,7 @@ class CrossAttentionAdapter(nn.Module):
     @nn.compact
     def __call__(self, image_tokens: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
         _check_rank(image_tokens, "cross_attn")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         batch, n, _ = image_tokens.shape
         side = _square_side(n, f"the image tokens (N={n})")
         query_side = _square_side(self.num_queries, f"num_queries={self.num_queries}")

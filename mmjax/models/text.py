@@ -4,6 +4,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.nn import LayerNorm, TokenEmbed, Transformer
+from mmjax.nn.axes import ACT
+from mmjax.nn.dense import dtypes
 from mmjax.nn.initializers import logical
 
 
@@ -75,7 +77,7 @@ class TextTransformer(nn.Module):
             raise ValueError(f"text length {tokens.shape[1]} exceeds max_len {self.max_len}")
         if self.pool not in POOLS:
             raise ValueError(f"unknown text pool {self.pool!r}; valid: {POOLS}")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         x = TokenEmbed(self.vocab_size, self.width, self.param_dtype, name="token_embedding")(
             tokens
         )
@@ -86,7 +88,7 @@ class TextTransformer(nn.Module):
             self.param_dtype,
         )
         x = (x + pos[: tokens.shape[1]]).astype(self.dtype)
-        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        x = nn.with_logical_constraint(x, ACT)
         # segment id 0: padding sees and is seen by nothing
         segment_ids = (tokens != self.pad_id).astype(jnp.int32) if self.mask_padding else None
         index = pool_index(tokens, self.pool, self.pad_id, self.eos_id)

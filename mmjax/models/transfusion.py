@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.nn import RMSNorm, TimestepEmbed, TokenEmbed, llama_decoder
+from mmjax.nn.axes import ACT
 from mmjax.nn.conv import Conv, GroupNorm, ResnetBlock
-from mmjax.nn.dense import DenseGeneral
+from mmjax.nn.dense import DenseGeneral, dtypes
 from mmjax.nn.initializers import logical
+from mmjax.nn.patch_embed import patchify, unpatchify
 from mmjax.nn.reshard import from_width_to_batch_split
 
-ACT = ("batch", "length", "act_embed")
 PATCH_ENCODERS = ("linear", "unet")
 
 
@@ -45,7 +46,7 @@ class LinearPatches(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         p = self.patch_size
         self.proj_in = DenseGeneral((self.width,), ("patch", "embed"), init="lecun_normal", **kw)
         self.norm_out = RMSNorm(**kw)
@@ -56,18 +57,13 @@ class LinearPatches(nn.Module):
     def encode(self, images: jnp.ndarray, cond: jnp.ndarray) -> tuple[jnp.ndarray, tuple]:
         """[N, H, W, C] -> ([N, P, width], no skips); `cond` is unused."""
         del cond
-        p = self.patch_size
-        patches = einops.rearrange(images, "n (h p) (w q) c -> n (h w) (p q c)", p=p, q=p)
-        return self.proj_in(patches), ()
+        return self.proj_in(patchify(images, self.patch_size)), ()
 
     def decode(self, tokens: jnp.ndarray, skips: tuple, cond: jnp.ndarray, height: int):
         """[N, P, width] -> [N, H, W, C] in f32; `skips` and `cond` are unused."""
         del skips, cond
-        h, p = height, self.patch_size
         out = self.proj_out(self.norm_out(tokens))
-        return einops.rearrange(
-            out.astype(jnp.float32), "n (h w) (p q c) -> n (h p) (w q) c", h=h // p, p=p, q=p
-        )
+        return unpatchify(out.astype(jnp.float32), height, self.patch_size)
 
 
 class UNetPatches(nn.Module):
@@ -92,7 +88,7 @@ class UNetPatches(nn.Module):
         if p & (p - 1):
             raise ValueError(f"the U-Net patch encoder needs a power-of-2 patch size, got {p}")
         self.levels = p.bit_length() - 1
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         ch, g = self.channels, self.norm_groups
         self.stem = Conv(ch, **kw)
         self.down = [ResnetBlock(ch, g, **kw) for _ in range(self.levels)]
@@ -160,7 +156,7 @@ class Transfusion(nn.Module):
                 f"unknown patch_encoder {self.patch_encoder!r}; valid: {PATCH_ENCODERS}"
             )
         self.num_patches = (h // p) * (w // p)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         self.token_embedding = TokenEmbed(self.vocab_size, self.width, self.param_dtype)
         if self.patch_encoder == "unet":
             self.patches = UNetPatches(self.width, p, c, self.unet_channels, **kw)

@@ -35,11 +35,11 @@ from flax.core import freeze
 
 from mmjax.models.vit import VisionTransformer
 from mmjax.nn import RMSNorm, TokenEmbed, llama_decoder
-from mmjax.nn.dense import DenseGeneral
+from mmjax.nn.axes import ACT
+from mmjax.nn.dense import DenseGeneral, dtypes
 from mmjax.nn.diffusion_head import DiffusionHead
 from mmjax.nn.initializers import logical
 
-ACT = ("batch", "length", "act_embed")
 POSITION_KEYS = ("image_positions", "query_positions", "feature_positions")
 
 
@@ -99,7 +99,7 @@ class UniFluid(nn.Module):
         h, w, _ = self.image_shape
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image_shape {self.image_shape} is not divisible by patch_size")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         self.token_embedding = TokenEmbed(self.vocab_size, self.width, self.param_dtype)
         # Modality-specific input projections (Sec. 3.1): visual tokens, image features.
         self.visual_in = DenseGeneral((self.width,), ("patch", "embed"), **kw)

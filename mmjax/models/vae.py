@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.nn.conv import Conv, GroupNorm, ResnetBlock
+from mmjax.nn.dense import dtypes
 
 LOGVAR_CLIP = (-30.0, 20.0)  # LDM's DiagonalGaussianDistribution clamp
 
@@ -50,7 +51,7 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         mult = tuple(self.channel_mult)
         h = Conv(self.channels, name="conv_in", **kw)(x)
         for level, m in enumerate(mult):
@@ -87,7 +88,7 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         mult = tuple(self.channel_mult)
         h = Conv(self.channels * mult[-1], name="conv_in", **kw)(z)
         for i in range(2):

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.nn import LayerNorm, PatchEmbed, Transformer
+from mmjax.nn.axes import ACT
+from mmjax.nn.dense import dtypes
 from mmjax.nn.initializers import logical
 from mmjax.nn.pooling import MAPHead
 from mmjax.nn.sincos import sincos_2d
@@ -62,7 +64,7 @@ class VisionTransformer(nn.Module):
                     f"for a ViT of depth {self.depth}"
                 )
             depth = range(self.depth + 1)[feature_layer]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         _check_images(images)
         x = PatchEmbed(
             self.patch_size, self.width, use_bias=self.patch_bias, name="patch_embed", **kw
@@ -74,7 +76,7 @@ class VisionTransformer(nn.Module):
         if self.posemb == "learn":
             x = x + self._learned_posemb(x.shape[1], images.shape)
         x = x.astype(self.dtype)
-        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        x = nn.with_logical_constraint(x, ACT)
         if self.pre_norm:
             x = LayerNorm(name="norm_pre", epsilon=self.norm_eps, **kw)(x)
         read_cls = pooled_only and self.pool == "cls" and feature_layer is None

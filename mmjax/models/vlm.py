@@ -35,10 +35,10 @@ from flax.core import freeze
 from mmjax.models.resamplers import build_connector
 from mmjax.models.vit import VisionTransformer
 from mmjax.nn import LayerNorm, Mlp, MultiHeadAttention, RMSNorm, TokenEmbed, llama_decoder
-from mmjax.nn.dense import DenseGeneral
+from mmjax.nn.axes import ACT
+from mmjax.nn.dense import DenseGeneral, dtypes
 from mmjax.nn.initializers import logical
 
-ACT = ("batch", "length", "act_embed")
 MODES = ("prefix", "flamingo")
 BlockHook = Callable[[int, jnp.ndarray], jnp.ndarray]
 
@@ -63,7 +63,7 @@ class CausalLM(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         self.token_embedding = TokenEmbed(self.vocab_size, self.width, self.param_dtype)
         self.decoder = llama_decoder(
             self.depth,
@@ -133,7 +133,7 @@ class GatedCrossAttentionDense(nn.Module):
         media_index: jnp.ndarray,
     ) -> jnp.ndarray:
         """x [B, L, D], media [B, S, D], media_ids [B, L], media_index [B, S] -> [B, L, D]."""
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
 
         def gate(name: str) -> jnp.ndarray:
             alpha = self.param(name, logical(nn.initializers.zeros_init()), (), self.param_dtype)
@@ -252,7 +252,7 @@ class VLM(nn.Module):
             raise ValueError(
                 f"{self.mode} mode takes images {layout}, got shape {tuple(images.shape)}"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         vit = VisionTransformer(
             **{"attention_impl": self.attention_impl, **kw, **self.vision}, name="vision"
         )

@@ -9,10 +9,9 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.nn.dense import DenseGeneral
+from mmjax.nn.axes import ACT_IMAGE
+from mmjax.nn.dense import DenseGeneral, dtypes
 from mmjax.nn.initializers import logical
-
-ACT = ("batch", None, None, "act_embed")
 
 
 class Conv(nn.Module):
@@ -82,7 +81,7 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, cond: jnp.ndarray | None = None) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         h = nn.silu(GroupNorm(self.norm_groups, name="norm1", **kw)(x))
         h = Conv(self.features, name="conv1", **kw)(h)
         h = GroupNorm(self.norm_groups, name="norm2", **kw)(h)
@@ -96,4 +95,4 @@ class ResnetBlock(nn.Module):
         h = Conv(self.features, name="conv2", **kw)(h)
         if x.shape[-1] != self.features:
             x = Conv(self.features, kernel_size=1, name="shortcut", **kw)(x)
-        return nn.with_logical_constraint(x.astype(h.dtype) + h, ACT)
+        return nn.with_logical_constraint(x.astype(h.dtype) + h, ACT_IMAGE)

@@ -6,6 +6,7 @@ partitioning of multi-axis kernels such as [embed, heads, head_dim].)
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,6 +37,12 @@ def _matmul_bwd(res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dtypes(module: nn.Module) -> dict[str, Any]:
+    """`module`'s compute and parameter dtypes as the keywords its sublayers take."""
+    return {"dtype": module.dtype, "param_dtype": module.param_dtype}
+
 
 INITS = {"xavier_uniform": ("fan_avg", "uniform"), "lecun_normal": ("fan_in", "truncated_normal")}
 

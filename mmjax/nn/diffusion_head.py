@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.nn.dense import DenseGeneral
+from mmjax.nn.dense import DenseGeneral, dtypes
 from mmjax.nn.timestep import TimestepEmbed
 
 
@@ -38,7 +38,7 @@ class AdaLNResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         mod = DenseGeneral((3, self.width), ("mlp", None, None), init="zeros", name="ada", **kw)
         shift, scale, gate = jnp.moveaxis(mod(nn.silu(c)), -2, 0)
         h = nn.LayerNorm(epsilon=self.norm_eps, name="norm", **kw)(x)
@@ -64,7 +64,7 @@ class DiffusionHead(nn.Module):
 
     @nn.compact
     def __call__(self, x_t: jnp.ndarray, t: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         x = DenseGeneral((self.width,), ("patch", "mlp"), name="proj_in", **kw)(x_t)
         c = TimestepEmbed(self.width, name="time_embed", **kw)(t)
         c = c + DenseGeneral((self.width,), ("embed", "mlp"), name="cond", **kw)(z)

@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmjax.nn.axes import ACT
 from mmjax.nn.initializers import logical
 from mmjax.nn.reshard import from_width_to_batch_split
 
@@ -28,4 +29,4 @@ class TokenEmbed(nn.Module):
             self.param_dtype,
         )
         rows = jnp.take(table, ids, axis=0)
-        return from_width_to_batch_split(rows, ("batch", "length", "act_embed"))
+        return from_width_to_batch_split(rows, ACT)

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.nn.dense import DenseGeneral
+from mmjax.nn.dense import DenseGeneral, dtypes
 
 
 def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
@@ -48,7 +48,7 @@ class Mlp(nn.Module):
                 f"unknown activation {self.activation!r}; valid: {sorted(ACTIVATIONS)}"
             )
         width = x.shape[-1]
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dtypes(self)
         h = DenseGeneral((self.hidden_dim,), ("embed", "mlp"), name="fc1", **dense)(x)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
         if self.gated:

@@ -2,9 +2,30 @@
 
 import einops
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax.nn.dense import DenseGeneral
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+    """Images [B, H, W, C] -> their p x p patches [B, (H/p)*(W/p), p*p*C] in raster order."""
+    _, h, w, _ = images.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch size {patch}")
+    return einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=patch, q=patch)
+
+
+def unpatchify(tokens: jax.Array, height: int, patch: int) -> jax.Array:
+    """Patches [B, (H/p)*(W/p), p*p*C] in raster order -> images [B, H, W, C] (H = `height`)."""
+    _, n, d = tokens.shape
+    rows, rest = divmod(height, patch)
+    if rest or not rows or n % rows or d % (patch * patch):
+        raise ValueError(
+            f"{n} patches of {d} values do not form images of height {height} "
+            f"cut into {patch}x{patch} patches"
+        )
+    return einops.rearrange(tokens, "b (h w) (p q c) -> b (h p) (w q) c", h=rows, p=patch, q=patch)
 
 
 class PatchEmbed(nn.Module):
@@ -21,10 +42,8 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
-        _, h, w, _ = images.shape
         p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+        patches = patchify(images, p)
         built = self.variables.get("params", {}).get("proj", {}).get("kernel")
         built = getattr(built, "value", built)  # unbox logical partitioning
         if built is not None and built.shape[0] != p * p * images.shape[-1]:
@@ -32,7 +51,6 @@ class PatchEmbed(nn.Module):
                 f"images have {images.shape[-1]} channels, but this model was built for "
                 f"{built.shape[0] // (p * p)}"
             )
-        patches = einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
         return DenseGeneral(
             (self.width,),
             ("patch", "embed"),

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.nn.attention import MultiHeadAttention
+from mmjax.nn.dense import dtypes
 from mmjax.nn.initializers import logical
 from mmjax.nn.mlp import Mlp
 from mmjax.nn.norms import LayerNorm
@@ -23,7 +24,7 @@ class MAPHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         width = x.shape[-1]
         probe = self.param(
             "probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"), (1, 1, width)

@@ -3,7 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.nn.dense import DenseGeneral
+from mmjax.nn.dense import DenseGeneral, dtypes
 
 
 def sinusoidal(t: jnp.ndarray, dim: int, max_period: float = 10_000.0) -> jnp.ndarray:
@@ -24,7 +24,7 @@ class TimestepEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, t: jnp.ndarray) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         h = DenseGeneral((self.width,), (None, "embed"), name="fc1", **kw)(
             sinusoidal(t, self.frequency_dim)
         )

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.nn.attention import MultiHeadAttention
+from mmjax.nn.axes import ACT
+from mmjax.nn.dense import dtypes
 from mmjax.nn.mlp import Mlp
 from mmjax.nn.norms import make_norm
-
-ACT = ("batch", "length", "act_embed")
 
 
 class TransformerBlock(nn.Module):
@@ -47,7 +47,7 @@ class TransformerBlock(nn.Module):
     ) -> jnp.ndarray:
         """x [B, L, width] -> [B, L, width]; with `read_at` (int [B]) only the token at that
         position is computed (its keys and values still come from every token): [B, 1, width]."""
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dtypes(self)
         y = make_norm(self.norm, name="norm1", epsilon=self.norm_eps, **kw)(x)
         query = dict(segment_ids=segment_ids, span_ids=span_ids, positions=positions)
         kv = {}

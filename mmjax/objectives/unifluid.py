@@ -13,10 +13,10 @@ the data layout's `caption_drop`.
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import einops
 import jax
 import jax.numpy as jnp
 
+from mmjax.nn.patch_embed import patchify, unpatchify
 from mmjax.objectives.diffusion import add_noise, diffusion_loss, make_schedule
 from mmjax.objectives.transfusion import masked_token_ce, text_targets
 
@@ -35,14 +35,13 @@ def patch_size_of(image_shape: tuple[int, ...], num_tokens: int) -> int:
 def image_tokens(images: jax.Array, num_tokens: int) -> jax.Array:
     """Images [B, H, W, C] -> visual tokens [B, P, p * p * C] in raster order."""
     p = patch_size_of(images.shape[1:], num_tokens)
-    return einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
+    return patchify(images, p)
 
 
 def tokens_to_images(tokens: jax.Array, image_shape: tuple[int, int, int]) -> jax.Array:
     """Visual tokens [B, P, D] in raster order -> images [B, H, W, C]."""
-    h = image_shape[0]
     p = patch_size_of(image_shape, tokens.shape[1])
-    return einops.rearrange(tokens, "b (h w) (p q c) -> b (h p) (w q) c", h=h // p, p=p, q=p)
+    return unpatchify(tokens, image_shape[0], p)
 
 
 def generation_order(rng: jax.Array, batch: int, num_tokens: int, order: str) -> jax.Array:

@@ -22,8 +22,9 @@ import numpy as np
 
 from mmjax.data.sequences import layout
 from mmjax.errors import UserError
-from mmjax.objectives.diffusion import Schedule
+from mmjax.objectives.diffusion import Schedule, make_schedule
 from mmjax.sampling.diffusion import cfg, ddim_sample, ddpm_sample, euler_sample
+from mmjax.sampling.sampler import SampleContext, Sampler, Settings
 
 SAMPLERS = ("ddim", "ddpm", "euler")
 TOKEN_KEYS = ("tokens", "positions", "segment_ids", "span_ids")
@@ -191,3 +192,46 @@ def _caption(decoder: nn.Module, ids: tuple[int, int, int], params: Any, batch: 
 
     carry = (tokens, cache, first, jnp.zeros((n,), bool))
     return jax.lax.fori_loop(start, max_len, step, carry)[0]
+
+
+# Transfusion Sec. 4.1: DDIM with 250 steps and a CFG scale of 3 (euler: rectified flow)
+DEFAULTS = dict(sampler="ddim", num_steps=250, cfg_scale=3.0, clip_x0=None)
+
+
+def _draw(ctx: SampleContext, prompts: Sequence[str], settings: Settings) -> np.ndarray:
+    schedule = None
+    num_train_steps = int(ctx.objective.get("num_train_steps", 1000))
+    if settings["sampler"] != "euler":
+        schedule = make_schedule(ctx.objective.get("schedule", "cosine"), num_train_steps)
+    return generate_images(
+        ctx.decoder,
+        ctx.params,
+        ctx.tokenizer,
+        prompts,
+        ctx.rng,
+        image_shape=ctx.image_shape,
+        num_patches=ctx.num_patches,
+        max_len=int(ctx.seq.max_len),
+        schedule=schedule,
+        sampler=settings["sampler"],
+        num_steps=int(settings["num_steps"]),
+        cfg_scale=float(settings["cfg_scale"]),
+        num_train_steps=num_train_steps,
+        clip_x0=settings["clip_x0"],
+    )
+
+
+def _caption_pixels(ctx: SampleContext, pixels: np.ndarray, settings: Settings) -> list[str]:
+    """Captions of pixel images: the model reads their latents."""
+    latents = jax.jit(lambda x: ctx.latents.encode(x, ctx.rng))(pixels)
+    return caption_images(
+        ctx.decoder,
+        ctx.params,
+        ctx.tokenizer,
+        latents,
+        num_patches=ctx.num_patches,
+        max_len=int(ctx.seq.max_len),
+    )
+
+
+SAMPLER = Sampler(DEFAULTS, _draw, _caption_pixels)

@@ -23,9 +23,10 @@ import numpy as np
 
 from mmjax.data.sequences import unifluid_layout
 from mmjax.errors import UserError
-from mmjax.objectives.diffusion import Schedule
+from mmjax.objectives.diffusion import Schedule, make_schedule
 from mmjax.objectives.unifluid import ORDERS, generation_order, tokens_to_images
 from mmjax.sampling.diffusion import cfg, ddpm_sample
+from mmjax.sampling.sampler import SampleContext, Sampler, Settings
 from mmjax.sampling.transfusion import TOKEN_KEYS, empty_cache, rows_slice, run_cached
 
 
@@ -230,3 +231,46 @@ def _caption(decoder: nn.Module, ids: tuple, params: Any, batch: dict, rng: jax.
 
     carry = (tokens, cache, first.astype(tokens.dtype), jnp.zeros((n,), bool))
     return jax.lax.fori_loop(start, max_len, step, carry)[0]
+
+
+# UniFluid: per-token DDPM of the diffusion head, 100 steps, temperature 1, CFG scale 3,
+# raster order unless the run trained another; captions greedy, or nucleus with top_p
+DEFAULTS = dict(num_steps=100, temperature=1.0, cfg_scale=3.0, clip_x0=None, order="", top_p=None)
+
+
+def _draw(ctx: SampleContext, prompts: Sequence[str], settings: Settings) -> np.ndarray:
+    return generate_images(
+        ctx.decoder,
+        ctx.params,
+        ctx.tokenizer,
+        prompts,
+        ctx.rng,
+        image_shape=ctx.image_shape,
+        num_tokens=ctx.num_patches,
+        seq=ctx.seq,
+        schedule=make_schedule(ctx.objective["schedule"], int(ctx.objective["num_train_steps"])),
+        order=settings["order"] or ctx.objective.get("order", "raster"),
+        num_steps=int(settings["num_steps"]),
+        temperature=float(settings["temperature"]),
+        cfg_scale=float(settings["cfg_scale"]),
+        clip_x0=settings["clip_x0"],
+    )
+
+
+def _caption_pixels(ctx: SampleContext, pixels: np.ndarray, settings: Settings) -> list[str]:
+    """Captions of pixel images, which UniFluid's ViT reads as they are."""
+    top_p = settings["top_p"]
+    return caption_images(
+        ctx.decoder,
+        ctx.params,
+        ctx.tokenizer,
+        pixels,
+        num_tokens=ctx.num_patches,
+        seq=ctx.seq,
+        rng=ctx.rng,
+        temperature=0.0 if top_p is None else 1.0,
+        top_p=1.0 if top_p is None else float(top_p),
+    )
+
+
+SAMPLER = Sampler(DEFAULTS, _draw, _caption_pixels)

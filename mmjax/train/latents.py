@@ -19,6 +19,7 @@ The data side stays in pixels: `data.sequence.patch_size` counts pixels, so it m
 import json
 import os
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -28,13 +29,16 @@ from mmjax import models
 from mmjax.data.sources import build_source
 from mmjax.errors import UserError
 from mmjax.models.vae import VAE, LatentSpace, estimate_scaling_factor
+from mmjax.train.workdir import read_params
 
 SCALING_IMAGES = 2048
 
 
 def load_latent_space(config: ml_collections.ConfigDict, mesh: Mesh) -> LatentSpace | None:
     """The frozen VAE named by `config.latents` with its params replicated on `mesh`; None in
-    pixel space. Checks the VAE against the data and model configs first (UserError)."""
+    pixel space. Checks the VAE against the data and model configs first (UserError). Only
+    the VAE's parameters are read from its workdir; `config` is not changed (the resolved
+    scaling factor is the returned VAE's, `resolved_latents` records it)."""
     latents = config.get("latents")
     if not latents or not latents.get("vae_workdir"):
         _check_pixel_space(config)
@@ -43,21 +47,24 @@ def load_latent_space(config: ml_collections.ConfigDict, mesh: Mesh) -> LatentSp
     where = f"latents.vae_workdir {latents.vae_workdir!r}"
     vae_config = _vae_config(workdir, where)
     vae = models.build_model(vae_config.model)
-    _check_shapes(config, vae, int(vae_config.data.image_size), where)
-
-    from mmjax.train.restore import load_trained  # restore imports the Trainer
-
+    vae_size = int(vae_config.data.image_size)
+    _check_shapes(config, vae, vae_size, where)
+    image = jax.ShapeDtypeStruct((1, vae_size, vae_size, vae.in_channels), np.float32)
+    shapes = jax.eval_shape(lambda x: vae.init(jax.random.key(0), {"image": x})["params"], image)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        nn.meta.unbox(shapes),
+    )
     try:
-        trained = load_trained(workdir)
+        step, params = read_params(workdir, abstract)
     except UserError as e:
         raise UserError(f"{where} holds no trained VAE: {e}") from None
-    params = jax.device_put(trained.params, NamedSharding(mesh, PartitionSpec()))
     factor = float(latents.get("scaling_factor", 0.0))
     how = "given"
     if factor <= 0:
         factor = estimate_scaling_factor(vae, params, _training_images(config, SCALING_IMAGES))
         how = f"estimated from {SCALING_IMAGES} training images"
-    latents.vae_workdir, latents.scaling_factor = workdir, factor  # recorded in config.json
     space = LatentSpace(
         vae.clone(scaling_factor=factor), params, sample=bool(latents.get("sample", False))
     )
@@ -65,11 +72,21 @@ def load_latent_space(config: ml_collections.ConfigDict, mesh: Mesh) -> LatentSp
         size, c = int(config.data.image_size), int(config.data.sequence.channels)
         shape = "x".join(map(str, space.latent_shape((size, size))))
         print(
-            f"Latents: VAE of {workdir} (step {trained.step}), {size}x{size}x{c} images -> "
+            f"Latents: VAE of {workdir} (step {step}), {size}x{size}x{c} images -> "
             f"{shape}, scaling_factor {factor:.4f} ({how})",
             flush=True,
         )
     return space
+
+
+def resolved_latents(latents: ml_collections.ConfigDict, space: LatentSpace) -> dict:
+    """`config.latents` as the run used it: the VAE's absolute workdir and the scaling factor
+    (estimated when given as 0), so config.json records what was used."""
+    return {
+        **latents.to_dict(),
+        "vae_workdir": os.path.abspath(latents.vae_workdir),
+        "scaling_factor": float(space.autoencoder.scaling_factor),
+    }
 
 
 def _vae_config(workdir: str, where: str) -> ml_collections.ConfigDict:

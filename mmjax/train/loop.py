@@ -17,21 +17,16 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from mmjax import convert, evals, models, objectives, parallel
 from mmjax import data as mmdata
+from mmjax import families, objectives, parallel
 from mmjax.errors import TrainingError, UserError
+from mmjax.train.build import build
 from mmjax.train.checkpoint import Checkpointer, abstract_like
-from mmjax.train.latents import load_latent_space
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
-from mmjax.train.stages import (
-    WORKDIR_FORMAT,
-    check_load,
-    check_workdir_source,
-    load_from_workdir,
-    stop_frozen_gradients,
-)
+from mmjax.train.stages import stop_frozen_gradients
 from mmjax.train.state import TrainState
+from mmjax.train.workdir import check_load, initial_params, load_from_workdir
 
 log = logging.getLogger("mmjax.train")
 
@@ -51,16 +46,6 @@ def prepare_workdir(workdir: str) -> str:
     except OSError as e:
         raise UserError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from None
     return workdir
-
-
-def fill_vocab_size(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> None:
-    """Sets every `vocab_size: 0` in the model config to the tokenizer's size rounded up to 128."""
-    padded = -(-vocab_size // 128) * 128
-    for key, value in model_cfg.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            fill_vocab_size(value, vocab_size)
-        elif key == "vocab_size" and value == 0:
-            model_cfg[key] = padded
 
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, seed: int):
@@ -99,7 +84,7 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, seed: i
 
 
 class Trainer:
-    """Builds model, loss, optimizer, mesh, data and evaluators from a config."""
+    """A config's bundle (train/build.py) + optimizer + loss + data: what the loop steps."""
 
     def __init__(
         self,
@@ -109,76 +94,33 @@ class Trainer:
         tokenizer: mmdata.Tokenizer | None = None,
         precomputed_latents: bool = False,
     ):
-        """`tokenizer` replaces the config's own (loaded or trained from the data), and
-        `precomputed_latents` says the batches hold a latent-diffusion model's latents
-        already (no VAE loaded): how `mmjax.aot` compiles a config without its data."""
-        self.config = config
+        """`config` is left unchanged; `self.config` is the resolved one. `tokenizer` and
+        `precomputed_latents` as in `build`."""
+        self.bundle = build(
+            config,
+            workdir,
+            devices=devices,
+            tokenizer=tokenizer,
+            precomputed_latents=precomputed_latents,
+        )
+        bundle = self.bundle
+        self.config, self.model, self.tokenizer = bundle.config, bundle.model, bundle.tokenizer
+        self.mesh, self.rules, self.latents = bundle.mesh, bundle.rules, bundle.latents
         self.is_main = jax.process_index() == 0
-        self.rules = parallel.validate_rules(config.mesh.rules)
-        sizes = {k: v for k, v in config.mesh.items() if k != "rules"}
-        try:
-            self.mesh = parallel.make_mesh(sizes, devices)
-        except ValueError as e:
-            raise UserError(f"mesh: {e}") from None
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if config.batch_size % shards:
+        if self.config.batch_size % shards:
             raise UserError(
-                f"batch_size {config.batch_size} is not divisible by data x fsdp = {shards}"
+                f"batch_size {self.config.batch_size} is not divisible by data x fsdp = {shards}"
             )
-        self.tokenizer = tokenizer or mmdata.load_or_train_tokenizer(
-            config.data, workdir, write=self.is_main and workdir is not None
-        )
-        fill_vocab_size(config.model, self.tokenizer.vocab_size)
-        # config.init_from: converted weights that replace the model (mmjax.convert), or
-        # subtrees of an earlier run's params copied in after init (train/stages.py)
-        init_from = config.get("init_from", {})
-        self.from_workdir = init_from.get("format") == WORKDIR_FORMAT
-        if self.from_workdir:
-            check_workdir_source(init_from)
-        elif init_from.get("more"):
-            raise UserError(
-                "init_from.more (more earlier workdirs) needs init_from.format=workdir, "
-                f"got format {init_from.get('format')!r}"
-            )
-        self.imported = (
-            self._import(config) if init_from.get("format") and not self.from_workdir else None
-        )
-        self.model = models.build_model(config.model)
-        # config.latents: a frozen VAE whose latents the model diffuses (None: pixel space)
-        self.latents = None if precomputed_latents else load_latent_space(config, self.mesh)
         self.loss_fn = objectives.build_loss(
-            config.objective.name, self.apply_fn, **config.objective.get("kwargs", {})
+            self.config.objective.name, self.apply_fn, **self.config.objective.get("kwargs", {})
         )
         if self.latents is not None:
             self.loss_fn = objectives.on_latents(self.loss_fn, self.latents)
-        frozen = tuple(config.optimizer.get("frozen", ()))
+        frozen = tuple(self.config.optimizer.get("frozen", ()))
         if frozen:
             self.loss_fn = stop_frozen_gradients(self.loss_fn, frozen)
-        self.tx, self.schedule = make_optimizer(config.optimizer, config.total_steps)
-
-    def _import(self, config: ml_collections.ConfigDict) -> convert.Imported:
-        """Imports `config.init_from`; its architecture replaces `config.model`'s."""
-        imported = convert.load(config.init_from)
-        convert.check_vocab(imported, self.tokenizer.vocab_size, repr(self.tokenizer))
-        if config.data.max_text_len > imported.text_len:
-            raise UserError(
-                f"data.max_text_len {config.data.max_text_len} exceeds the imported text "
-                f"context of {imported.text_len} tokens"
-            )
-        kept = {k: config.model[k] for k in ("dtype", "attention_impl") if k in config.model}
-        config.model = ml_collections.ConfigDict({**imported.model, **kept})
-        return imported
-
-    def imported_params(self, example_batch: Mapping[str, np.ndarray], shardings: Any) -> Any:
-        """The imported parameters placed with `shardings`, once the data is known to fit them."""
-        got = tuple(example_batch["image"].shape[1:])
-        want = (*self.imported.image_size, self.imported.channels)
-        if got != want:
-            raise UserError(
-                f"the data gives {'x'.join(map(str, got))} images but the imported model was "
-                f"trained on {'x'.join(map(str, want))}: set data.image_size"
-            )
-        return jax.device_put(self.imported.params, shardings)
+        self.tx, self.schedule = make_optimizer(self.config.optimizer, self.config.total_steps)
 
     def apply_fn(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array) -> Any:
         return self.model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
@@ -197,23 +139,7 @@ class Trainer:
         """The initial train state from one example of the batch (batch dimension 1), its
         leaves boxed with their logical axes. Traced only (the key is made inside), so the
         abstract state needs no device at all."""
-        if self.latents is not None:
-            example = objectives.encode_images(example, self.latents, jax.random.key(0))
-        params = self.model.init(jax.random.key(seed), example)["params"]
-        return TrainState.create(params, self.tx)
-
-    def evaluators(self, workdir: str | None) -> dict:
-        """`config.evals` built for this trainer's model, tokenizer, data, mesh and latents
-        (call inside the mesh and logical-axis-rules context)."""
-        return evals.build_evaluators(
-            self.config.evals,
-            self.model,
-            self.tokenizer,
-            self.config.data,
-            self.mesh,
-            workdir,
-            latents=self.latents,
-        )
+        return TrainState.create(self.bundle.init_params(seed, example), self.tx)
 
     def init_state(self, example_batch: Mapping[str, np.ndarray]) -> tuple[TrainState, Any]:
         """Initialises the train state directly with its logical shardings."""
@@ -226,18 +152,15 @@ class Trainer:
             except parallel.UnevenShardingError as e:
                 raise UserError(f"mesh: {e}") from None
 
-    def abstract_state(self, example_batch: Mapping[str, Any], boxed: bool = False) -> Any:
+    def abstract_state(self, example_batch: Mapping[str, Any]) -> Any:
         """The train state's shapes, dtypes and shardings, not computed: a restore target,
         or the input of an ahead-of-time compile. `example_batch` holds arrays or
-        `jax.ShapeDtypeStruct`s. `boxed`: the shapes inside their logical-axis boxes instead
-        (no shardings)."""
+        `jax.ShapeDtypeStruct`s."""
         example = {
             k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in example_batch.items()
         }
         with jax.set_mesh(self.mesh):
             state = jax.eval_shape(self._init_fn, self.config.seed, example)
-        if boxed:
-            return state
         try:
             shardings = parallel.logical_shardings(state, self.mesh, self.rules)
         except parallel.UnevenShardingError as e:
@@ -291,12 +214,13 @@ class TrainingRun:
         self.trainer, self.config = trainer, trainer.config
         self.data_iter = trainer.data_iterator()
         self.example_batch = next(trainer.data_iterator())
+        families.check_batch(trainer.bundle.family, self.example_batch)
         self.ckpt = Checkpointer(workdir, keep=self.config.get("keep_checkpoints", 3))
         try:
-            if trainer.from_workdir and self.ckpt.latest_step() is None:  # before any compile
+            if trainer.bundle.from_workdir and self.ckpt.latest_step() is None:  # pre-compile
                 check_load(
                     self.config.init_from,
-                    trainer.abstract_state(self.example_batch, boxed=True).params,
+                    trainer.bundle.boxed_params(self.example_batch),
                     trainer.tokenizer,
                     self.config.data,
                 )
@@ -324,25 +248,28 @@ class TrainingRun:
         restored = self.ckpt.restore_latest(
             abstract_like(self.state, self.shardings), self.data_iter
         )
-        if restored:
+        start = initial_params(self.config.init_from, restored[0] if restored else None)
+        if start.source == "resume":
             self.start, self.state = restored
             print(
                 f"Resuming from step {self.start} (checkpoint in {self.ckpt.directory})", flush=True
             )
-        elif trainer.imported is not None:
-            params = trainer.imported_params(self.example_batch, self.shardings.params)
+        elif start.source == "import":
+            params = trainer.bundle.imported_params(self.example_batch, self.shardings.params)
             self.state = self.state.replace(params=params)
-            print(f"Initialised from {dict(self.config.init_from)}", flush=True)
-        elif trainer.from_workdir:
+        elif start.source == "workdir":
             params = load_from_workdir(
                 self.config.init_from, self.state.params, self.shardings.params
             )
             self.state = self.state.replace(params=params)
+        log.info("initial parameters: %s", start.reason)
+        if start.source != "resume":
+            print(f"Initial parameters: {start.reason}", flush=True)
         if trainer.is_main:  # only once the workdir's checkpoints are known to fit this config
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(self.config.to_json_best_effort(indent=2, sort_keys=True))
         with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-            self.evaluators = trainer.evaluators(self.workdir)
+            self.evaluators = trainer.bundle.evaluators(self.workdir)
             if self.start >= self.config.total_steps:
                 print(f"Training already finished at step {self.start}.")
             elif not self._loop(trainer.jit_train_step(self.shardings)):

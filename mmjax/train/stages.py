@@ -1,5 +1,5 @@
-"""Staged training from config: frozen parameters, and a run initialised from subtrees of an
-earlier run's workdir (BLIP-2 stage 2 from stage 1, a VLM or UniFluid on a trained CLIP tower).
+"""Frozen parameters, and the parameter paths and patterns that name them (and `init_from`'s
+subtrees, train/workdir.py).
 
 Parameter paths are the "/"-joined keys of the params tree, e.g.
 `vit/encoder/block0/attn/query/kernel`. A pattern matches a path segment by segment: within a
@@ -10,60 +10,19 @@ none included. So `vit/**` is every parameter under `vit`, `**/bias` every bias 
 `config.optimizer.frozen` (patterns): those parameters get no update (optax.set_to_zero in an
 optax.multi_transform, so the optimizer holds no moments for them) and no gradient (stop_gradient
 in the loss, so the backward pass skips their weight gradients); they stay bit-identical.
-
-`config.init_from = dict(format="workdir", path=EARLIER_WORKDIR, step=-1, load={dst: src})`:
-after this run's own initialisation, each subtree `dst` of its params is replaced by the subtree
-`src` of the earlier run's params at checkpoint `step` (-1: the latest complete one); empty
-`load` copies the whole tree. Both subtrees must hold the same paths and shapes (dtypes are cast
-to this run's). The earlier workdir is only read. Resuming this run's own workdir takes
-precedence: a run initialises from `init_from` only when it has no checkpoint yet.
-
-More earlier runs: `init_from.more` names further sources, each `{path, step, load}` read the
-same way (step defaults to -1; no load: the whole tree). BLIP-2 stage 2 takes the ViT and the
-Q-Former from stage 1 and its frozen LM from a text-only LM run:
-
-  init_from = dict(format="workdir", path="/tmp/blip2_stage1", load={"vision": "vision", ...},
-                   more=dict(lm=dict(path="/tmp/lm_digits", step=-1, load={"lm": "lm"})))
-
-Named sources keep the command line simple: `--config.init_from.more.lm.path=/x` moves one,
-and the group, replaced whole by a dict literal, adds or drops sources
-(`--config.init_from.more="{'lm': {'path': '/x', 'load': {'lm': 'lm'}}}"`, or `{}`). Errors
-name their source: `init_from.path: ...` for the first, `init_from.more.lm.path: ...` for the
-others. Every source is opened and checked before anything is computed, and a parameter that two
-sources load is an error naming it and both workdirs. The sources are disjoint, so their order
-does not matter.
-
-Vocabulary: a source that fills a parameter with a "vocab" logical axis (token embeddings, LM
-heads) must have been trained with this run's tokenizer, piece for piece: `check_load` compares
-the earlier run's tokenizer (from its workdir and config.json) with this run's. Two runs of
-data.sequence kind "vlm" with the same data.source and data.vocab_size train the same
-SentencePiece model (data/tokenizer.py), whatever their tasks.
 """
 
-import contextlib
 import fnmatch
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import optax
-import orbax.checkpoint as ocp
-from etils import epath
 
 from mmjax.errors import UserError
-from mmjax.train.checkpoint import COMMIT_MARKER
-from mmjax.train.restore import read_config
 
-WORKDIR_FORMAT = "workdir"
 TRAINED, FROZEN = "trained", "frozen"
-MAX_LISTED = 3  # mismatches named in one error line
-FIRST = "init_from"  # the name of the first source in errors; the others: init_from.more.NAME
-SOURCE_KEYS = ("path", "step", "load")
-VOCAB_AXIS = "vocab"  # a parameter with this logical axis needs the same tokenizer
-# The data settings a tokenizer depends on, named in a vocabulary mismatch
-TOKENIZER_KEYS = ("source", "tokenizer", "tokenizer_path", "vocab_size", "split_train")
 
 
 # ------------------------------------------------------------------------------------ paths
@@ -72,13 +31,13 @@ def path_name(keys: Sequence[Any]) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
 
 
-def _is_box(x: Any) -> bool:
+def is_box(x: Any) -> bool:
     return isinstance(x, nn.meta.AxisMetadata)
 
 
 def param_paths(params: Any) -> dict[str, Any]:
     """{"a/b/c": leaf} of a params tree; a logically boxed parameter is one leaf."""
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)[0]
     return {path_name(keys): leaf for keys, leaf in flat}
 
 
@@ -95,7 +54,7 @@ def _match(pattern: list[str], path: list[str]) -> bool:
     return bool(path) and fnmatch.fnmatchcase(path[0], pattern[0]) and _match(pattern[1:], path[1:])
 
 
-def _top_level(paths: Sequence[str]) -> list[str]:
+def top_level(paths: Sequence[str]) -> list[str]:
     return sorted({p.split("/")[0] for p in paths})
 
 
@@ -107,10 +66,10 @@ def frozen_mask(params: Any, patterns: Sequence[str]) -> Any:
         if not any(matches(pattern, p) for p in paths):
             raise UserError(
                 f"optimizer.frozen pattern {pattern!r} matches no parameter; the top-level "
-                f"names are {_top_level(paths)} (paths are '/'-joined, '**' spans segments)"
+                f"names are {top_level(paths)} (paths are '/'-joined, '**' spans segments)"
             )
     return jax.tree_util.tree_map_with_path(
-        lambda keys, _: any(matches(p, path_name(keys)) for p in patterns), params, is_leaf=_is_box
+        lambda keys, _: any(matches(p, path_name(keys)) for p in patterns), params, is_leaf=is_box
     )
 
 
@@ -140,320 +99,3 @@ def stop_frozen_gradients(loss_fn: Callable, patterns: Sequence[str]) -> Callabl
         return loss_fn(params, batch, rng)
 
     return loss
-
-
-# ------------------------------------------------------------------------ init from workdir
-def workdir_sources(init_from: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """[(name, {path, step, load})] of a `format="workdir"` init_from: the first source as
-    "init_from", then each of `init_from.more` as "init_from.more.NAME"."""
-    init_from = _plain(init_from)
-    first = {k: init_from[k] for k in SOURCE_KEYS if k in init_from}
-    sources = [(FIRST, first)]
-    more = init_from.get("more") or {}
-    if not isinstance(more, Mapping):
-        raise UserError(
-            f"init_from.more maps source names to {{path, step, load}} dicts, got {more!r}"
-        )
-    for name, source in more.items():
-        label = f"{FIRST}.more.{name}"
-        if not isinstance(source, Mapping):
-            raise UserError(f"{label} must be a dict of {list(SOURCE_KEYS)}, got {source!r}")
-        unknown = sorted(set(source) - set(SOURCE_KEYS))
-        if unknown:
-            raise UserError(f"{label}: unknown keys {unknown}; a source has {list(SOURCE_KEYS)}")
-        sources.append((label, dict(source)))
-    return sources
-
-
-def _plain(value: Any) -> Any:
-    """ConfigDicts as plain dicts, all the way down."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def check_workdir_source(init_from: Mapping[str, Any]) -> None:
-    """Early checks of a `format="workdir"` init_from and its `more` (before any model is
-    built)."""
-    for label, source in workdir_sources(init_from):
-        if not source.get("path", ""):
-            if label == FIRST:
-                raise UserError(
-                    "init_from.format=workdir needs init_from.path (an earlier run's workdir)"
-                )
-            raise UserError(f"{label} needs a path (an earlier run's workdir)")
-        step = source.get("step", -1)
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise UserError(f"{label}.step must be an int (-1: the latest), got {step!r}")
-        load = source.get("load") or {}
-        if not isinstance(load, Mapping):
-            raise UserError(f"{label}.load must map param prefixes to prefixes, got {load!r}")
-        for dst, src in load.items():
-            if not isinstance(src, str):
-                raise UserError(f"{label}.load maps {dst!r} to {src!r}: expected a param path")
-
-
-def check_load(
-    init_from: Mapping[str, Any],
-    params: Any,
-    tokenizer: Any = None,
-    data: Mapping[str, Any] | None = None,
-) -> None:
-    """Checks, before anything is computed, that `load_from_workdir` can fill `params` (or
-    their shapes) from every source: one UserError line for a missing workdir, checkpoint,
-    prefix, a mismatch or a parameter two sources load. With this run's `tokenizer` (and its
-    `data` config, named in the error), a source that fills a parameter boxed with a "vocab"
-    logical axis must have been trained with the same tokenizer (module docstring)."""
-    with contextlib.ExitStack() as stack:
-        for earlier, pairs in _plan(init_from, params, stack):
-            if tokenizer is not None:
-                earlier.check_vocabulary(pairs, params, tokenizer, data)
-
-
-def load_from_workdir(init_from: Mapping[str, Any], params: Any, shardings: Any) -> Any:
-    """`params` with the subtrees every source's `load` names replaced by that earlier run's
-    (module docstring), placed with `shardings`; one UserError line for any mismatch."""
-    values = {}
-    with contextlib.ExitStack() as stack:
-        for earlier, pairs in _plan(init_from, params, stack):
-            restored = earlier.read(pairs, params, shardings)
-            values.update({dst: restored[src] for dst, src in pairs.items()})
-            print(
-                f"Initialised {len(pairs)} parameters from the {earlier.model} model in "
-                f"{earlier.where}"
-            )
-    return _replace(params, values)
-
-
-def _plan(
-    init_from: Mapping[str, Any], params: Any, stack: contextlib.ExitStack
-) -> list[tuple["_EarlierRun", dict[str, str]]]:
-    """Every source opened (closed with `stack`) with its checked {dst: src} pairs; an error
-    for a parameter that two sources load."""
-    plan, owner, overlaps = [], {}, []
-    for label, source in workdir_sources(init_from):
-        earlier = stack.enter_context(_EarlierRun(source, label))
-        pairs = earlier.pairs(params)
-        for dst in pairs:
-            if dst in owner:
-                first = owner[dst]
-                overlaps.append(
-                    f"{dst} is loaded by both {first.label} ({first.workdir}) and "
-                    f"{earlier.label} ({earlier.workdir})"
-                )
-            owner[dst] = earlier
-        plan.append((earlier, pairs))
-    _raise(overlaps, FIRST)
-    return plan
-
-
-class _EarlierRun:
-    """An earlier run's checkpoint at `source.step`, opened read-only; errors start with
-    `label` (the source's name in the config)."""
-
-    def __init__(self, source: Mapping[str, Any], label: str = FIRST):
-        self.label = label
-        self.workdir = os.path.abspath(source["path"])
-        try:
-            self.config = read_config(self.workdir)
-        except UserError as e:
-            raise UserError(f"{label}.path: {e}") from None
-        self.model = self.config.model.get("name", "?")
-        self.load = dict(source.get("load") or {"": ""})
-        directory = os.path.join(self.workdir, "checkpoints")
-        complete = [
-            int(s)
-            for s in (os.listdir(directory) if os.path.isdir(directory) else ())
-            if s.isdigit()
-            and all(
-                os.path.exists(os.path.join(directory, s, *item, COMMIT_MARKER))
-                for item in ((), ("state",))
-            )
-        ]
-        self.step = _pick_step(complete, directory, int(source.get("step", -1)), label)
-        self.where = f"{self.workdir} step {self.step}"
-        # Orbax's item handler, not a CheckpointManager: nothing is created, locked or logged
-        self.state_dir = epath.Path(directory) / str(self.step) / "state"
-        self.handler = ocp.PyTreeCheckpointHandler()
-        self.saved = param_paths(self.handler.metadata(self.state_dir).tree["params"])
-
-    def __enter__(self) -> "_EarlierRun":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handler.close()
-
-    def pairs(self, params: Any) -> dict[str, str]:
-        """{dst path: src path} of every parameter the load copies, checked."""
-        here = param_paths(params)
-        pairs = _pair(self.load, here, self.saved, self.where, self.label)
-        problems = []
-        for dst, src in pairs.items():
-            want, got = tuple(nn.meta.unbox(here[dst]).shape), tuple(self.saved[src].shape)
-            if want != got:
-                name = dst if dst == src else f"{src} (for {dst})"
-                problems.append(f"{name} is {got} in {self.where} but {want} here")
-        _raise(problems, self.label)
-        return pairs
-
-    def check_vocabulary(
-        self,
-        pairs: Mapping[str, str],
-        params: Any,
-        tokenizer: Any,
-        data: Mapping[str, Any] | None,
-    ) -> None:
-        """A UserError if a loaded parameter has a "vocab" axis and this earlier run's
-        tokenizer differs from `tokenizer` in any piece."""
-        here = param_paths(params)
-        token_params = [
-            dst
-            for dst in pairs
-            if _is_box(here[dst]) and VOCAB_AXIS in (getattr(here[dst], "names", None) or ())
-        ]
-        if not token_params:
-            return
-        from mmjax.data import load_or_train_tokenizer  # the earlier run's own tokenizer
-
-        theirs = load_or_train_tokenizer(self.config.data, self.workdir, write=False).pieces()
-        ours = tokenizer.pieces()
-        if theirs == ours:
-            return
-        if len(theirs) != len(ours):
-            difference = f"{len(theirs)} ids there, {len(ours)} here"
-        else:
-            i = next(i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if a != b)
-            difference = f"id {i} is {theirs[i]!r} there but {ours[i]!r} here"
-        settings = _tokenizer_settings(self.config.data, data)
-        raise UserError(
-            f"{self.label}: {token_params[0]} (a {VOCAB_AXIS!r} axis) is loaded from "
-            f"{self.workdir}, which was trained with another tokenizer ({difference}); "
-            f"{settings}"
-        )
-
-    def read(self, pairs: Mapping[str, str], params: Any, shardings: Any) -> dict[str, jax.Array]:
-        """{src path: array} of the source parameters in `pairs`, read straight onto the
-        shardings and dtypes of their destinations; nothing else of the checkpoint is read."""
-        here, placed = param_paths(params), param_paths(shardings)
-        item: dict = {}
-        for dst, src in pairs.items():
-            node = item.setdefault("params", {})
-            *parents, leaf = src.split("/")
-            for name in parents:
-                node = node.setdefault(name, {})
-            node[leaf] = jax.ShapeDtypeStruct(
-                here[dst].shape, here[dst].dtype, sharding=placed[dst]
-            )
-        restore_args = jax.tree.map(
-            lambda a: ocp.ArrayRestoreArgs(
-                sharding=a.sharding, global_shape=a.shape, dtype=a.dtype
-            ),
-            item,
-        )
-        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        return param_paths(self.handler.restore(self.state_dir, args=args)["params"])
-
-
-def _tokenizer_settings(theirs: Mapping[str, Any], ours: Mapping[str, Any] | None) -> str:
-    """The data settings that differ between two runs' tokenizers, for an error line."""
-
-    def get(data: Mapping[str, Any], key: str) -> Any:
-        if key == "sequence.kind":
-            return (data.get("sequence") or {}).get("kind")
-        return data.get(key)
-
-    keys = (*TOKENIZER_KEYS, "sequence.kind")
-    if ours is None:
-        return "its data settings: " + ", ".join(f"{k}={get(theirs, k)!r}" for k in keys)
-    differ = [
-        f"data.{k} {get(theirs, k)!r} there, {get(ours, k)!r} here"
-        for k in keys
-        if get(theirs, k) != get(ours, k)
-    ]
-    if not differ:
-        return "with the same data settings: was its tokenizer.model replaced?"
-    return "; ".join(differ)
-
-
-def _pick_step(complete: Sequence[int], directory: str, step: int, label: str = FIRST) -> int:
-    """`step`, or the latest complete checkpoint for -1."""
-    if not complete:
-        raise UserError(f"{label}: no complete checkpoint in {directory}")
-    if step == -1:
-        return max(complete)
-    if step not in complete:
-        raise UserError(
-            f"{label}.step {step} has no complete checkpoint in {directory}; "
-            f"available: {sorted(complete)}"
-        )
-    return step
-
-
-def _under(prefix: str, paths: Mapping[str, Any]) -> dict[str, str]:
-    """{relative path: path} of the paths at or under `prefix` ("" is the root)."""
-    prefix = prefix.strip("/")
-    if not prefix:
-        return {p: p for p in paths}
-    out = {p[len(prefix) + 1 :]: p for p in paths if p.startswith(prefix + "/")}
-    if prefix in paths:
-        out[""] = prefix
-    return out
-
-
-def _pair(
-    load: Mapping[str, str],
-    here: Mapping[str, Any],
-    saved: Mapping[str, Any],
-    where: str,
-    label: str = FIRST,
-) -> dict[str, str]:
-    """{dst path: src path} for every parameter `load` copies."""
-    pairs: dict[str, str] = {}
-    problems = []
-    for dst_prefix, src_prefix in load.items():
-        dst, src = _under(dst_prefix, here), _under(src_prefix, saved)
-        if not dst:
-            raise UserError(
-                f"{label}.load: {dst_prefix!r} names no parameter of this model; its top-level "
-                f"names are {_top_level(here)}"
-            )
-        if not src:
-            raise UserError(
-                f"{label}.load: {src_prefix!r} is not in {where}; its top-level names are "
-                f"{_top_level(saved)}"
-            )
-        problems += [
-            f"{src[r]} is in {where} but {_join(dst_prefix, r)} is not here"
-            for r in sorted(src.keys() - dst.keys())
-        ]
-        problems += [
-            f"{dst[r]} is here but {_join(src_prefix, r)} is not in {where}"
-            for r in sorted(dst.keys() - src.keys())
-        ]
-        for r in sorted(dst.keys() & src.keys()):
-            if dst[r] in pairs:
-                raise UserError(f"{label}.load: {dst[r]} is loaded by two entries of {load}")
-            pairs[dst[r]] = src[r]
-    _raise(problems, label)
-    return pairs
-
-
-def _raise(problems: Sequence[str], label: str) -> None:
-    if problems:
-        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-        raise UserError(f"{label}: " + "; ".join(problems[:MAX_LISTED]) + more)
-
-
-def _join(prefix: str, relative: str) -> str:
-    return "/".join(p for p in (prefix.strip("/"), relative) if p)
-
-
-def _replace(params: Any, values: Mapping[str, jax.Array]) -> Any:
-    """`params` with the leaves at the paths of `values` replaced."""
-
-    def pick(keys, leaf):
-        return values.get(path_name(keys), leaf)
-
-    return jax.tree_util.tree_map_with_path(pick, params)

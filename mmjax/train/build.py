@@ -1,0 +1,219 @@
+"""What a config builds, once for every entry point: `build(config) -> Bundle`.
+
+Training, evaluation, sampling, ablations and `mmjax.aot` all start here. `build` is pure in
+its config: it returns the resolved config (every `vocab_size: 0` filled from the tokenizer, an
+imported checkpoint's architecture in `model`, the frozen VAE's workdir and scaling factor in
+`latents`) as a new object and never changes the one it is given. The resolved config is what
+a run writes to `config.json`, so a fresh run and its resumption write the same bytes.
+
+The bundle holds the model, tokenizer, mesh and logical-axis rules, the frozen helpers a family
+needs (a VAE's latent space, imported weights) and the abstract parameters with their
+shardings. It holds no optimizer and no data iterator: the trainer adds those
+(train/loop.py), and reading a trained workdir (`load_trained`) needs neither.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from mmjax import convert, evals, families, models, objectives, parallel
+from mmjax import data as mmdata
+from mmjax.errors import UserError
+from mmjax.models.vae import LatentSpace
+from mmjax.train.checkpoint import abstract_like
+from mmjax.train.latents import load_latent_space, resolved_latents
+from mmjax.train.workdir import WORKDIR_FORMAT, check_workdir_source, read_config, read_params
+
+
+def fill_vocab_size(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> None:
+    """Sets every `vocab_size: 0` in the model config to the tokenizer's size rounded up to 128."""
+    padded = -(-vocab_size // 128) * 128
+    for key, value in model_cfg.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            fill_vocab_size(value, vocab_size)
+        elif key == "vocab_size" and value == 0:
+            model_cfg[key] = padded
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    """Everything a resolved config builds except the optimizer and the data iterator."""
+
+    config: ml_collections.ConfigDict  # resolved: what config.json holds
+    family: families.Family
+    model: nn.Module
+    tokenizer: mmdata.Tokenizer
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    latents: LatentSpace | None  # a frozen VAE's latent space; None: pixel space
+    imported: convert.Imported | None  # converted weights that replace the model's
+
+    @property
+    def from_workdir(self) -> bool:
+        """True when `init_from` names earlier runs' workdirs (train/workdir.py)."""
+        return self.config.get("init_from", {}).get("format") == WORKDIR_FORMAT
+
+    def init_params(self, seed: int, example: Mapping[str, Any]) -> Any:
+        """Fresh parameters from one example batch (batch dimension 1), boxed with their
+        logical axes. Traced only: the key is made inside, so no device op runs eagerly."""
+        if self.latents is not None:
+            example = objectives.encode_images(example, self.latents, jax.random.key(0))
+        return self.model.init(jax.random.key(seed), example)["params"]
+
+    def example(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The shapes of one training example (batch dimension 1): the train split's first
+        record as the config's preprocessing lays it out."""
+        example = mmdata.first_example(self.config.data, self.tokenizer)
+        return {
+            k: jax.ShapeDtypeStruct((1, *np.shape(v)), np.asarray(v).dtype)
+            for k, v in example.items()
+        }
+
+    def abstract_params(self, example: Mapping[str, Any] | None = None) -> Any:
+        """The parameters' shapes and dtypes carrying their shardings on the mesh, computed
+        from `example` (arrays or shapes; default `self.example()`), not initialised."""
+        example = self.example() if example is None else _one_example(example)
+        boxed = self.boxed_params(example)
+        try:
+            shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
+        except parallel.UnevenShardingError as e:
+            raise UserError(f"mesh: {e}") from None
+        return abstract_like(nn.meta.unbox(boxed), shardings)
+
+    def boxed_params(self, example: Mapping[str, Any]) -> Any:
+        """The parameters' shapes inside their logical-axis boxes (no shardings)."""
+        with jax.set_mesh(self.mesh):
+            return jax.eval_shape(self.init_params, self.config.seed, _one_example(example))
+
+    def evaluators(self, workdir: str | None) -> dict:
+        """`config.evals` built for this model, tokenizer, data, mesh and latents (call inside
+        the mesh and logical-axis-rules context)."""
+        return evals.build_evaluators(
+            self.config.evals,
+            self.model,
+            self.tokenizer,
+            self.config.data,
+            self.mesh,
+            workdir,
+            latents=self.latents,
+        )
+
+    def imported_params(self, example_batch: Mapping[str, np.ndarray], shardings: Any) -> Any:
+        """The imported parameters placed with `shardings`, once the data is known to fit them."""
+        got = tuple(example_batch["image"].shape[1:])
+        want = (*self.imported.image_size, self.imported.channels)
+        if got != want:
+            raise UserError(
+                f"the data gives {'x'.join(map(str, got))} images but the imported model was "
+                f"trained on {'x'.join(map(str, want))}: set data.image_size"
+            )
+        return jax.device_put(self.imported.params, shardings)
+
+
+def _one_example(example: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in example.items()}
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    workdir: str | None = None,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    tokenizer: mmdata.Tokenizer | None = None,
+    precomputed_latents: bool = False,
+) -> Bundle:
+    """Builds `config` (left unchanged) into a Bundle holding the resolved config.
+
+    `workdir` is where a tokenizer trained from the data is kept (written by process 0);
+    `tokenizer` replaces the config's own, and `precomputed_latents` says batches hold a
+    latent-diffusion model's latents already (no VAE is loaded): how `mmjax.aot` builds a
+    config without its data."""
+    config = copy.deepcopy(config)
+    rules = parallel.validate_rules(config.mesh.rules)
+    try:
+        mesh = parallel.make_mesh({k: v for k, v in config.mesh.items() if k != "rules"}, devices)
+    except ValueError as e:
+        raise UserError(f"mesh: {e}") from None
+    is_main = jax.process_index() == 0
+    tokenizer = tokenizer or mmdata.load_or_train_tokenizer(
+        config.data, workdir, write=is_main and workdir is not None
+    )
+    fill_vocab_size(config.model, tokenizer.vocab_size)
+    # config.init_from: converted weights that replace the model (mmjax.convert), or subtrees
+    # of earlier runs' params copied in after init (train/workdir.py)
+    init_from = config.get("init_from", {})
+    fmt = init_from.get("format")
+    if fmt == WORKDIR_FORMAT:
+        check_workdir_source(init_from)
+    elif init_from.get("more"):
+        raise UserError(
+            f"init_from.more (more earlier workdirs) needs init_from.format=workdir, got format "
+            f"{fmt!r}"
+        )
+    imported = _import(config, tokenizer) if fmt and fmt != WORKDIR_FORMAT else None
+    latents = None if precomputed_latents else load_latent_space(config, mesh)
+    if latents is not None:
+        config.latents = resolved_latents(config.latents, latents)
+    family = families.get(config.model.name)
+    families.check_config(family, config)
+    return Bundle(
+        config=config,
+        family=family,
+        model=models.build_model(config.model),
+        tokenizer=tokenizer,
+        mesh=mesh,
+        rules=rules,
+        latents=latents,
+        imported=imported,
+    )
+
+
+def _import(config: ml_collections.ConfigDict, tokenizer: mmdata.Tokenizer) -> convert.Imported:
+    """Imports `config.init_from` and puts its architecture in `config.model` (the copy
+    `build` resolves), keeping this run's dtype and attention implementation."""
+    imported = convert.load(config.init_from)
+    convert.check_vocab(imported, tokenizer.vocab_size, repr(tokenizer))
+    if config.data.max_text_len > imported.text_len:
+        raise UserError(
+            f"data.max_text_len {config.data.max_text_len} exceeds the imported text context of "
+            f"{imported.text_len} tokens"
+        )
+    kept = {k: config.model[k] for k in ("dtype", "attention_impl") if k in config.model}
+    config.model = ml_collections.ConfigDict({**imported.model, **kept})
+    return imported
+
+
+@dataclasses.dataclass
+class Trained:
+    """A workdir's resolved config (with overrides), its bundle and the newest complete
+    checkpoint's parameters."""
+
+    config: ml_collections.ConfigDict
+    bundle: Bundle
+    step: int
+    params: Any
+
+
+def load_trained(workdir: str, overrides: Sequence[str] = ()) -> Trained:
+    """Reads `workdir/config.json`, applies `--config.*` overrides, builds it and reads the
+    newest complete checkpoint's parameters (only those: no optimizer state, no data
+    iterator) onto this machine's devices."""
+    from mmjax.train.config_cli import apply_overrides
+
+    config = read_config(workdir)
+    apply_overrides(config, overrides)
+    # config.json is resolved already (an import's architecture is in `model`), and the
+    # parameters are the checkpoint's: nothing is imported or copied in again
+    plain = copy.deepcopy(config)
+    plain.init_from = ml_collections.ConfigDict({"format": ""})
+    bundle = build(plain, workdir)
+    step, params = read_params(workdir, bundle.abstract_params())
+    return Trained(config, bundle, step, params)
