@@ -12,7 +12,7 @@ the largest one, so both CLIP poolings pick it).
 - mmjax: the trainer's own jitted step (`Trainer.jit_train_step`: loss, grads, clipping, AdamW,
   NaN guard, donated state) for experiments/clip.py:tiny with the shapes above overridden, on
   one CPU device. `key=value` arguments override the config further (e.g.
-  `model.attention_impl=xla model.image.remat=true`).
+  `model.attention_impl=xla model.image.remat_policy=full`).
 - open_clip: `open_clip.CLIP` of the same shapes in eager torch (f32, `--threads` intra-op
   threads), `open_clip.ClipLoss`, `torch.optim.AdamW` and the same clipping, with
   open_clip's logit-scale clamp after each step.
@@ -66,8 +66,10 @@ def small_config(args):
     config.data.update(tokenizer="byte", image_size=args.image_size, max_text_len=args.context)
     tower = dict(width=args.width, depth=args.depth, num_heads=args.heads, mlp_dim=4 * args.width)
     config.model.update(embed_dim=args.width, dtype=args.dtype)
-    config.model.image.update(patch_size=args.patch, pool="cls", remat=False, **tower)
-    config.model.text.update(vocab_size=args.vocab, max_len=args.context, remat=False, **tower)
+    config.model.image.update(patch_size=args.patch, pool="cls", remat_policy="none", **tower)
+    config.model.text.update(
+        vocab_size=args.vocab, max_len=args.context, remat_policy="none", **tower
+    )
     apply_overrides(config, args.overrides)
     return config
 

@@ -3,12 +3,12 @@
   python benchmarks/compile_time.py [--config experiments/transfusion.py:tiny]
                                     [--depths 4 16 32] [key=value ...]
 
-For each depth and `model.scan` on/off, builds the config's real train step (through the
+For each depth and `model.scan_layers` on/off, builds the config's real train step (through the
 trainer, as `python -m mmjax.aot --topology cpu:1` does), compiles it for one CPU device and
 prints one JSON line: depth, scanned, lower and compile seconds, the compiled step's
-temporary bytes and its optimized HLO's size. A scanned stack compiles one block whatever the depth; an
-unrolled one compiles every block, so its time grows about linearly. Run with nothing else on
-the machine: compile times are wall-clock.
+temporary bytes and its optimized HLO's size. A scanned stack compiles one block whatever
+the depth; an unrolled one compiles every block, so its time grows about linearly. Run with
+nothing else on the machine: compile times are wall-clock.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def main() -> None:
     for scan in (True, False):
         for depth in args.depths:
             config = load_config(args.config)
-            apply_overrides(config, [*args.overrides, f"model.depth={depth}"])
-            config.model.scan = scan  # a Transformer field that tiny configs leave at its default
+            overrides = [f"model.depth={depth}", f"model.scan_layers={scan}"]
+            apply_overrides(config, [*args.overrides, *overrides])
             report = compile_train_step(config, "cpu:1")
             row = {
                 "config": args.config,

@@ -112,7 +112,7 @@ def small_config(args, shp):
         image_shape=tuple(args.latent),
         patch_size=args.patch,
         dtype=args.dtype,
-        remat=False,
+        remat_policy="none",
     )
     apply_overrides(config, args.overrides)
     return config

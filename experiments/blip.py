@@ -93,7 +93,7 @@ def _paper(c: ml_collections.ConfigDict) -> None:
     )
     c.model = dict(
         name="blip",
-        vision=dict(VIT_B16, remat=True, scan=True),
+        vision=dict(VIT_B16, remat_policy="full", scan_layers=True),
         text=BERT_BASE,
         vocab_size=0,
         embed_dim=256,

@@ -198,7 +198,7 @@ def _paper_stage1(c: ml_collections.ConfigDict) -> None:
     c.objective = dict(name="blip", kwargs=dict(label_smoothing=0.1, same_key="index"))
     c.model = dict(
         name="blip2",
-        vision=dict(VIT_G, remat=True, scan=True),
+        vision=dict(VIT_G, remat_policy="full", scan_layers=True),
         feature_layer=-2,  # "remove the last layer of the ViT" (Sec. 3.4)
         qformer=QFORMER_BASE,
         vocab_size=0,
@@ -234,7 +234,7 @@ def _paper_stage2(c: ml_collections.ConfigDict, lm: str) -> None:
     c.objective = dict(name="vlm")
     c.model = dict(
         name="vlm",
-        vision=dict(VIT_G, remat=True, scan=True),
+        vision=dict(VIT_G, remat_policy="full", scan_layers=True),
         feature_layer=-2,
         keep_cls=True,
         connector=dict(type="qformer", out_dim=width, **QFORMER_BASE),
@@ -245,8 +245,8 @@ def _paper_stage2(c: ml_collections.ConfigDict, lm: str) -> None:
         mlp_dim=mlp_dim,
         dtype="bfloat16",
         attention_impl="auto",
-        remat=True,
-        scan=True,
+        remat_policy="full",
+        scan_layers=True,
     )
     # The ViT and the Q-Former from stage 1, the LLM from its converted workdir (paths given
     # on the command line: the module docstring)

@@ -65,7 +65,9 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
     c.checkpoint_every = 200
     c.data = data_config(source="digits", image_size=8, max_text_len=16, vocab_size=128)
     width = 64
-    tower = dict(width=width, depth=2, num_heads=4, mlp_dim=4 * width, remat=False)
+    tower = dict(
+        width=width, depth=2, num_heads=4, mlp_dim=4 * width, remat_policy="none", scan_layers=False
+    )
     c.model = dict(
         name="clip",
         embed_dim=width,
@@ -120,8 +122,8 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
             mlp_dim=4 * width,
             pool="cls",
             patch_bias=False,  # OpenAI CLIP's conv1 has no bias
-            remat=True,
-            scan=True,
+            remat_policy="full",
+            scan_layers=True,
         ),
         text=dict(
             vocab_size=0,
@@ -130,8 +132,8 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
             depth=12,
             num_heads=text_heads,
             mlp_dim=4 * text_width,
-            remat=True,
-            scan=True,
+            remat_policy="full",
+            scan_layers=True,
         ),
     )
     c.optimizer.update(lr=lr)

@@ -178,8 +178,8 @@ def _paper(c: ml_collections.ConfigDict, size: str, stage: str, *, connector: st
         mlp_dim=mlp_dim,
         dtype="bfloat16",
         attention_impl="auto",
-        remat=True,
-        scan=True,
+        remat_policy="full",
+        scan_layers=True,
     )
     c.evals = dict(
         vlm=dict(type="vlm", split="test", num_samples=500, batch_size=64, tasks=("caption",))

@@ -172,7 +172,7 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
         mlp_dim=mlp,
         dtype="bfloat16",
         attention_impl="auto",
-        remat=True,
-        scan=not arg.startswith("chinchilla"),  # Flamingo's LMs: gated layers between blocks
+        remat_policy="full",
+        scan_layers=not arg.startswith("chinchilla"),  # Flamingo's LMs: gated layers between blocks
     )
     c.evals = {}

@@ -48,7 +48,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
     """Both towers of the same shape, embedding = width; batch 32k, lr 1e-3, wd 1e-4 (Sec. 4)."""
     patch, width, depth, heads, mlp = SHAPES[arg]
-    tower = dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, remat=True, scan=True)
+    tower = dict(
+        width=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_dim=mlp,
+        remat_policy="full",
+        scan_layers=True,
+    )
     c.model.image.update(patch_size=patch, **tower)
     c.model.text.update(max_len=64, **tower)
     c.model.embed_dim = width

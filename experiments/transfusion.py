@@ -117,6 +117,8 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
         bidirectional_images=True,
         dtype="float32",
         attention_impl="auto",
+        remat_policy="none",  # nn.transformer.REMAT_POLICIES
+        scan_layers=False,
     )
     c.optimizer.update(lr=1e-3, warmup_steps=100)
     c.evals = dict(
@@ -192,6 +194,6 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
         bidirectional_images=True,
         dtype="bfloat16",
         attention_impl="auto",
-        remat=True,
-        scan=True,
+        remat_policy="full",
+        scan_layers=True,
     )

@@ -137,6 +137,8 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
         vision_mlp_dim=128,
         dtype="float32",
         attention_impl="auto",
+        remat_policy="none",  # nn.transformer.REMAT_POLICIES
+        scan_layers=False,
     )
     c.optimizer.update(lr=1e-3, warmup_steps=100)
     c.evals = dict(
@@ -249,7 +251,7 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
         vision_mlp_dim=4304,
         dtype="bfloat16",
         attention_impl="auto",
-        remat=True,
-        scan=True,
+        remat_policy="full",
+        scan_layers=True,
     )
     # set --config.latents.vae_workdir to a VAE with f = 8 and 4 latent channels

@@ -110,9 +110,10 @@ def _stacks(model_cfg: Any) -> str:
     settings: set[str] = set()
 
     def walk(cfg: Any) -> None:
-        if "remat" in cfg:
-            policy = cfg.get("remat_policy", "full") if cfg["remat"] else "no remat"
-            settings.add(f"{policy}{', scanned' if cfg.get('scan') else ''}")
+        if "remat_policy" in cfg or "scan_layers" in cfg:
+            policy = cfg.get("remat_policy", "none")
+            policy = "no remat" if policy == "none" else policy
+            settings.add(f"{policy}{', scanned' if cfg.get('scan_layers') else ''}")
         for value in cfg.values():
             if hasattr(value, "items"):
                 walk(value)
@@ -164,8 +165,8 @@ def model_flops(trainer: Any, state: Any, batch: Any, platform: str) -> float:
         for key, value in cfg.items():
             if isinstance(value, ml_collections.ConfigDict):
                 without_remat(value)
-            elif key == "remat":
-                cfg[key] = False
+            elif key == "remat_policy":
+                cfg[key] = "none"
 
     config = ml_collections.ConfigDict(trainer.config.to_dict())
     without_remat(config.model)

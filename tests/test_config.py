@@ -54,14 +54,14 @@ def test_overrides_are_parsed_to_the_type_of_the_key():
         [
             "total_steps=7",
             "optimizer.lr=0.01",
-            "model.image.remat=true",
+            "model.image.scan_layers=true",
             "data.source=shapes",
             "mesh.rules=(('batch', 'data'),)",
         ],
     )
     assert config.total_steps == 7 and isinstance(config.total_steps, int)
     assert config.optimizer.lr == 0.01
-    assert config.model.image.remat is True
+    assert config.model.image.scan_layers is True
     assert config.data.source == "shapes"
     assert config.mesh.rules == (("batch", "data"),)
 
@@ -72,7 +72,7 @@ def test_overrides_are_parsed_to_the_type_of_the_key():
         ("model.widht=3", "unknown config key 'model.widht'; valid keys under 'model': ["),
         ("nope=1", "unknown config key 'nope'; valid keys under '<top level>'"),
         ("total_steps=ten", "config key 'total_steps' expects an int, got 'ten'"),
-        ("model.image.remat=maybe", "expects a bool"),
+        ("model.image.scan_layers=maybe", "expects a bool"),
         ("model=3", "config key 'model' is a group"),
         ("total_steps", "is not of the form"),
     ],

@@ -254,9 +254,9 @@ def test_text_of_the_wrong_dtype_is_named():
         )
 
 
-def save_digits_clip(directory) -> "transformers.CLIPModel":
+def save_digits_clip(directory, layers: int = 1) -> "transformers.CLIPModel":
     """A random HF CLIP for 8x8 digits with a word-level HF tokenizer of the digit captions,
-    saved as a checkpoint directory would be (weights + tokenizer)."""
+    saved as a checkpoint directory would be (weights + tokenizer); `layers` per tower."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     from mmjax.data import data_config
@@ -281,9 +281,9 @@ def save_digits_clip(directory) -> "transformers.CLIPModel":
     fast.save_pretrained(directory)
     config = transformers.CLIPConfig(
         text_config=dict(vocab_size=len(fast), max_position_embeddings=16, hidden_size=32,
-                         num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                         num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
                          eos_token_id=3, pad_token_id=0, bos_token_id=2),
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        vision_config=dict(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                            intermediate_size=64, image_size=8, patch_size=2),
         projection_dim=32,
     )  # fmt: skip
@@ -325,6 +325,34 @@ def test_training_starts_from_imported_weights_and_evaluates_with_their_tokenize
         np.testing.assert_array_equal(got[path], want[path], err_msg=path)
     assert 0.0 <= final["zero_shot_accuracy"] <= 1.0
     assert trainer.config.model.text.pool == "eos"
+
+
+def test_imported_weights_fill_scanned_towers_with_the_same_outputs(tmp_path):
+    """The converters write towers unscanned (block0..); a run that scans its towers gets
+    them stacked (mmjax.parallel.layout) and computes what the unscanned import computes."""
+    from mmjax.train.config_cli import apply_overrides
+    from mmjax.train.loop import Trainer
+
+    save_digits_clip(tmp_path / "ckpt", layers=3)
+    plain = Trainer(init_from_config(tmp_path / "ckpt"), str(tmp_path / "a"))
+    config = init_from_config(tmp_path / "ckpt")
+    # how the towers run is kept over the import's architecture
+    apply_overrides(config, ["model.image.scan_layers=true", "model.text.scan_layers=true"])
+    scanned = Trainer(config, str(tmp_path / "b"))
+    assert scanned.config.model.image.scan_layers and scanned.config.model.image.depth == 3
+    batch = next(plain.data_iterator())
+    outputs = []
+    for trainer in (plain, scanned):
+        _, shardings = trainer.init_state(batch)
+        params = trainer.bundle.imported_params(batch, shardings.params)
+        outputs.append(trainer.model.apply({"params": params}, batch))
+        encoder = params["image_tower"]["encoder"]
+    assert (
+        set(encoder) == {"layers", "last"}
+        and encoder["layers"]["mlp"]["fc1"]["kernel"].shape[0] == 2
+    )
+    for a, b in zip(*map(jax.tree.leaves, outputs), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def test_import_with_a_mismatched_tokenizer_or_image_size_fails_clearly(tmp_path):

@@ -54,7 +54,7 @@ def tokens(seed: int) -> jnp.ndarray:
 
 
 def transformer(depth: int, scan: bool, causal: bool = False) -> Transformer:
-    return Transformer(depth, 2, 32, causal=causal, scan=scan, **F32)
+    return Transformer(depth, 2, 32, causal=causal, scan_layers=scan, **F32)
 
 
 @functools.cache
@@ -141,7 +141,7 @@ def test_a_vision_and_a_text_tower_in_one_tree_convert_together():
 
     def tree(scan: bool) -> dict:
         """The shapes scanned, random params unscanned."""
-        vit = VisionTransformer(depth=3, scan=scan, **VIT)
+        vit = VisionTransformer(depth=3, scan_layers=scan, **VIT)
         vision = jax.eval_shape(vit.init, jax.random.key(0), IMAGES)["params"]
         shaped = param_paths({"vision": nn.unbox(vision), "lm": nest(layout(2, scan, True))})
         return shaped if scan else random_params(shaped)
@@ -162,7 +162,7 @@ def test_a_vision_and_a_text_tower_in_one_tree_convert_together():
     # CLS pooling: the scanned `last` block computes only the CLS token (read_at). Jitted:
     # eagerly the ViT takes seconds on CPU
     def pooled(scan: bool, vision: dict) -> jnp.ndarray:
-        vit = VisionTransformer(depth=3, scan=scan, **VIT)
+        vit = VisionTransformer(depth=3, scan_layers=scan, **VIT)
         return jax.jit(functools.partial(vit.apply, pooled_only=True))(vision, IMAGES)[0]
 
     want = pooled(False, {"params": nest(unscanned)["vision"]})
@@ -179,7 +179,7 @@ def test_a_vit_without_its_last_block_converts_to_layers_only():
 
     def params(scan: bool) -> dict:
         """The shapes scanned, random params unscanned."""
-        vit = VisionTransformer(depth=3, scan=scan, **VIT)
+        vit = VisionTransformer(depth=3, scan_layers=scan, **VIT)
         built = jax.eval_shape(functools.partial(vit.init, feature_layer=-2), key, images)
         shaped = param_paths(nn.unbox(built["params"]))
         return shaped if scan else random_params(shaped)
@@ -189,7 +189,7 @@ def test_a_vit_without_its_last_block_converts_to_layers_only():
     converted = to_layout(unscanned, scanned)
 
     def features(scan: bool, params: dict) -> jnp.ndarray:
-        vit = VisionTransformer(depth=3, scan=scan, **VIT)
+        vit = VisionTransformer(depth=3, scan_layers=scan, **VIT)
         apply = jax.jit(functools.partial(vit.apply, feature_layer=-2))
         return apply({"params": nest(params)}, images)[1]
 

@@ -47,7 +47,7 @@ def test_a_scanned_causal_lm_stack_equals_the_unrolled_one():
     x, segment_ids, positions = packed_rows()
     params = nn.unbox(decoder().init(jax.random.key(0), x, segment_ids, None, positions))
     unrolled = decoder().apply(params, x, segment_ids, None, positions)
-    scanned = decoder(scan=True).apply(
+    scanned = decoder(scan_layers=True).apply(
         {"params": stack_blocks(params["params"])}, x, segment_ids, None, positions
     )
     np.testing.assert_allclose(scanned, unrolled, atol=1e-5)
@@ -61,13 +61,15 @@ def test_a_scanned_vit_stack_reads_out_as_the_unrolled_one():
     params = nn.unbox(VisionTransformer(**vit).init(jax.random.key(0), images))["params"]
     scanned = {**params, "encoder": stack_blocks(params["encoder"])}
     pooled = VisionTransformer(**vit).apply({"params": params}, images, pooled_only=True)[0]
-    got = VisionTransformer(**vit, scan=True).apply({"params": scanned}, images, pooled_only=True)
+    got = VisionTransformer(**vit, scan_layers=True).apply(
+        {"params": scanned}, images, pooled_only=True
+    )
     np.testing.assert_allclose(got[0], pooled, atol=1e-5)
 
     encoder = {f"block{i}": params["encoder"][f"block{i}"] for i in range(DEPTH - 1)}
     penultimate = {**params, "encoder": stack_blocks(encoder)}
     want = VisionTransformer(**vit).apply({"params": params}, images, feature_layer=-2)[1]
-    scan_vit = VisionTransformer(**vit, scan=True)
+    scan_vit = VisionTransformer(**vit, scan_layers=True)
     built = nn.unbox(scan_vit.init(jax.random.key(0), images, feature_layer=-2))["params"]
     assert set(built["encoder"]) == {"layers"}  # the last block is neither run nor created
     got = scan_vit.apply({"params": penultimate}, images, feature_layer=-2)[1]
@@ -78,23 +80,25 @@ def test_a_scanned_vit_stack_reads_out_as_the_unrolled_one():
 
 def test_remat_policies_give_the_gradients_of_no_remat():
     x, segment_ids, positions = packed_rows()
-    params = decoder(scan=True).init(jax.random.key(0), x, segment_ids, None, positions)
+    params = decoder(scan_layers=True).init(jax.random.key(0), x, segment_ids, None, positions)
 
     def grads(**kw):
         loss = lambda p: jnp.sum(  # noqa: E731
-            decoder(scan=True, **kw).apply(p, x, segment_ids, None, positions) ** 2
+            decoder(scan_layers=True, **kw).apply(p, x, segment_ids, None, positions) ** 2
         )
         return jax.jit(jax.grad(loss))(params)
 
     want = grads()
-    for policy in ("full", "dots"):
-        got = grads(remat=True, remat_policy=policy)
+    for policy in ("minimal", "dots", "full"):
+        got = grads(remat_policy=policy)
         jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5), got, want)
 
 
 def test_scanned_kv_cache_decoding_equals_the_full_forward_pass():
     """A prompt prefilled into the scanned stack's cache, then one token at a time."""
-    lm = dict(vocab_size=40, width=32, depth=DEPTH, num_heads=4, mlp_dim=64, scan=True, **F32)
+    lm = dict(
+        vocab_size=40, width=32, depth=DEPTH, num_heads=4, mlp_dim=64, scan_layers=True, **F32
+    )
     model, cached = CausalLM(**lm), CausalLM(**lm, decode=True)
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 1, 40)
     segment_ids, positions = jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(10), (2, 10))
@@ -112,7 +116,7 @@ def test_scanned_kv_cache_decoding_equals_the_full_forward_pass():
 def test_scanned_parameters_carry_the_layers_axis_first():
     x, segment_ids, positions = packed_rows()
     boxed = jax.eval_shape(
-        decoder(scan=True).init, jax.random.key(0), x, segment_ids, None, positions
+        decoder(scan_layers=True).init, jax.random.key(0), x, segment_ids, None, positions
     )
     specs = nn.get_partition_spec(boxed)["params"]
     assert set(specs) == {"layers", "last"}
@@ -132,11 +136,11 @@ def test_scanned_parameters_carry_the_layers_axis_first():
 def test_an_unknown_policy_or_a_hook_in_a_scanned_stack_is_a_clear_error():
     x, segment_ids, positions = packed_rows()
     with pytest.raises(ValueError, match=r"unknown remat_policy 'dot'; valid: \['dots', "):
-        decoder(remat=True, remat_policy="dot").init(
-            jax.random.key(0), x, segment_ids, None, positions
-        )
-    with pytest.raises(ValueError, match=r"before_block .* scanned stack cannot: set scan=False"):
-        decoder(scan=True).init(
+        decoder(remat_policy="dot").init(jax.random.key(0), x, segment_ids, None, positions)
+    with pytest.raises(
+        ValueError, match=r"before_block .* scanned stack cannot: set scan_layers=False"
+    ):
+        decoder(scan_layers=True).init(
             jax.random.key(0), x, segment_ids, None, positions, before_block=lambda i, y: y
         )
 
@@ -146,7 +150,7 @@ def test_a_tiny_scanned_transfusion_trains(tmp_path):
 
     c = load_config(f"{REPO}/experiments/transfusion.py:tiny")
     c.model.update(depth=DEPTH, width=32, mlp_dim=64, attention_impl="xla")
-    c.model.update(scan=True, remat=True, remat_policy="dots")
+    c.model.update(scan_layers=True, remat_policy="dots")
     c.update(batch_size=16, total_steps=10)
     c.optimizer.update(warmup_steps=2, lr=3e-3)
     trainer = Trainer(c, str(tmp_path))
@@ -160,3 +164,102 @@ def test_a_tiny_scanned_transfusion_trains(tmp_path):
         state, metrics = step(state, fixed)
         losses.append(float(metrics["lm_loss"]))
     assert losses[-1] < 0.85 * losses[0], losses
+
+
+def _flat(tree: dict) -> dict:
+    return {
+        "/".join(str(k.key) for k in path): x
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for path, x in flat.items():
+        *parents, leaf = path.split("/")
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = x
+    return out
+
+
+def _same_loss_and_gradients(loss_of, unscanned: dict, scanned_shapes: dict) -> None:
+    """`loss_of(scanned: bool)(params)` for the unscanned params and for them converted to the
+    scanned layout: equal losses, and equal gradients once converted the same way (f32)."""
+    from mmjax.parallel.layout import to_layout
+
+    def convert(tree: dict) -> dict:
+        return _nest(to_layout(_flat(tree), _flat(scanned_shapes)))
+
+    want, want_grads = jax.jit(jax.value_and_grad(loss_of(False)))(unscanned)
+    got, got_grads = jax.jit(jax.value_and_grad(loss_of(True)))(convert(unscanned))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+    def close(path, got: jax.Array, want: jax.Array) -> None:
+        # f32 sums in another order: to 1e-5, relative to a gradient's largest entry above 1
+        error = float(jnp.max(jnp.abs(got - want)))
+        scale = max(1.0, float(jnp.max(jnp.abs(want))))
+        assert error <= 1e-5 * scale, (jax.tree_util.keystr(path), error, scale)
+
+    jax.tree_util.tree_map_with_path(close, got_grads, convert(want_grads))
+
+
+def test_vit_and_llama_decoder_losses_and_gradients_equal_scanned_and_unscanned():
+    vit = dict(patch_size=4, width=32, depth=DEPTH, num_heads=4, mlp_dim=64, **F32)
+    images = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+
+    tokens_out = jax.random.normal(jax.random.key(4), (2, 5, 32))  # CLS + 4 patches
+
+    def vit_loss(scan: bool):  # every token's output, not just the normalised CLS
+        model = VisionTransformer(**vit, scan_layers=scan)
+        return lambda p: jnp.sum(model.apply({"params": p}, images)[1] * tokens_out)
+
+    params = nn.unbox(VisionTransformer(**vit).init(jax.random.key(0), images))["params"]
+    shapes = jax.eval_shape(
+        VisionTransformer(**vit, scan_layers=True).init, jax.random.key(0), images
+    )
+    _same_loss_and_gradients(vit_loss, params, nn.unbox(shapes)["params"])
+
+    lm = dict(vocab_size=40, width=32, depth=DEPTH, num_heads=4, mlp_dim=64, **F32)
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 40)
+    segment_ids, positions = jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(12), (2, 12))
+
+    def lm_loss(scan: bool):
+        model = CausalLM(**lm, scan_layers=scan)
+        return lambda p: jnp.mean(
+            jax.nn.log_softmax(model.apply({"params": p}, tokens, segment_ids, positions))[..., 0]
+        )
+
+    init = CausalLM(**lm).init
+    params = nn.unbox(init(jax.random.key(0), tokens, segment_ids, positions))["params"]
+    shapes = jax.eval_shape(
+        CausalLM(**lm, scan_layers=True).init, jax.random.key(0), tokens, segment_ids, positions
+    )
+    _same_loss_and_gradients(lm_loss, params, nn.unbox(shapes)["params"])
+
+
+@pytest.mark.slow
+def test_transfusion_loss_and_gradients_equal_scanned_and_unscanned(tmp_path):
+    """The whole Transfusion objective (LM + diffusion terms, the same noise) through the
+    trainer, f32: scanned and unscanned agree to 1e-5."""
+    from mmjax.train.loop import Trainer
+
+    def trainer(scan: bool) -> Trainer:
+        c = load_config(f"{REPO}/experiments/transfusion.py:tiny")
+        c.model.update(depth=DEPTH, width=32, mlp_dim=64, attention_impl="xla")
+        c.model.update(scan_layers=scan)
+        c.update(batch_size=8)
+        return Trainer(c, str(tmp_path))
+
+    plain, scanned = trainer(False), trainer(True)
+    batch = {k: jnp.asarray(v) for k, v in next(plain.data_iterator()).items()}
+    params = nn.unbox(jax.jit(plain.bundle.init_params, static_argnums=0)(0, batch))
+    shapes = nn.unbox(scanned.bundle.boxed_params(batch))
+    rng = jax.random.key(3)
+
+    def loss_of(scan: bool):
+        loss_fn = (scanned if scan else plain).loss_fn
+        return lambda p: loss_fn(p, batch, rng)[0]
+
+    _same_loss_and_gradients(loss_of, params, shapes)

@@ -239,3 +239,67 @@ def test_a_config_or_batch_that_does_not_fit_its_family_is_one_error(toy_family,
         families.check_batch(toy_family, {"image": batch["image"]})
     with pytest.raises(UserError, match=r"batch\['text'\] is float32 of shape \(2, 4\)"):
         families.check_batch(toy_family, {**batch, "text": batch["text"].astype(np.float32)})
+
+
+# --- a checkpoint between scanned and unscanned layouts ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deep_clip_run(tmp_path_factory) -> str:
+    """A tiny CLIP with 3-block towers, trained unscanned (block0..block2) for 2 steps."""
+    workdir = str(tmp_path_factory.mktemp("deep_clip"))
+    config = tiny_clip_config(total_steps=2)
+    apply_overrides(config, ["model.image.depth=3", "model.text.depth=3"])
+    train_and_evaluate(config, workdir)
+    return workdir
+
+
+def _scanned(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    apply_overrides(config, ["model.image.scan_layers=true", "model.text.scan_layers=true"])
+    return config
+
+
+@pytest.mark.slow
+def test_a_checkpoint_reads_into_the_other_layout_with_the_same_outputs(deep_clip_run):
+    from mmjax.data import first_example
+    from mmjax.train.workdir import read_config, read_params
+
+    plain = load_trained(deep_clip_run)
+    bundle = build(_scanned(read_config(deep_clip_run)), deep_clip_run)
+    step, scanned = read_params(deep_clip_run, bundle.abstract_params())
+    assert step == plain.step == 2
+    tower = scanned["image_tower"]["encoder"]
+    assert set(tower) == {"layers", "last"}  # 2 stacked blocks + the last
+    example = first_example(plain.config.data, plain.bundle.tokenizer)
+    batch = {k: np.asarray(v)[None] for k, v in example.items()}
+    want = plain.bundle.model.apply({"params": plain.params}, batch)
+    got = bundle.model.apply({"params": scanned}, batch)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_init_from_an_unscanned_run_fills_a_scanned_one(deep_clip_run, tmp_path):
+    from mmjax.train.workdir import read_config
+
+    config = _scanned(read_config(deep_clip_run))
+    config.total_steps = 1
+    config.optimizer.frozen = ("image_tower/**",)  # one step leaves it as loaded
+    config.init_from = ml_collections.ConfigDict(
+        {"format": "workdir", "path": deep_clip_run, "load": {"image_tower": "image_tower"}}
+    )
+    workdir = str(tmp_path / "scanned")
+    train_and_evaluate(config, workdir)
+    plain = load_trained(deep_clip_run).params["image_tower"]["encoder"]
+    scanned = load_trained(workdir).params["image_tower"]["encoder"]
+    for i in range(2):
+        for a, b in zip(
+            jax.tree.leaves(plain[f"block{i}"]),
+            jax.tree.leaves(jax.tree.map(lambda x, i=i: x[i], scanned["layers"])),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        jax.tree.leaves(plain["block2"]), jax.tree.leaves(scanned["last"]), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)

@@ -15,9 +15,9 @@ from mmjax.nn.sincos import sincos_2d
 TOWER = dict(width=32, depth=2, num_heads=4, mlp_dim=64, dtype=jnp.float32)
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_vit_cls_pooled_only_equals_the_full_pass(remat):
-    vit = VisionTransformer(patch_size=4, pool="cls", remat=remat, **TOWER)
+@pytest.mark.parametrize("remat_policy", ["none", "full"])
+def test_vit_cls_pooled_only_equals_the_full_pass(remat_policy):
+    vit = VisionTransformer(patch_size=4, pool="cls", remat_policy=remat_policy, **TOWER)
     images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
     params = vit.init(jax.random.key(1), images)
     full, tokens = vit.apply(params, images)
@@ -53,7 +53,7 @@ def test_vit_sincos2d_posemb_is_fixed_and_added_to_the_patches_only(pool):
     [
         dict(causal=True, pool="eot", mask_padding=True),  # CLIP
         dict(causal=False, pool="last", mask_padding=False),  # SigLIP
-        dict(causal=True, pool="eos", mask_padding=True, eos_id=7, remat=True),
+        dict(causal=True, pool="eos", mask_padding=True, eos_id=7, remat_policy="full"),
     ],
 )
 @pytest.mark.slow

@@ -26,9 +26,8 @@ class TextLM(nn.Module):
     mlp_dim: int
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
-    remat: bool = False
-    remat_policy: str = "full"  # nn.transformer.REMAT_POLICIES
-    scan: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
+    remat_policy: str = "none"  # nn.transformer.REMAT_POLICIES
+    scan_layers: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -43,9 +42,8 @@ class TextLM(nn.Module):
             self.mlp_dim,
             rope_theta=self.rope_theta,
             norm_eps=self.norm_eps,
-            remat=self.remat,
             remat_policy=self.remat_policy,
-            scan=self.scan,
+            scan_layers=self.scan_layers,
             attention_impl=self.attention_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,

@@ -56,9 +56,8 @@ class TextTransformer(nn.Module):
     eos_id: int | None = None
     activation: str = "gelu"
     norm_eps: float = 1e-5
-    remat: bool = False
-    remat_policy: str = "full"  # nn.transformer.REMAT_POLICIES
-    scan: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
+    remat_policy: str = "none"  # nn.transformer.REMAT_POLICIES
+    scan_layers: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -99,9 +98,8 @@ class TextTransformer(nn.Module):
             activation=self.activation,
             causal=self.causal,
             norm_eps=self.norm_eps,
-            remat=self.remat,
             remat_policy=self.remat_policy,
-            scan=self.scan,
+            scan_layers=self.scan_layers,
             attention_impl=self.attention_impl,
             name="encoder",
             **kw,

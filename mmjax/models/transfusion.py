@@ -139,9 +139,8 @@ class Transfusion(nn.Module):
     rope_theta: float = 10_000.0
     decode: bool = False  # KV cache: batches are chunks written at `cache_offset`
     norm_eps: float = 1e-5
-    remat: bool = False
-    remat_policy: str = "full"  # nn.transformer.REMAT_POLICIES
-    scan: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
+    remat_policy: str = "none"  # nn.transformer.REMAT_POLICIES
+    scan_layers: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -176,9 +175,8 @@ class Transfusion(nn.Module):
             norm_eps=self.norm_eps,
             rope_theta=self.rope_theta,
             decode=self.decode,
-            remat=self.remat,
             remat_policy=self.remat_policy,
-            scan=self.scan,
+            scan_layers=self.scan_layers,
             attention_impl=self.attention_impl,
             **kw,
         )

@@ -62,9 +62,9 @@ class UniFluid(nn.Module):
     vision_depth: int = 2
     vision_heads: int = 4
     vision_mlp_dim: int = 128
-    # Further VisionTransformer fields (pool, pre_norm, patch_bias, activation, norm_eps, remat,
-    # scan): a CLIP/SigLIP tower's, to load its parameters; a CLS token is dropped from the
-    # features.
+    # Further VisionTransformer fields (pool, pre_norm, patch_bias, activation, norm_eps,
+    # remat_policy, scan_layers): a CLIP/SigLIP tower's, to load its parameters; a CLS token
+    # is dropped from the features.
     vision_options: Mapping[str, Any] = freeze({})
     # Channels the ViT takes (0: the images'): grey images are repeated to 3, as an RGB-trained
     # encoder saw them (the digits source gives CLIP grey digits as 3 equal channels).
@@ -72,9 +72,8 @@ class UniFluid(nn.Module):
     rope_theta: float = 10_000.0
     decode: bool = False  # KV cache: batches are chunks written at `cache_offset`
     norm_eps: float = 1e-6  # Gemma's RMSNorm epsilon
-    remat: bool = False
-    remat_policy: str = "full"  # nn.transformer.REMAT_POLICIES
-    scan: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
+    remat_policy: str = "none"  # nn.transformer.REMAT_POLICIES
+    scan_layers: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -123,9 +122,8 @@ class UniFluid(nn.Module):
             norm_eps=self.norm_eps,
             rope_theta=self.rope_theta,
             decode=self.decode,
-            remat=self.remat,
             remat_policy=self.remat_policy,
-            scan=self.scan,
+            scan_layers=self.scan_layers,
             attention_impl=self.attention_impl,
             **kw,
         )

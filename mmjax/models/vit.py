@@ -33,9 +33,8 @@ class VisionTransformer(nn.Module):
     patch_bias: bool = True
     activation: str = "gelu"
     norm_eps: float = 1e-5
-    remat: bool = False
-    remat_policy: str = "full"  # nn.transformer.REMAT_POLICIES
-    scan: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
+    remat_policy: str = "none"  # nn.transformer.REMAT_POLICIES
+    scan_layers: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -50,7 +49,7 @@ class VisionTransformer(nn.Module):
         `feature_layer` k returns (None, the encoder's hidden state k) indexed as HF's
         `hidden_states`: 0 the embeddings after norm_pre, depth (or -1) the last block's
         output, -2 the penultimate one that LLaVA-1.5 reads; no norm_post, and the blocks
-        after it are neither run nor created (with `scan`: only the last one may be left out,
+        after it are neither run nor created (with `scan_layers`: only the last one may be left out,
         so k is 0, -2 or the last)."""
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; valid: {POOLS}")
@@ -86,9 +85,8 @@ class VisionTransformer(nn.Module):
             self.mlp_dim,
             activation=self.activation,
             norm_eps=self.norm_eps,
-            remat=self.remat,
             remat_policy=self.remat_policy,
-            scan=self.scan,
+            scan_layers=self.scan_layers,
             attention_impl=self.attention_impl,
             name="encoder",
             **kw,

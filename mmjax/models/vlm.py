@@ -55,9 +55,8 @@ class CausalLM(nn.Module):
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     decode: bool = False
-    remat: bool = False
-    remat_policy: str = "full"  # nn.transformer.REMAT_POLICIES
-    scan: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
+    remat_policy: str = "none"  # nn.transformer.REMAT_POLICIES
+    scan_layers: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -72,9 +71,8 @@ class CausalLM(nn.Module):
             norm_eps=self.norm_eps,
             rope_theta=self.rope_theta,
             decode=self.decode,
-            remat=self.remat,
             remat_policy=self.remat_policy,
-            scan=self.scan,
+            scan_layers=self.scan_layers,
             attention_impl=self.attention_impl,
             **kw,
         )
@@ -157,7 +155,7 @@ class VLM(nn.Module):
     dropped unless `keep_cls`, as LLaVA does); `feature_layer`: read the ViT's hidden state
     of that index instead of its output (LLaVA-1.5: -2); `connector`: build_connector's
     config, whose out_dim must be `width`. The LM: vocab_size, width, depth, num_heads,
-    mlp_dim, remat, remat_policy, scan (the ViT's are in `vision`). Flamingo: a gated layer
+    mlp_dim, remat_policy, scan_layers (the ViT's are in `vision`). Flamingo: a gated layer
     before LM blocks N-1, 2N-1, ... (N = `cross_attention_every`; Flamingo-3B N=1, 9B N=4,
     80B N=7), its FFW `mlp_dim` wide; its layers run between the LM's blocks, so the LM
     cannot scan.
@@ -177,9 +175,8 @@ class VLM(nn.Module):
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     decode: bool = False  # KV cache: batches are chunks written at `cache_offset`
-    remat: bool = False
-    remat_policy: str = "full"  # nn.transformer.REMAT_POLICIES
-    scan: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
+    remat_policy: str = "none"  # nn.transformer.REMAT_POLICIES
+    scan_layers: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -202,9 +199,8 @@ class VLM(nn.Module):
             rope_theta=self.rope_theta,
             norm_eps=self.norm_eps,
             decode=self.decode,
-            remat=self.remat,
             remat_policy=self.remat_policy,
-            scan=self.scan,
+            scan_layers=self.scan_layers,
             attention_impl=self.attention_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,

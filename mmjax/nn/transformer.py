@@ -72,22 +72,23 @@ class TransformerBlock(nn.Module):
         return nn.with_logical_constraint(x + y, ACT)
 
 
-# Named jax.checkpoint policies for a rematerialised block: what its backward pass may keep
-# from the forward pass instead of recomputing. "dots_no_batch" keeps the projection and MLP
-# matmul outputs (the dots without batch dimensions) and recomputes attention: MaxText's
-# "minimal", so no separate entry.
-REMAT_POLICIES: dict[str, Callable[..., bool]] = {
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
-    "dots": jax.checkpoint_policies.dots_saveable,  # every matmul, attention scores included
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+# Named jax.checkpoint policies for a block's backward pass (MaxText's names): "none" keeps
+# every activation (no remat); "minimal" keeps the matmul outputs without batch dimensions
+# (the projections and the MLP) and recomputes attention; "dots" keeps every matmul output,
+# attention scores included; "full" keeps nothing and recomputes the whole block.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
 }
 
 
 class Transformer(nn.Module):
-    """`depth` TransformerBlocks; `remat` recomputes each block's activations in backward
-    (what it may keep instead: `remat_policy`, a REMAT_POLICIES name).
+    """`depth` TransformerBlocks; `remat_policy` (a REMAT_POLICIES name) says what each block's
+    backward pass keeps of its forward activations and recomputes.
 
-    `scan` runs the blocks as one `nn.scan`, so XLA compiles one block however deep the stack
+    `scan_layers` runs the blocks as one `nn.scan`, so XLA compiles one block however deep the stack
     (big_vision's and MaxText's scanned layers): the first depth - 1 blocks are `layers`, each
     parameter stacked along a leading "layers" logical axis, and the last block is `last`,
     run on its own so that `read_at` can compute only the read-out token. Unscanned, the
@@ -105,9 +106,8 @@ class Transformer(nn.Module):
     use_bias: bool = True
     rope_theta: float | None = None
     decode: bool = False  # KV cache (nn.attention.MultiHeadAttention)
-    remat: bool = False
-    remat_policy: str = "full"
-    scan: bool = False
+    remat_policy: str = "none"
+    scan_layers: bool = False
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
@@ -136,7 +136,7 @@ class Transformer(nn.Module):
             raise ValueError(f"num_blocks {n} is outside [0, {self.depth}]")
         block = self._block_class()
         args = (segment_ids, span_ids, positions, cache_offset)
-        if not self.scan:
+        if not self.scan_layers:
             for i in range(n):
                 if before_block is not None:
                     x = before_block(i, x)
@@ -146,12 +146,12 @@ class Transformer(nn.Module):
         if before_block is not None:
             raise ValueError(
                 "before_block runs the caller's layers between blocks, which a scanned stack "
-                "cannot: set scan=False (Flamingo's LM)"
+                "cannot: set scan_layers=False (Flamingo's LM)"
             )
         if n not in (0, self.depth - 1, self.depth):
             raise ValueError(
                 f"a scanned stack of depth {self.depth} runs all its blocks or all but the last, "
-                f"not {n}: set scan=False"
+                f"not {n}: set scan_layers=False"
             )
         if read_at is not None and n < self.depth:
             raise ValueError("read_at needs the last block of a scanned stack, which is left out")
@@ -170,18 +170,18 @@ class Transformer(nn.Module):
         return x
 
     def _block_class(self) -> type[TransformerBlock]:
-        """TransformerBlock, rematerialised with the named policy if `remat`."""
+        """TransformerBlock, rematerialised with the named policy (not for "none")."""
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"unknown remat_policy {self.remat_policy!r}; valid: {sorted(REMAT_POLICIES)}"
             )
-        if not self.remat:
+        if REMAT_POLICIES[self.remat_policy] is None:
             return TransformerBlock
         # Inside a scan the loop already keeps XLA from merging the recomputation away
         return nn.remat(
             TransformerBlock,
             policy=REMAT_POLICIES[self.remat_policy],
-            prevent_cse=not self.scan,
+            prevent_cse=not self.scan_layers,
         )
 
     def _block_fields(self) -> dict:
@@ -212,7 +212,7 @@ def llama_decoder(
     depth: int, num_heads: int, mlp_dim: int, *, norm_eps: float, rope_theta: float, **kw
 ) -> Transformer:
     """The causal Llama stack of the unified decoders (Transfusion Sec. 4.1, UniFluid): RMSNorm,
-    bias-free SwiGLU, RoPE; `kw` passes decode, remat, remat_policy, scan, attention_impl and
+    bias-free SwiGLU, RoPE; `kw` passes decode, remat_policy, scan_layers, attention_impl and
     dtypes."""
     return Transformer(
         depth,

@@ -1,11 +1,12 @@
 """Convert parameters between the scanned and unscanned layouts of transformer stacks.
 
-`nn.transformer.Transformer` stores its blocks in one of two layouts. Unscanned (`scan=False`)
-they are `P/block0` ... `P/block{n-1}`; scanned (`scan=True`) the first n - 1 are one module
-`P/layers` whose every parameter has a leading axis of size n - 1, and the last one is `P/last`
-(a stack of depth 1 has only `last`; one built without its last block only `layers`). A
-checkpoint written in one layout is restored into a model built in the other with `to_layout`,
-so `scan` stays a compile-time choice rather than part of the checkpoint format.
+`nn.transformer.Transformer` stores its blocks in one of two layouts. Unscanned
+(`scan_layers=False`) they are `P/block0` ... `P/block{n-1}`; scanned (`scan_layers=True`) the
+first n - 1 are one module `P/layers` whose every parameter has a leading axis of size n - 1,
+and the last one is `P/last` (a stack of depth 1 has only `last`; one built without its last
+block only `layers`). A checkpoint written in one layout is restored into a model built in the
+other with `to_layout`, so scanning stays a compile-time choice rather than part of the
+checkpoint format.
 
 Paths are "/"-joined parameter paths (`train.stages.param_paths`): of unboxed arrays in the
 source, of arrays, ShapeDtypeStructs or flax logical boxes of them in the target. A stack is

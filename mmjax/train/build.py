@@ -28,8 +28,10 @@ from mmjax import convert, evals, families, models, objectives, parallel
 from mmjax import data as mmdata
 from mmjax.errors import UserError
 from mmjax.models.vae import LatentSpace
+from mmjax.parallel import layout
 from mmjax.train.checkpoint import abstract_like
 from mmjax.train.latents import load_latent_space, resolved_latents
+from mmjax.train.stages import param_paths, replace_leaves
 from mmjax.train.workdir import WORKDIR_FORMAT, check_workdir_source, read_config, read_params
 
 
@@ -107,7 +109,8 @@ class Bundle:
         )
 
     def imported_params(self, example_batch: Mapping[str, np.ndarray], shardings: Any) -> Any:
-        """The imported parameters placed with `shardings`, once the data is known to fit them."""
+        """The imported parameters placed with `shardings`, once the data is known to fit
+        them; stacks the converters wrote unscanned are stacked for a scanned model."""
         got = tuple(example_batch["image"].shape[1:])
         want = (*self.imported.image_size, self.imported.channels)
         if got != want:
@@ -115,7 +118,12 @@ class Bundle:
                 f"the data gives {'x'.join(map(str, got))} images but the imported model was "
                 f"trained on {'x'.join(map(str, want))}: set data.image_size"
             )
-        return jax.device_put(self.imported.params, shardings)
+        abstract = self.abstract_params(example_batch)
+        try:
+            values = layout.to_layout(param_paths(self.imported.params), param_paths(abstract))
+        except ValueError as e:
+            raise UserError(f"init_from: {e}") from None
+        return jax.device_put(replace_leaves(abstract, values), shardings)
 
 
 def _one_example(example: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
@@ -178,7 +186,7 @@ def build(
 
 def _import(config: ml_collections.ConfigDict, tokenizer: mmdata.Tokenizer) -> convert.Imported:
     """Imports `config.init_from` and puts its architecture in `config.model` (the copy
-    `build` resolves), keeping this run's dtype and attention implementation."""
+    `build` resolves), keeping how this run executes it (EXECUTION_KEYS)."""
     imported = convert.load(config.init_from)
     convert.check_vocab(imported, tokenizer.vocab_size, repr(tokenizer))
     if config.data.max_text_len > imported.text_len:
@@ -186,9 +194,24 @@ def _import(config: ml_collections.ConfigDict, tokenizer: mmdata.Tokenizer) -> c
             f"data.max_text_len {config.data.max_text_len} exceeds the imported text context of "
             f"{imported.text_len} tokens"
         )
-    kept = {k: config.model[k] for k in ("dtype", "attention_impl") if k in config.model}
-    config.model = ml_collections.ConfigDict({**imported.model, **kept})
+    config.model = ml_collections.ConfigDict(_keep_execution(imported.model, config.model))
     return imported
+
+
+# How a model runs, not what it computes: the run's own settings win over an import's
+EXECUTION_KEYS = ("dtype", "attention_impl", "scan_layers", "remat_policy")
+
+
+def _keep_execution(imported: Mapping[str, Any], ours: Mapping[str, Any]) -> dict:
+    """The imported architecture with this config's EXECUTION_KEYS wherever both have them
+    (a tower's `scan_layers`, the model's `dtype`)."""
+    merged = dict(imported)
+    for key, value in ours.items():
+        if key in EXECUTION_KEYS:
+            merged[key] = value
+        elif hasattr(value, "items") and hasattr(imported.get(key), "items"):
+            merged[key] = _keep_execution(imported[key], value)
+    return merged
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ in the loss, so the backward pass skips their weight gradients); they stay bit-i
 """
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -39,6 +39,15 @@ def param_paths(params: Any) -> dict[str, Any]:
     """{"a/b/c": leaf} of a params tree; a logically boxed parameter is one leaf."""
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)[0]
     return {path_name(keys): leaf for keys, leaf in flat}
+
+
+def replace_leaves(tree: Any, values: Mapping[str, Any]) -> Any:
+    """`tree` with the leaves at the "/"-joined paths of `values` replaced."""
+
+    def pick(keys, leaf):
+        return values.get(path_name(keys), leaf)
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def matches(pattern: str, path: str) -> bool:

@@ -44,12 +44,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from mmjax.errors import UserError
+from mmjax.parallel import layout
 from mmjax.train.checkpoint import COMMIT_MARKER
-from mmjax.train.stages import is_box, param_paths, path_name, top_level
+from mmjax.train.stages import is_box, param_paths, replace_leaves, top_level
 
 log = logging.getLogger("mmjax.train")
 
@@ -127,9 +129,10 @@ def check_load(
     `data` config, named in the error), a source that fills a parameter boxed with a "vocab"
     logical axis must have been trained with the same tokenizer (module docstring)."""
     with contextlib.ExitStack() as stack:
-        for earlier, pairs in _plan(init_from, params, stack):
+        for earlier, pairs, relayouts in _plan(init_from, params, stack):
             if tokenizer is not None:
-                earlier.check_vocabulary(pairs, params, tokenizer, data)
+                loaded = [*pairs, *(p for r in relayouts for p in r.dst.values())]
+                earlier.check_vocabulary(loaded, params, tokenizer, data)
 
 
 def load_from_workdir(init_from: Mapping[str, Any], params: Any, shardings: Any) -> Any:
@@ -137,26 +140,24 @@ def load_from_workdir(init_from: Mapping[str, Any], params: Any, shardings: Any)
     (module docstring), placed with `shardings`; one UserError line for any mismatch."""
     values = {}
     with contextlib.ExitStack() as stack:
-        for earlier, pairs in _plan(init_from, params, stack):
-            restored = earlier.read(pairs, params, shardings)
-            values.update({dst: restored[src] for dst, src in pairs.items()})
-            print(
-                f"Initialised {len(pairs)} parameters from the {earlier.model} model in "
-                f"{earlier.where}"
-            )
-    return _replace(params, values)
+        for earlier, pairs, relayouts in _plan(init_from, params, stack):
+            values.update(earlier.read_loaded(pairs, relayouts, params, shardings))
+            count = len(pairs) + sum(len(r.dst) for r in relayouts)
+            how = " (stacks converted between scanned and unscanned)" if relayouts else ""
+            print(f"Initialised {count} parameters from {earlier.model} in {earlier.where}{how}")
+    return replace_leaves(params, values)
 
 
 def _plan(
     init_from: Mapping[str, Any], params: Any, stack: contextlib.ExitStack
-) -> list[tuple["_EarlierRun", dict[str, str]]]:
-    """Every source opened (closed with `stack`) with its checked {dst: src} pairs; an error
-    for a parameter that two sources load."""
+) -> list[tuple["_EarlierRun", dict[str, str], list["_Relayout"]]]:
+    """Every source opened (closed with `stack`) with its checked {dst: src} pairs and the
+    subtrees it converts between layouts; an error for a parameter that two sources load."""
     plan, owner, overlaps = [], {}, []
     for label, source in workdir_sources(init_from):
         earlier = stack.enter_context(_EarlierRun(source, label))
-        pairs = earlier.pairs(params)
-        for dst in pairs:
+        pairs, relayouts = earlier.pairs(params)
+        for dst in [*pairs, *(p for r in relayouts for p in r.dst.values())]:
             if dst in owner:
                 first = owner[dst]
                 overlaps.append(
@@ -164,7 +165,7 @@ def _plan(
                     f"{earlier.label} ({earlier.workdir})"
                 )
             owner[dst] = earlier
-        plan.append((earlier, pairs))
+        plan.append((earlier, pairs, relayouts))
     _raise(overlaps, FIRST)
     return plan
 
@@ -215,6 +216,7 @@ class StoredRun:
         except UserError as e:
             raise UserError(f"{where or label}: {e}") from None
         self.model = self.config.model.get("name", "?")
+        self.load = {"": ""}  # {dst prefix: src prefix} `pairs` maps: the whole tree
         directory = os.path.join(self.workdir, "checkpoints")
         self.step = _pick_step(complete_steps(self.workdir), directory, step, label)
         self.where = f"{self.workdir} step {self.step}"
@@ -229,18 +231,76 @@ class StoredRun:
     def __exit__(self, *exc) -> None:
         self.handler.close()
 
+    def pairs(self, params: Any) -> tuple[dict[str, str], list["_Relayout"]]:
+        """{dst path: src path} of every parameter the load copies as it is, and the subtrees
+        it converts between a scanned and an unscanned stack, all checked."""
+        here = param_paths(params)
+        pairs, relayouts = _pair(self.load, here, self.saved, self.where, self.label)
+        _check_shapes(pairs, params, self.saved, self.where, self.label)
+        for relayout in relayouts:
+            source = {
+                r: jax.ShapeDtypeStruct(self.saved[p].shape, self.saved[p].dtype)
+                for r, p in relayout.src.items()
+            }
+            target = {r: here[p] for r, p in relayout.dst.items()}
+            try:
+                jax.eval_shape(lambda s, target=target: layout.to_layout(s, target), source)
+            except ValueError as e:
+                raise UserError(f"{self.label}: {self.where}: {e}") from None
+        return pairs, relayouts
+
+    def read_relayout(
+        self, relayout: "_Relayout", params: Any, shardings: Any
+    ) -> dict[str, jax.Array]:
+        """{dst path: array} of a subtree saved in the other layout (scanned or unscanned): read
+        whole to host memory, converted (mmjax.parallel.layout), placed with `shardings`."""
+        here, placed = param_paths(params), param_paths(shardings)
+        item: dict = {}
+        for src in relayout.src.values():
+            node = item.setdefault("params", {})
+            *parents, leaf = src.split("/")
+            for name in parents:
+                node = node.setdefault(name, {})
+            node[leaf] = jax.ShapeDtypeStruct(self.saved[src].shape, self.saved[src].dtype)
+        restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        saved = param_paths(self.handler.restore(self.state_dir, args=args)["params"])
+        source = {r: saved[p] for r, p in relayout.src.items()}
+        target = {r: here[p] for r, p in relayout.dst.items()}
+        converted = layout.to_layout(source, target)
+        return {
+            p: jax.device_put(np.asarray(converted[r], nn.meta.unbox(here[p]).dtype), placed[p])
+            for r, p in relayout.dst.items()
+        }
+
+    def read_loaded(
+        self,
+        pairs: Mapping[str, str],
+        relayouts: Sequence["_Relayout"],
+        params: Any,
+        shardings: Any,
+    ) -> dict[str, jax.Array]:
+        """{dst path: array} of everything `pairs(params)` said to load, placed with
+        `shardings`."""
+        restored = self.read(pairs, params, shardings)
+        values = {dst: restored[src] for dst, src in pairs.items()}
+        for relayout in relayouts:
+            values.update(self.read_relayout(relayout, params, shardings))
+        return values
+
     def read_params(self, params: Any) -> Any:
         """The whole saved params tree, checked against `params` (ShapeDtypeStructs with
         shardings: paths and shapes must match) and read straight onto their shardings and
-        dtypes. The optimizer state and the data iterator are not read."""
-        pairs = _pair({"": ""}, param_paths(params), self.saved, self.where, self.label)
-        _check_shapes(pairs, params, self.saved, self.where, self.label)
+        dtypes (a stack saved scanned for a model built unscanned, or the other way, is
+        converted). The optimizer state and the data iterator are not read."""
         shardings = jax.tree.map(lambda a: a.sharding, params)
-        return _replace(params, self.read(pairs, params, shardings))
+        return replace_leaves(params, self.read_loaded(*self.pairs(params), params, shardings))
 
     def read(self, pairs: Mapping[str, str], params: Any, shardings: Any) -> dict[str, jax.Array]:
         """{src path: array} of the source parameters in `pairs`, read straight onto the
         shardings and dtypes of their destinations; nothing else of the checkpoint is read."""
+        if not pairs:
+            return {}
         here, placed = param_paths(params), param_paths(shardings)
         item: dict = {}
         for dst, src in pairs.items():
@@ -308,12 +368,6 @@ class _EarlierRun(StoredRun):
     def __init__(self, source: Mapping[str, Any], label: str = FIRST):
         super().__init__(source["path"], int(source.get("step", -1)), label, f"{label}.path")
         self.load = dict(source.get("load") or {"": ""})
-
-    def pairs(self, params: Any) -> dict[str, str]:
-        """{dst path: src path} of every parameter the load copies, checked."""
-        pairs = _pair(self.load, param_paths(params), self.saved, self.where, self.label)
-        _check_shapes(pairs, params, self.saved, self.where, self.label)
-        return pairs
 
     def check_vocabulary(
         self,
@@ -397,15 +451,26 @@ def _under(prefix: str, paths: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Relayout:
+    """A `load` entry whose two sides hold the same stacks, scanned on one side and unscanned
+    on the other: {relative path: path} of its destination and of its source."""
+
+    dst: dict[str, str]
+    src: dict[str, str]
+
+
 def _pair(
     load: Mapping[str, str],
     here: Mapping[str, Any],
     saved: Mapping[str, Any],
     where: str,
     label: str = FIRST,
-) -> dict[str, str]:
-    """{dst path: src path} for every parameter `load` copies."""
+) -> tuple[dict[str, str], list[_Relayout]]:
+    """{dst path: src path} for every parameter `load` copies as it is, and the entries that
+    convert between a scanned and an unscanned layout."""
     pairs: dict[str, str] = {}
+    relayouts: list[_Relayout] = []
     problems = []
     for dst_prefix, src_prefix in load.items():
         dst, src = _under(dst_prefix, here), _under(src_prefix, saved)
@@ -419,6 +484,9 @@ def _pair(
                 f"{label}.load: {src_prefix!r} is not in {where}; its top-level names are "
                 f"{top_level(saved)}"
             )
+        if layout.differs_by_layout(src, dst):
+            relayouts.append(_Relayout(dst, src))
+            continue
         problems += [
             f"{src[r]} is in {where} but {_join(dst_prefix, r)} is not here"
             for r in sorted(src.keys() - dst.keys())
@@ -432,7 +500,7 @@ def _pair(
                 raise UserError(f"{label}.load: {dst[r]} is loaded by two entries of {load}")
             pairs[dst[r]] = src[r]
     _raise(problems, label)
-    return pairs
+    return pairs, relayouts
 
 
 def _check_shapes(
@@ -457,12 +525,3 @@ def _raise(problems: Sequence[str], label: str) -> None:
 
 def _join(prefix: str, relative: str) -> str:
     return "/".join(p for p in (prefix.strip("/"), relative) if p)
-
-
-def _replace(params: Any, values: Mapping[str, jax.Array]) -> Any:
-    """`params` with the leaves at the paths of `values` replaced."""
-
-    def pick(keys, leaf):
-        return values.get(path_name(keys), leaf)
-
-    return jax.tree_util.tree_map_with_path(pick, params)
