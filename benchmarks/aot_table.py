@@ -161,10 +161,10 @@ def _gib(x: float) -> str:
 
 
 def markdown(out: str) -> str:
-    """The README table: the final attempt of every (preset, topology), in PRESETS order."""
+    """The README table, in PRESETS order: the attempt that fits of every (preset, topology),
+    or, where none fits, the one that came closest (the least per-chip memory asked for)."""
     with open(out) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    final = {(r["preset"], r["topology"]): r for r in rows if r.get("final")}
     lines = [
         "| preset | pod | mesh (data, fsdp, tensor) | remat, layers | batch | per-chip peak / HBM "
         "(GiB) | compile (s) | roofline step (s), bound | MFU bound |",
@@ -173,23 +173,29 @@ def markdown(out: str) -> str:
     commands = []
     for name, (_, label, _) in PRESETS.items():
         for topology in TOPOLOGIES:
-            r = final.get((name, topology))
+            tried = [r for r in rows if (r["preset"], r["topology"]) == (name, topology)]
+            fitting = [r for r in tried if r.get("fits")]
+            sized = sorted((r for r in tried if "peak_bytes" in r), key=lambda r: r["peak_bytes"])
+            r = (fitting or sized or tried or [None])[-1 if fitting else 0]
             if r is None:
                 continue
             commands.append(r["command"])
             pod = f"{topology.split(':')[0]}-{r.get('chips', '?')}"
-            if "error" in r:
+            if "mesh" not in r:
                 lines.append(
                     f"| {label} | {pod} | {r['mesh_arg']} | | | failed: {r['error'][-120:]} |||"
                 )
                 continue
             mesh = ", ".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+            head = f"| {label} | {pod} | {mesh} | {r['stacks']} | {r['batch_size']} | "
+            memory = f"{_gib(r['peak_bytes'])} / {_gib(r['hbm_bytes'])}"
+            if not r["fits"]:
+                lines.append(f"{head}does not fit: {memory} | | | |")
+                continue
             roof = r["roofline"]
-            fits = "" if r["fits"] else " (does not fit)"
             lines.append(
-                f"| {label} | {pod} | {mesh} | {r['stacks']} | {r['batch_size']} | "
-                f"{_gib(r['peak_bytes'])} / {_gib(r['hbm_bytes'])}{fits} | {r['compile_s']:.0f} | "
-                f"{roof['step_s']:.3f}, {roof['bound']} | {roof['mfu_bound']:.0%} |"
+                f"{head}{memory} | {r['compile_s']:.0f} | {roof['step_s']:.3f}, {roof['bound']} | "
+                f"{roof['mfu_bound']:.0%} |"
             )
     return "\n".join([*lines, "", "```bash", *commands, "```"])
 
