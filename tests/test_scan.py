@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
 from helpers import REPO
 
 from mmjax.models.vit import VisionTransformer
@@ -166,31 +167,14 @@ def test_a_tiny_scanned_transfusion_trains(tmp_path):
     assert losses[-1] < 0.85 * losses[0], losses
 
 
-def _flat(tree: dict) -> dict:
-    return {
-        "/".join(str(k.key) for k in path): x
-        for path, x in jax.tree_util.tree_leaves_with_path(tree)
-    }
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, x in flat.items():
-        *parents, leaf = path.split("/")
-        node = out
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = x
-    return out
-
-
 def _same_loss_and_gradients(loss_of, unscanned: dict, scanned_shapes: dict) -> None:
     """`loss_of(scanned: bool)(params)` for the unscanned params and for them converted to the
     scanned layout: equal losses, and equal gradients once converted the same way (f32)."""
     from mmjax.parallel.layout import to_layout
 
     def convert(tree: dict) -> dict:
-        return _nest(to_layout(_flat(tree), _flat(scanned_shapes)))
+        target = flatten_dict(scanned_shapes, sep="/")
+        return unflatten_dict(to_layout(flatten_dict(tree, sep="/"), target), sep="/")
 
     want, want_grads = jax.jit(jax.value_and_grad(loss_of(False)))(unscanned)
     got, got_grads = jax.jit(jax.value_and_grad(loss_of(True)))(convert(unscanned))
