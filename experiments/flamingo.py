@@ -67,7 +67,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh = lm.mesh
     c.data = lm.data
     c.data.sequence.mode = "flamingo"
-    # lm.py leaves these LMs unscanned: the gated layers run between their blocks (before_block)
+    # The LM scans its blocks as lm.py does; the gated layers run inside its scan (models/vlm.py)
     lm_fields = {k: v for k, v in lm.model.items() if k != "name"}
     c.model = dict(name="vlm", mode="flamingo", **lm_fields)
     # The LM of the lm.py run (its workdir as lm.py's docstring names it), frozen with the

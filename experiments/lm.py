@@ -173,6 +173,6 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
         dtype="bfloat16",
         attention_impl="auto",
         remat_policy="full",
-        scan_layers=not arg.startswith("chinchilla"),  # Flamingo's LMs: gated layers between blocks
+        scan_layers=True,  # Flamingo's gated layers run inside the scan (models/vlm.py)
     )
     c.evals = {}

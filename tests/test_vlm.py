@@ -369,3 +369,55 @@ def test_bad_inputs_are_clear_errors():
         make().init(jax.random.key(0), {k: v for k, v in batch.items() if k != "images"})
     with pytest.raises(ValueError, match="unknown VLM mode 'interleaved'"):
         make("interleaved").init(jax.random.key(0), batch)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_scanned_flamingo_lm_equals_the_unrolled_one(every):
+    """The LM's blocks in one scan with the gated layers run inside it under lax.cond (their
+    parameters keep the unrolled names): the same logits and gradients, the LM's blocks
+    converted between layouts (mmjax.parallel.layout)."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from mmjax.parallel.layout import to_layout
+
+    depth = 4
+    batch = flamingo_batch(np.random.default_rng(2))
+    plain = make("flamingo", cross_attention_every=every, depth=depth)
+    scanned = make("flamingo", cross_attention_every=every, depth=depth, scan_layers=True)
+    params = set_gates(init(plain, batch), 0.5)  # open gates: the layers matter
+    shapes = nn.meta.unbox(jax.eval_shape(scanned.init, jax.random.key(0), batch)["params"])
+    gated = {k for k in shapes if k.startswith("gated_xattn")}
+    assert gated == {f"gated_xattn{i}" for i in range(depth) if (i + 1) % every == 0}
+
+    def convert(tree: dict) -> dict:
+        flat = to_layout(flatten_dict(tree, sep="/"), flatten_dict(shapes, sep="/"))
+        return unflatten_dict(flat, sep="/")
+
+    def loss(model: VLM):
+        return lambda p: jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, batch)["logits"]))
+
+    want, want_grads = jax.jit(jax.value_and_grad(loss(plain)))(params)
+    got, got_grads = jax.jit(jax.value_and_grad(loss(scanned)))(convert(params))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for path, g in flatten_dict(convert(want_grads), sep="/").items():
+        error = float(jnp.max(jnp.abs(flatten_dict(got_grads, sep="/")[path] - g)))
+        assert error <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(g)))), (path, error)
+
+
+@pytest.mark.slow
+def test_a_scanned_flamingo_decodes_as_its_full_pass():
+    """Generation through the scanned LM's KV cache equals greedy full passes."""
+    rng = np.random.default_rng(6)
+    batch = flamingo_batch(rng)
+    model = make("flamingo", cross_attention_every=2, depth=4, scan_layers=True)
+    decoder = make("flamingo", cross_attention_every=2, depth=4, scan_layers=True, decode=True)
+    params = set_gates(init(model, batch), 0.5)
+    words = list(rng.integers(FIRST_WORD, LM["vocab_size"], 4))
+    prompts = [[BOS, IMAGE, *words[:1]], [BOS, *words[:2], IMAGE, *words[2:4], IMAGE]]
+    out = generate(
+        decoder, params, batch["images"], prompts, image_id=IMAGE, pad_id=PAD, max_new_tokens=4,
+        eos_id=-1,
+    )  # fmt: skip
+    for row, prompt in enumerate(prompts):
+        want = greedy_reference(model, params, batch["images"][row], prompt, -1, 4)
+        np.testing.assert_array_equal(out[row], want)

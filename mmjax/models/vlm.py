@@ -24,6 +24,7 @@ With `decode`, batches are chunks written into the KV cache at `cache_offset`: t
 the cache collection).
 """
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -157,8 +158,8 @@ class VLM(nn.Module):
     config, whose out_dim must be `width`. The LM: vocab_size, width, depth, num_heads,
     mlp_dim, remat_policy, scan_layers (the ViT's are in `vision`). Flamingo: a gated layer
     before LM blocks N-1, 2N-1, ... (N = `cross_attention_every`; Flamingo-3B N=1, 9B N=4,
-    80B N=7), its FFW `mlp_dim` wide; its layers run between the LM's blocks, so the LM
-    cannot scan.
+    80B N=7), its FFW `mlp_dim` wide; its layers run between the LM's blocks, inside the LM's
+    scan when it scans.
     """
 
     vision: Mapping[str, Any]
@@ -283,28 +284,52 @@ class VLM(nn.Module):
         return self.get_variable("cache", "media")
 
     def _gated_layers(self, media: jnp.ndarray, media_ids: jnp.ndarray) -> BlockHook:
-        """The hook that runs `gated_xattn{i}` before LM block i, for i + 1 a multiple of N."""
+        """The hook that runs `gated_xattn{i}` before LM block i, for i + 1 a multiple of N.
+
+        A scanned LM calls the hook with a traced block index inside its scan: the gated
+        layers' parameters (still `gated_xattn{i}`, the unscanned names) are stacked, the
+        scan step picks its group's and runs the layer under `lax.cond` on the blocks that
+        have one, so the LM's blocks stay one scan (Flamingo scanned by groups of N)."""
         b, m, v, d = media.shape
         media_index = jnp.broadcast_to(jnp.repeat(jnp.arange(1, m + 1), v), (b, m * v))
         media = media.reshape(b, m * v, d)
-        layers = {
-            i: GatedCrossAttentionDense(
-                self.num_heads,
-                self.mlp_dim,
-                norm_eps=self.norm_eps,
-                attention_impl=self.attention_impl,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"gated_xattn{i}",
-            )
-            for i in range(self.depth)
-            if (i + 1) % self.cross_attention_every == 0
-        }
+        every = self.cross_attention_every
+        make = functools.partial(
+            GatedCrossAttentionDense,
+            self.num_heads,
+            self.mlp_dim,
+            norm_eps=self.norm_eps,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        gated = [i for i in range(self.depth) if (i + 1) % every == 0]
+        if not self.scan_layers:
+            layers = {i: make(name=f"gated_xattn{i}") for i in gated}
 
-        def before_block(i: int, x: jnp.ndarray) -> jnp.ndarray:
-            return layers[i](x, media, media_ids, media_index) if i in layers else x
+            def unrolled(i: int, x: jnp.ndarray) -> jnp.ndarray:
+                return layers[i](x, media, media_ids, media_index) if i in layers else x
 
-        return before_block
+            return unrolled
+        layer = make(parent=None)  # applied to each group's parameters inside the scan
+        shapes = (x[:1, :1] for x in (media, media_ids, media_index))
+        example = (jnp.zeros((1, 1, d), self.dtype), *shapes)
+        params = [
+            self.param(f"gated_xattn{i}", lambda rng: layer.init(rng, *example)["params"])
+            for i in gated
+        ]
+        stacked = jax.tree.map(lambda *p: jnp.stack(p), *params)
+
+        def run(group: jnp.ndarray | int, x: jnp.ndarray) -> jnp.ndarray:
+            group_params = jax.tree.map(lambda p: p[group], stacked)
+            return layer.apply({"params": group_params}, x, media, media_ids, media_index)
+
+        def scanned(i: jnp.ndarray | int, x: jnp.ndarray) -> jnp.ndarray:
+            if isinstance(i, int):  # the last block, outside the scan
+                return run(gated.index(i), x) if i in gated else x
+            return jax.lax.cond((i + 1) % every == 0, run, lambda g, x: x, i // every, x)
+
+        return scanned
 
 
 def _scatter(x: jnp.ndarray, positions: jnp.ndarray, visual: jnp.ndarray) -> jnp.ndarray:

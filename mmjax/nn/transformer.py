@@ -5,6 +5,7 @@ The defaults are ViT/CLIP's block (LayerNorm, GELU MLP, biases); `norm="rms"`, `
 and the other decoders use.
 """
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -128,7 +129,8 @@ class Transformer(nn.Module):
         token at that position (CLS or end-of-text pooling), so the last block computes only
         it and returns [B, 1, width]: the same values for about 1/depth less work.
         `before_block(i, x)`: the caller's layers run on x before block i (Flamingo's gated
-        cross-attention inside a frozen LM); unscanned stacks only.
+        cross-attention inside a frozen LM); in a scanned stack `i` is a traced int32 inside
+        the scan (the last block's is a Python int), so the hook must be traceable.
         `num_blocks`: only the first blocks run and exist (a tower's intermediate features);
         a scanned stack can leave out only its last block."""
         n = self.depth if num_blocks is None else num_blocks
@@ -143,11 +145,6 @@ class Transformer(nn.Module):
                 at = read_at if i == n - 1 else None
                 x = block(**self._block_fields(), name=f"block{i}")(x, *args, at)
             return x
-        if before_block is not None:
-            raise ValueError(
-                "before_block runs the caller's layers between blocks, which a scanned stack "
-                "cannot: set scan_layers=False (Flamingo's LM)"
-            )
         if n not in (0, self.depth - 1, self.depth):
             raise ValueError(
                 f"a scanned stack of depth {self.depth} runs all its blocks or all but the last, "
@@ -157,15 +154,18 @@ class Transformer(nn.Module):
             raise ValueError("read_at needs the last block of a scanned stack, which is left out")
         if min(n, self.depth - 1) > 0:
             scanned = nn.scan(
-                _scan_step,
+                functools.partial(_scan_step, before_block=before_block),
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast,) * len(args),
+                in_axes=(*(nn.broadcast,) * len(args), 0),
                 length=self.depth - 1,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(block(**self._block_fields(), name="layers"), x, *args)
+            index = jnp.arange(self.depth - 1, dtype=jnp.int32)
+            x, _ = scanned(block(**self._block_fields(), name="layers"), x, *args, index)
         if n == self.depth:
+            if before_block is not None:
+                x = before_block(self.depth - 1, x)
             x = block(**self._block_fields(), name="last")(x, *args, read_at)
         return x
 
@@ -203,8 +203,17 @@ class Transformer(nn.Module):
         )
 
 
-def _scan_step(block: TransformerBlock, x: jnp.ndarray, *args: jnp.ndarray | None) -> tuple:
-    """One step of the scanned stack: (carry x, no per-layer output)."""
+def _scan_step(
+    block: TransformerBlock,
+    x: jnp.ndarray,
+    *args: jnp.ndarray | None,
+    before_block: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] | None = None,
+) -> tuple:
+    """One step of the scanned stack, the block's index last in `args`: (carry x, no
+    per-layer output)."""
+    *args, index = args
+    if before_block is not None:
+        x = before_block(index, x)
     return block(x, *args), None
 
 
