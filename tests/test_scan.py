@@ -134,16 +134,37 @@ def test_scanned_parameters_carry_the_layers_axis_first():
     assert set(unrolled["params"]) == {f"block{i}" for i in range(DEPTH)}
 
 
-def test_an_unknown_policy_or_a_hook_in_a_scanned_stack_is_a_clear_error():
+def test_an_unknown_policy_or_a_partial_scanned_stack_is_a_clear_error():
     x, segment_ids, positions = packed_rows()
     with pytest.raises(ValueError, match=r"unknown remat_policy 'dot'; valid: \['dots', "):
         decoder(remat_policy="dot").init(jax.random.key(0), x, segment_ids, None, positions)
-    with pytest.raises(
-        ValueError, match=r"before_block .* scanned stack cannot: set scan_layers=False"
-    ):
+    with pytest.raises(ValueError, match="runs all its blocks or all but the last, not 1"):
         decoder(scan_layers=True).init(
-            jax.random.key(0), x, segment_ids, None, positions, before_block=lambda i, y: y
+            jax.random.key(0), x, segment_ids, None, positions, num_blocks=1
         )
+
+
+def test_a_hook_before_each_block_sees_the_block_index_scanned_or_not():
+    """`before_block(i, x)` runs before every block: with a traced i inside the scan, a Python
+    int for the last block; the stacks agree."""
+    x, segment_ids, positions = packed_rows()
+    params = nn.unbox(decoder().init(jax.random.key(0), x, segment_ids, None, positions))
+
+    def hook(i, y):
+        return y + 0.01 * (i + 1)
+
+    want = decoder().apply(params, x, segment_ids, None, positions, before_block=hook)
+    got = decoder(scan_layers=True).apply(
+        {"params": stack_blocks(params["params"])},
+        x,
+        segment_ids,
+        None,
+        positions,
+        before_block=hook,
+    )
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    plain = decoder().apply(params, x, segment_ids, None, positions)
+    assert not np.allclose(plain, want, atol=1e-3)  # the hook changed the result
 
 
 def test_a_tiny_scanned_transfusion_trains(tmp_path):
