@@ -104,7 +104,7 @@ def test_training_on_latents_lowers_both_losses(trained):
 def test_the_eval_judges_decoded_pixels(trained):
     trainer, state, workdir, _ = trained
     with jax.set_mesh(trainer.mesh):
-        evaluator = trainer.evaluators(workdir)["generation"]
+        evaluator = trainer.bundle.evaluators(workdir)["generation"]
         metrics = evaluator(state.params)
     for name in ("compositional_accuracy", "caption_accuracy", "heldout_diffusion_loss"):
         assert np.isfinite(metrics[name]), metrics
