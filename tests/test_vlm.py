@@ -371,8 +371,8 @@ def test_bad_inputs_are_clear_errors():
         make("interleaved").init(jax.random.key(0), batch)
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_a_scanned_flamingo_lm_equals_the_unrolled_one(every):
+@pytest.mark.parametrize("every, remat_policy", [(1, "none"), (2, "full")])
+def test_a_scanned_flamingo_lm_equals_the_unrolled_one(every, remat_policy):
     """The LM's blocks in one scan with the gated layers run inside it under lax.cond (their
     parameters keep the unrolled names): the same logits and gradients, the LM's blocks
     converted between layouts (mmjax.parallel.layout)."""
@@ -382,8 +382,9 @@ def test_a_scanned_flamingo_lm_equals_the_unrolled_one(every):
 
     depth = 4
     batch = flamingo_batch(np.random.default_rng(2))
-    plain = make("flamingo", cross_attention_every=every, depth=depth)
-    scanned = make("flamingo", cross_attention_every=every, depth=depth, scan_layers=True)
+    kw = dict(cross_attention_every=every, depth=depth, remat_policy=remat_policy)
+    plain = make("flamingo", **kw)
+    scanned = make("flamingo", **kw, scan_layers=True)
     params = set_gates(init(plain, batch), 0.5)  # open gates: the layers matter
     shapes = nn.meta.unbox(jax.eval_shape(scanned.init, jax.random.key(0), batch)["params"])
     gated = {k for k in shapes if k.startswith("gated_xattn")}

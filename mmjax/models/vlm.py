@@ -39,6 +39,7 @@ from mmjax.nn import LayerNorm, Mlp, MultiHeadAttention, RMSNorm, TokenEmbed, ll
 from mmjax.nn.axes import ACT
 from mmjax.nn.dense import DenseGeneral, dtypes
 from mmjax.nn.initializers import logical
+from mmjax.nn.transformer import REMAT_POLICIES
 
 MODES = ("prefix", "flamingo")
 BlockHook = Callable[[int, jnp.ndarray], jnp.ndarray]
@@ -323,6 +324,10 @@ class VLM(nn.Module):
         def run(group: jnp.ndarray | int, x: jnp.ndarray) -> jnp.ndarray:
             group_params = jax.tree.map(lambda p: p[group], stacked)
             return layer.apply({"params": group_params}, x, media, media_ids, media_index)
+
+        policy = REMAT_POLICIES[self.remat_policy]
+        if policy is not None:  # as the LM's blocks: else the scan keeps the layer's
+            run = jax.checkpoint(run, policy=policy)  # activations for every block
 
         def scanned(i: jnp.ndarray | int, x: jnp.ndarray) -> jnp.ndarray:
             if isinstance(i, int):  # the last block, outside the scan
