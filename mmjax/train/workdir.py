@@ -8,8 +8,10 @@ evaluation, sampling, latent loading and `init_from` all read through this modul
 after this run's own initialisation, each subtree `dst` of its params is replaced by the subtree
 `src` of the earlier run's params at checkpoint `step` (-1: the latest complete one); empty
 `load` copies the whole tree. Both subtrees must hold the same paths and shapes (dtypes are cast
-to this run's). The earlier workdir is only read. Resuming this run's own workdir takes
-precedence: a run initialises from `init_from` only when it has no checkpoint yet.
+to this run's), or the same transformer stacks scanned on one side and unscanned on the other
+(converted by mmjax.parallel.layout, through host memory). The earlier workdir is only read.
+Resuming this run's own workdir takes precedence: a run initialises from `init_from` only when
+it has no checkpoint yet (`initial_params`).
 
 More earlier runs: `init_from.more` names further sources, each `{path, step, load}` read the
 same way (step defaults to -1; no load: the whole tree). BLIP-2 stage 2 takes the ViT and the
@@ -36,7 +38,6 @@ SentencePiece model (data/tokenizer.py), whatever their tasks.
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -52,8 +53,6 @@ from mmjax.errors import UserError
 from mmjax.parallel import layout
 from mmjax.train.checkpoint import COMMIT_MARKER
 from mmjax.train.stages import is_box, param_paths, replace_leaves, top_level
-
-log = logging.getLogger("mmjax.train")
 
 WORKDIR_FORMAT = "workdir"
 MAX_LISTED = 3  # mismatches named in one error line
