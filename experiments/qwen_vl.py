@@ -61,7 +61,8 @@ from mmjax.train.config_cli import load_config
 # OpenCLIP ViT-bigG/14 (Cherti et al., 2023), Qwen-VL's encoder
 VIT_BIGG = dict(patch_size=14, width=1664, depth=48, num_heads=16, mlp_dim=8192)
 # Qwen-7B: 151,851 tokens, 32 blocks of width 4096, SwiGLU width 11,008 (Bai et al., 2023a)
-QWEN_7B = dict(width=4096, depth=32, num_heads=32, mlp_dim=11008)
+# Qwen-7B (Bai et al., 2023, Sec. 2.2): biases on the q, k, v projections only
+QWEN_7B = dict(width=4096, depth=32, num_heads=32, mlp_dim=11008, qkv_bias=True)
 # stage: (image size, peak lr, batch size, steps, warmup, frozen); Sec. 3 and App. Table 8
 STAGES = {
     "stage1": (224, 2e-4, 30720, 50_000, 500, ("lm/**",)),

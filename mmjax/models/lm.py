@@ -24,6 +24,8 @@ class TextLM(nn.Module):
     depth: int
     num_heads: int
     mlp_dim: int
+    num_kv_heads: int | None = None
+    qkv_bias: bool = False
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     remat_policy: str = "none"  # nn.transformer.REMAT_POLICIES
@@ -40,6 +42,8 @@ class TextLM(nn.Module):
             self.depth,
             self.num_heads,
             self.mlp_dim,
+            num_kv_heads=self.num_kv_heads,
+            qkv_bias=self.qkv_bias,
             rope_theta=self.rope_theta,
             norm_eps=self.norm_eps,
             remat_policy=self.remat_policy,

@@ -54,6 +54,8 @@ class CausalLM(nn.Module):
     depth: int
     num_heads: int
     mlp_dim: int
+    num_kv_heads: int | None = None  # grouped-query attention (Llama-2 70B, Llama-3, Qwen2)
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen)
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     decode: bool = False
@@ -72,6 +74,8 @@ class CausalLM(nn.Module):
             self.mlp_dim,
             norm_eps=self.norm_eps,
             rope_theta=self.rope_theta,
+            num_kv_heads=self.num_kv_heads,
+            qkv_bias=self.qkv_bias,
             decode=self.decode,
             remat_policy=self.remat_policy,
             scan_layers=self.scan_layers,
@@ -157,10 +161,10 @@ class VLM(nn.Module):
     dropped unless `keep_cls`, as LLaVA does); `feature_layer`: read the ViT's hidden state
     of that index instead of its output (LLaVA-1.5: -2); `connector`: build_connector's
     config, whose out_dim must be `width`. The LM: vocab_size, width, depth, num_heads,
-    mlp_dim, remat_policy, scan_layers (the ViT's are in `vision`). Flamingo: a gated layer
-    before LM blocks N-1, 2N-1, ... (N = `cross_attention_every`; Flamingo-3B N=1, 9B N=4,
-    80B N=7), its FFW `mlp_dim` wide; its layers run between the LM's blocks, inside the LM's
-    scan when it scans.
+    mlp_dim, num_kv_heads, qkv_bias, remat_policy, scan_layers (the ViT's are in `vision`).
+    Flamingo: a gated layer before LM blocks N-1, 2N-1, ... (N = `cross_attention_every`;
+    Flamingo-3B N=1, 9B N=4, 80B N=7), its FFW `mlp_dim` wide; its layers run between the
+    LM's blocks, inside the LM's scan when it scans.
     """
 
     vision: Mapping[str, Any]
@@ -174,6 +178,8 @@ class VLM(nn.Module):
     cross_attention_every: int = 1
     feature_layer: int | None = None
     keep_cls: bool = False
+    num_kv_heads: int | None = None
+    qkv_bias: bool = False
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     decode: bool = False  # KV cache: batches are chunks written at `cache_offset`
@@ -198,6 +204,8 @@ class VLM(nn.Module):
             self.depth,
             self.num_heads,
             self.mlp_dim,
+            num_kv_heads=self.num_kv_heads,
+            qkv_bias=self.qkv_bias,
             rope_theta=self.rope_theta,
             norm_eps=self.norm_eps,
             decode=self.decode,

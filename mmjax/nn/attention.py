@@ -34,6 +34,7 @@ class MultiHeadAttention(nn.Module):
     num_kv_heads: int | None = None
     head_dim: int | None = None
     use_bias: bool = True
+    qkv_bias: bool | None = None  # the q, k, v projections' bias (None: use_bias); Qwen: True
     rope_theta: float | None = None
     decode: bool = False
     impl: str = "auto"
@@ -69,7 +70,7 @@ class MultiHeadAttention(nn.Module):
             y = DenseGeneral(
                 (heads, head_dim),
                 ("embed", "heads", "kv"),
-                use_bias=self.use_bias,
+                use_bias=self.use_bias if self.qkv_bias is None else self.qkv_bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,

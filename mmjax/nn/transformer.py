@@ -30,6 +30,8 @@ class TransformerBlock(nn.Module):
     norm_eps: float = 1e-5
     gated_mlp: bool = False
     use_bias: bool = True
+    qkv_bias: bool | None = None  # None: use_bias (nn.attention.MultiHeadAttention)
+    num_kv_heads: int | None = None  # grouped-query attention: kv heads dividing num_heads
     rope_theta: float | None = None
     decode: bool = False
     attention_impl: str = "auto"
@@ -60,7 +62,9 @@ class TransformerBlock(nn.Module):
             x, y = _at(x, read_at), _at(y, read_at)
         y = MultiHeadAttention(
             self.num_heads,
+            num_kv_heads=self.num_kv_heads,
             use_bias=self.use_bias,
+            qkv_bias=self.qkv_bias,
             rope_theta=self.rope_theta,
             decode=self.decode,
             impl=self.attention_impl,
@@ -105,6 +109,8 @@ class Transformer(nn.Module):
     norm_eps: float = 1e-5
     gated_mlp: bool = False
     use_bias: bool = True
+    qkv_bias: bool | None = None
+    num_kv_heads: int | None = None
     rope_theta: float | None = None
     decode: bool = False  # KV cache (nn.attention.MultiHeadAttention)
     remat_policy: str = "none"
@@ -195,6 +201,8 @@ class Transformer(nn.Module):
             norm_eps=self.norm_eps,
             gated_mlp=self.gated_mlp,
             use_bias=self.use_bias,
+            qkv_bias=self.qkv_bias,
+            num_kv_heads=self.num_kv_heads,
             rope_theta=self.rope_theta,
             decode=self.decode,
             attention_impl=self.attention_impl,
@@ -221,8 +229,8 @@ def llama_decoder(
     depth: int, num_heads: int, mlp_dim: int, *, norm_eps: float, rope_theta: float, **kw
 ) -> Transformer:
     """The causal Llama stack of the unified decoders (Transfusion Sec. 4.1, UniFluid): RMSNorm,
-    bias-free SwiGLU, RoPE; `kw` passes decode, remat_policy, scan_layers, attention_impl and
-    dtypes."""
+    bias-free SwiGLU, RoPE; `kw` passes num_kv_heads (GQA), qkv_bias (Qwen), decode,
+    remat_policy, scan_layers, attention_impl and dtypes."""
     return Transformer(
         depth,
         num_heads,
