@@ -125,20 +125,16 @@ def check_batch(family: Family, batch: Mapping[str, Any]) -> None:
             )
 
 
-def _keys(**keys: BatchKey) -> dict[str, BatchKey]:
-    return keys
-
-
 IMAGE = BatchKey((4,), "float")  # [B, H, W, C] in [-1, 1]
 TEXT = BatchKey((2,), "int")  # [B, L] token ids
-PAIRS = _keys(image=IMAGE, text=TEXT)
+PAIRS = dict(image=IMAGE, text=TEXT)
 CONTRASTIVE_EVALS = ("zero_shot", "retrieval", "linear_probe")
 INT_TOKENS = BatchKey((2,), "int")
 FLOAT_TOKENS = BatchKey((2,), "float")
-SEQUENCE = _keys(tokens=INT_TOKENS, positions=INT_TOKENS, segment_ids=INT_TOKENS)
+SEQUENCE = dict(tokens=INT_TOKENS, positions=INT_TOKENS, segment_ids=INT_TOKENS)
 # A VLM row (data/sequences.py): prefix mode has visual_positions [B, V] and images
 # [B, H, W, C]; flamingo mode has media_ids [B, L] and images [B, M, H, W, C]
-VLM_BATCH = _keys(
+VLM_BATCH = dict(
     **SEQUENCE,
     targets=INT_TOKENS,
     loss_mask=FLOAT_TOKENS,
@@ -147,7 +143,7 @@ VLM_BATCH = _keys(
     media_ids=BatchKey((2,), "int", optional=True),
 )
 # A Transfusion row: images [B, M, H, W, C] at image_positions [B, M, P]
-TRANSFUSION_BATCH = _keys(
+TRANSFUSION_BATCH = dict(
     **SEQUENCE,
     span_ids=INT_TOKENS,
     lm_mask=FLOAT_TOKENS,
@@ -162,7 +158,7 @@ for _family in (
     Family("siglip", models.siglip.Model, ("siglip",), PAIRS, evaluators=CONTRASTIVE_EVALS),
     Family("blip", models.blip.Blip, ("blip",), PAIRS),
     Family("blip2", models.blip.Blip2, ("blip",), PAIRS),
-    Family("vae", models.vae.Model, ("vae",), _keys(image=IMAGE)),
+    Family("vae", models.vae.Model, ("vae",), dict(image=IMAGE)),
     Family("vlm", models.vlm.Model, ("vlm",), VLM_BATCH, "vlm", ("vlm",)),
     Family("lm", models.lm.Model, ("vlm",), VLM_BATCH, "vlm", ("vlm",)),
     Family(
@@ -178,7 +174,7 @@ for _family in (
         "unifluid",
         models.unifluid.Model,
         ("unifluid",),
-        _keys(
+        dict(
             **TRANSFUSION_BATCH,
             query_positions=BatchKey((3,), "int"),
             feature_positions=BatchKey((3,), "int"),

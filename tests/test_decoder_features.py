@@ -1,7 +1,5 @@
-"""The decoder block's features for the papers' LMs: grouped-query attention (its KV cache
-included) and biases on the q, k, v projections alone (Qwen)."""
-
-import functools
+"""The decoder block's features for the papers' LMs: grouped-query attention (its KV cache:
+tests/test_scan.py) and biases on the q, k, v projections alone (Qwen)."""
 
 import jax
 import jax.numpy as jnp
@@ -47,23 +45,6 @@ def test_grouped_query_attention_equals_multi_head_with_shared_kv_heads(scan_lay
     want = mha.apply({"params": repeat_kv_heads(params, 2)}, tokens, segment_ids, positions)
     got = gqa.apply({"params": params}, tokens, segment_ids, positions)
     np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-def test_grouped_query_kv_cache_decoding_equals_the_full_pass():
-    tokens, segment_ids, positions = inputs()
-    lm = dict(LM, num_kv_heads=1, scan_layers=True)
-    model, cached = CausalLM(**lm), CausalLM(**lm, decode=True)
-    params = model.init(jax.random.key(0), tokens, segment_ids, positions)["params"]
-    full = model.apply({"params": params}, tokens, segment_ids, positions)
-    cache = cached.init(jax.random.key(0), tokens, segment_ids, positions)["cache"]
-    keys = [x for x in jax.tree.leaves(cache) if x.ndim == 5]  # [layers, B, L, kv heads, d]
-    assert keys and all(x.shape[-2] == 1 for x in keys)  # the cache holds the kv heads only
-    apply = jax.jit(functools.partial(cached.apply, mutable=["cache"]))
-    for start, stop in [(0, 4), *((i, i + 1) for i in range(4, 10))]:
-        chunk = (tokens[:, start:stop], segment_ids[:, start:stop], positions[:, start:stop])
-        logits, state = apply({"params": params, "cache": cache}, *chunk, jnp.full((2,), start))
-        cache = state["cache"]
-        np.testing.assert_allclose(logits, full[:, start:stop], atol=1e-4)
 
 
 def test_qkv_bias_adds_biases_to_q_k_v_and_not_to_the_output():

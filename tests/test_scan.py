@@ -95,17 +95,22 @@ def test_remat_policies_give_the_gradients_of_no_remat():
         jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5), got, want)
 
 
-def test_scanned_kv_cache_decoding_equals_the_full_forward_pass():
-    """A prompt prefilled into the scanned stack's cache, then one token at a time."""
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_scanned_kv_cache_decoding_equals_the_full_forward_pass(num_kv_heads):
+    """A prompt prefilled into the scanned stack's cache, then one token at a time; with
+    grouped-query attention the cache holds the kv heads only."""
     lm = dict(
         vocab_size=40, width=32, depth=DEPTH, num_heads=4, mlp_dim=64, scan_layers=True, **F32
     )
-    model, cached = CausalLM(**lm), CausalLM(**lm, decode=True)
+    model = CausalLM(**lm, num_kv_heads=num_kv_heads)
+    cached = CausalLM(**lm, num_kv_heads=num_kv_heads, decode=True)
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 1, 40)
     segment_ids, positions = jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(10), (2, 10))
     params = model.init(jax.random.key(0), tokens, segment_ids, positions)["params"]
     full = model.apply({"params": params}, tokens, segment_ids, positions)
     cache = cached.init(jax.random.key(0), tokens, segment_ids, positions)["cache"]
+    keys = [x for x in jax.tree.leaves(cache) if x.ndim == 5]  # [layers, B, L, kv heads, d]
+    assert keys and all(x.shape[-2] == (num_kv_heads or 4) for x in keys)
     apply = jax.jit(functools.partial(cached.apply, mutable=["cache"]))
     for start, stop in [(0, 4), *((i, i + 1) for i in range(4, 10))]:
         chunk = (tokens[:, start:stop], segment_ids[:, start:stop], positions[:, start:stop])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -82,18 +82,27 @@ class Bundle:
     def abstract_params(self, example: Mapping[str, Any] | None = None) -> Any:
         """The parameters' shapes and dtypes carrying their shardings on the mesh, computed
         from `example` (arrays or shapes; default `self.example()`), not initialised."""
-        example = self.example() if example is None else _one_example(example)
-        boxed = self.boxed_params(example)
+        return self.abstract(self.init_params, self.example() if example is None else example)
+
+    def boxed_params(self, example: Mapping[str, Any]) -> Any:
+        """The parameters' shapes inside their logical-axis boxes (no shardings)."""
+        return self._shapes(self.init_params, example)
+
+    def abstract(self, init_fn: Callable[[int, Any], Any], example: Mapping[str, Any]) -> Any:
+        """What `init_fn(seed, example)` returns (boxed with logical axes), as shapes and
+        dtypes carrying their shardings on the mesh: computed, never initialised. `example`
+        holds arrays or shapes, batch axis first."""
+        boxed = self._shapes(init_fn, example)
         try:
             shardings = parallel.logical_shardings(boxed, self.mesh, self.rules)
         except parallel.UnevenShardingError as e:
             raise UserError(f"mesh: {e}") from None
         return abstract_like(nn.meta.unbox(boxed), shardings)
 
-    def boxed_params(self, example: Mapping[str, Any]) -> Any:
-        """The parameters' shapes inside their logical-axis boxes (no shardings)."""
+    def _shapes(self, init_fn: Callable[[int, Any], Any], example: Mapping[str, Any]) -> Any:
+        one = {k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in example.items()}
         with jax.set_mesh(self.mesh):
-            return jax.eval_shape(self.init_params, self.config.seed, _one_example(example))
+            return jax.eval_shape(init_fn, self.config.seed, one)
 
     def evaluators(self, workdir: str | None) -> dict:
         """`config.evals` built for this model, tokenizer, data, mesh and latents (call inside
@@ -124,10 +133,6 @@ class Bundle:
         except ValueError as e:
             raise UserError(f"init_from: {e}") from None
         return jax.device_put(replace_leaves(abstract, values), shardings)
-
-
-def _one_example(example: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in example.items()}
 
 
 def build(

@@ -156,16 +156,7 @@ class Trainer:
         """The train state's shapes, dtypes and shardings, not computed: a restore target,
         or the input of an ahead-of-time compile. `example_batch` holds arrays or
         `jax.ShapeDtypeStruct`s."""
-        example = {
-            k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in example_batch.items()
-        }
-        with jax.set_mesh(self.mesh):
-            state = jax.eval_shape(self._init_fn, self.config.seed, example)
-        try:
-            shardings = parallel.logical_shardings(state, self.mesh, self.rules)
-        except parallel.UnevenShardingError as e:
-            raise UserError(f"mesh: {e}") from None
-        return abstract_like(nn.meta.unbox(state), shardings)
+        return self.bundle.abstract(self._init_fn, example_batch)
 
     def jit_train_step(self, state_shardings: Any):
         step = make_train_step(self.loss_fn, self.tx, self.schedule, self.config.seed)
