@@ -23,7 +23,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from mmjax.convert import hf_blip2, hf_clip, hf_llava, hf_siglip, open_clip
+from mmjax.convert import big_vision, hf_blip2, hf_clip, hf_llava, hf_siglip, open_clip
 from mmjax.convert.hf_blip2 import ImportedConnector
 from mmjax.convert.imported import Imported, check_vocab
 from mmjax.errors import UserError
@@ -31,7 +31,13 @@ from mmjax.errors import UserError
 from_hf_clip = hf_clip.convert
 from_hf_siglip = hf_siglip.convert
 from_open_clip = open_clip.convert
-CONVERTERS = {"hf_clip": from_hf_clip, "hf_siglip": from_hf_siglip, "open_clip": from_open_clip}
+from_big_vision_siglip = big_vision.convert
+CONVERTERS = {
+    "big_vision_siglip": from_big_vision_siglip,
+    "hf_clip": from_hf_clip,
+    "hf_siglip": from_hf_siglip,
+    "open_clip": from_open_clip,
+}
 from_hf_blip2 = hf_blip2.convert
 from_hf_llava = hf_llava.convert
 CONNECTOR_CONVERTERS = {"hf_blip2": from_hf_blip2, "hf_llava": from_hf_llava}
@@ -58,6 +64,7 @@ __all__ = [
     "Imported",
     "ImportedConnector",
     "check_vocab",
+    "from_big_vision_siglip",
     "from_hf_blip2",
     "from_hf_clip",
     "from_hf_llava",
