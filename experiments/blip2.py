@@ -149,7 +149,7 @@ def tiny_stage2(c: ml_collections.ConfigDict) -> None:
         name="vlm",
         vision=tiny_vision(),
         keep_cls=True,  # the Q-Former read every ViT token in stage 1
-        connector=dict(type="qformer", out_dim=lm.model.width, **TINY_QFORMER),
+        connector=dict(type="qformer", **TINY_QFORMER),
         **{k: lm.model[k] for k in ("vocab_size", "width", "depth", "num_heads", "mlp_dim")},
         dtype="float32",
         attention_impl="auto",
@@ -237,7 +237,7 @@ def _paper_stage2(c: ml_collections.ConfigDict, lm: str) -> None:
         vision=dict(VIT_G, remat_policy="full", scan_layers=True),
         feature_layer=-2,
         keep_cls=True,
-        connector=dict(type="qformer", out_dim=width, **QFORMER_BASE),
+        connector=dict(type="qformer", **QFORMER_BASE),
         vocab_size=0,
         width=width,
         depth=depth,

@@ -97,7 +97,6 @@ def _tiny(c: ml_collections.ConfigDict, *, frozen_vision: bool) -> None:
         vision=dict(patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=128),
         connector=dict(
             type="perceiver",
-            out_dim=c.model.width,
             num_latents=8,
             depth=2,
             num_heads=4,
@@ -127,7 +126,6 @@ def _paper(c: ml_collections.ConfigDict, every: int) -> None:
         vision=dict(patch_size=16, width=1024, depth=24, num_heads=16, mlp_dim=4096),
         connector=dict(
             type="perceiver",
-            out_dim=c.model.width,
             num_latents=64,
             depth=6,
             num_heads=16,

@@ -104,7 +104,7 @@ def tiny(c: ml_collections.ConfigDict, *, connector: str) -> None:
     c.model = dict(
         name="vlm",
         vision=vision,
-        connector=dict(type=connector, out_dim=width),
+        connector=dict(type=connector),
         feature_layer=-2,  # LLaVA-1.5: the penultimate ViT layer (Sec. 3.1 of Liu et al., 2023b)
         vocab_size=0,  # the tokenizer's
         width=width,
@@ -169,7 +169,7 @@ def _paper(c: ml_collections.ConfigDict, size: str, stage: str, *, connector: st
     c.model = dict(
         name="vlm",
         vision=CLIP_VIT_L_336,
-        connector=dict(type=connector, out_dim=width),
+        connector=dict(type=connector),
         feature_layer=-2,
         vocab_size=0,
         width=width,

@@ -81,7 +81,6 @@ def _paper(size: str, stage: str) -> ml_collections.ConfigDict:
     depth, width, heads, mlp_dim = VICUNA_SHAPES[size]
     lr, end_factor, warmup, batch, steps = STAGES[stage]
     c.model.update(width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim)
-    c.model.connector.out_dim = width
     c.batch_size = batch
     c.total_steps = steps
     c.eval_every = steps

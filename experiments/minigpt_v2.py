@@ -62,7 +62,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c = load_config(
         "llava.py:tiny" if arg == "tiny" else "llava.py:7B_stage2", relative_to=__file__
     )
-    c.model.connector = dict(type="concat", group=GROUP, out_dim=c.model.width)
+    c.model.connector = dict(type="concat", group=GROUP)
     c.model.feature_layer = None  # the ViT's last layer
     c.data.sequence.task_identifiers = True
     if arg == "tiny":
@@ -91,7 +91,6 @@ def _paper(c: ml_collections.ConfigDict) -> None:
     """448-pixel images, EVA ViT-g and LLaMA-2-7B; the ViT frozen (Sec. 3.2)."""
     c.model.vision = EVA_VIT_G_448
     c.model.update(**LLAMA2_7B)
-    c.model.connector.out_dim = c.model.width
     c.data.image_size = 448
     c.data.sequence.visual_tokens = (448 // EVA_VIT_G_448["patch_size"]) ** 2 // GROUP
     c.init_from.load = dict(vision="vision", lm="lm")

@@ -90,9 +90,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 def _adapter(c: ml_collections.ConfigDict, queries: int) -> None:
     """The single cross-attention adapter at the LM width, with the LM's heads (32 heads of
     128 channels in the paper, both in the adapter and in Qwen-7B)."""
-    c.model.connector = dict(
-        type="cross_attn", num_queries=queries, num_heads=c.model.num_heads, out_dim=c.model.width
-    )
+    c.model.connector = dict(type="cross_attn", num_queries=queries, num_heads=c.model.num_heads)
     c.data.sequence.visual_tokens = queries
 
 

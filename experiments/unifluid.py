@@ -52,13 +52,16 @@ Variants: tiny, tiny_shapes, tiny_clip, tiny_siglip, 2B, 9B.
 import ml_collections
 
 from mmjax.data import data_config
+from mmjax.models.causal_lm import GEMMA2
 from mmjax.models.siglip import IMAGE_DEFAULTS as SIGLIP_IMAGE_DEFAULTS
 from mmjax.train.config_cli import base_config, load_config
 
-# name: (layers, width, heads, kv-free MLP width); Gemma 2 (Gemma Team, 2024, Table 1)
+# name: (layers, width, heads, kv heads, MLP width); Gemma 2 (Gemma Team, 2024, Table 1),
+# whose block (GQA, head_dim 256, GeGLU, sandwich norms, soft-capping, alternating 4,096-token
+# windows, tied embeddings) is models/causal_lm.py's GEMMA2
 PAPER_SHAPES = {
-    "2B": (26, 2304, 8, 9216),
-    "9B": (42, 3584, 16, 14336),
+    "2B": (26, 2304, 8, 4, 9216),
+    "9B": (42, 3584, 16, 8, 14336),
 }
 # tiny_<encoder>: the image tower of experiments/<encoder>.py:tiny, with the defaults its model
 # adds (models/siglip.py), loaded from that run's workdir and frozen
@@ -218,7 +221,7 @@ def _tiny_frozen_encoder(c: ml_collections.ConfigDict, encoder: str) -> None:
 def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
     """Gemma-2 decoders on 256x256 images as 32x32x4 latents in 2x2 patches (256 tokens),
     a So400m-shaped ViT over 16x16 pixel patches (256 features), MAR-H's head width."""
-    depth, width, heads, mlp = PAPER_SHAPES[arg]
+    depth, width, heads, kv_heads, mlp = PAPER_SHAPES[arg]
     c.mesh.update(data=1, fsdp=-1)
     c.batch_size = 2048
     c.total_steps = 1_000_000
@@ -239,7 +242,9 @@ def _paper(c: ml_collections.ConfigDict, arg: str) -> None:
         width=width,
         depth=depth,
         num_heads=heads,
+        num_kv_heads=kv_heads,
         mlp_dim=mlp,
+        **GEMMA2,
         image_shape=(32, 32, 4),
         patch_size=2,
         head_width=1280,

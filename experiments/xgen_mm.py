@@ -94,7 +94,6 @@ def _tiny(c: ml_collections.ConfigDict, *, frozen_vision: bool) -> None:
         vision=dict(patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=128),
         connector=dict(
             type="perceiver",
-            out_dim=c.model.width,
             num_latents=TINY_VISUAL_TOKENS,
             depth=2,
             num_heads=4,
@@ -123,7 +122,6 @@ def _paper(c: ml_collections.ConfigDict) -> None:
         vision=SO400M,
         connector=dict(
             type="perceiver",
-            out_dim=c.model.width,
             num_latents=128,
             depth=6,
             num_heads=16,

@@ -343,8 +343,8 @@ def test_imported_weights_fill_scanned_towers_with_the_same_outputs(tmp_path):
     batch = next(plain.data_iterator())
     outputs = []
     for trainer in (plain, scanned):
-        _, shardings = trainer.init_state(batch)
-        params = trainer.bundle.imported_params(batch, shardings.params)
+        state, shardings = trainer.init_state(batch)
+        params = trainer.bundle.imported_params(batch, state.params, shardings.params)
         outputs.append(trainer.model.apply({"params": params}, batch))
         encoder = params["image_tower"]["encoder"]
     assert (

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax.linen import unbox
 
-from mmjax.models.vlm import CausalLM
+from mmjax.models.causal_lm import CausalLM
 
 F32 = dict(dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla")
 LM = dict(vocab_size=40, width=32, depth=2, num_heads=4, mlp_dim=64, **F32)

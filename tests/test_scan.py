@@ -11,8 +11,8 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 from helpers import REPO
 
+from mmjax.models.causal_lm import CausalLM
 from mmjax.models.vit import VisionTransformer
-from mmjax.models.vlm import CausalLM
 from mmjax.nn import Transformer, llama_decoder
 from mmjax.parallel import DEFAULT_RULES
 from mmjax.train.config_cli import load_config

@@ -29,7 +29,7 @@ FIRST_WORD = 5  # ids 5.. are words (colour names in the training task)
 
 def make(mode: str = "prefix", connector: str = "mlp", **kw) -> VLM:
     kw = {"dtype": jnp.float32, **LM, **kw}
-    return VLM(VISION, dict(type=connector, out_dim=kw["width"]), mode=mode, **kw)
+    return VLM(vision=VISION, connector=dict(type=connector), mode=mode, **kw)
 
 
 def prefix_batch(rng: np.random.Generator, batch: int = 2, length: int = 12) -> dict:
@@ -330,7 +330,7 @@ CONNECTOR_CASES = [
 
 @pytest.mark.parametrize("mode, connector, count", CONNECTOR_CASES)
 def test_every_connector_feeds_the_decoder(mode, connector, count):
-    model = VLM(VISION, {**connector, "out_dim": LM["width"]}, mode=mode, **LM)
+    model = VLM(vision=VISION, connector=connector, mode=mode, **LM)
     batch = BATCHES[mode](np.random.default_rng(8))
     if mode == "prefix":
         batch["visual_positions"] = batch["visual_positions"][:, :count]
@@ -343,9 +343,7 @@ def test_every_connector_feeds_the_decoder(mode, connector, count):
 
 
 def test_the_model_is_registered():
-    model = build_model(
-        dict(name="vlm", vision=VISION, connector=dict(type="linear", out_dim=32), **LM)
-    )
+    model = build_model(dict(name="vlm", vision=VISION, connector=dict(type="linear"), **LM))
     params = init(model, prefix_batch(np.random.default_rng(6)))
     assert {"lm", "vision", "connector"} == set(params)
 
@@ -353,8 +351,6 @@ def test_the_model_is_registered():
 def test_bad_inputs_are_clear_errors():
     rng = np.random.default_rng(7)
     batch = prefix_batch(rng)
-    with pytest.raises(ValueError, match="width 24 but the decoder width is 32"):
-        VLM(VISION, dict(type="linear", out_dim=24), **LM).init(jax.random.key(0), batch)
     three = {**batch, "visual_positions": batch["visual_positions"][:, :3]}
     with pytest.raises(ValueError, match="4 visual tokens per image but visual_positions has 3"):
         make().init(jax.random.key(0), three)

@@ -48,7 +48,7 @@ def get_config(arg: str = "mlp") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"unknown connector {arg!r}; valid: {VARIANTS}")
     c = load_config("../llava.py:tiny", relative_to=__file__)
-    c.model.connector = dict(CONNECTORS[arg], out_dim=WIDTH)
+    c.model.connector = dict(CONNECTORS[arg])
     tokens = VISUAL_TOKENS.get(arg, QUERIES)
     c.data.sequence.update(visual_tokens=tokens, max_len=tokens + 48)
     return c

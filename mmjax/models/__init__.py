@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models import blip, clip, lm, siglip, transfusion, unifluid, vae, vlm
+from mmjax.models.causal_lm import LMFields
 
 MODELS = {
     "blip": blip.Blip,
@@ -19,6 +20,11 @@ MODELS = {
     "vae": vae.Model,
     "vlm": vlm.Model,
 }
+
+
+def holds_causal_lm(name: str) -> bool:
+    """Whether model `name` holds a CausalLM under `lm` (what an imported LLM goes into)."""
+    return isinstance(MODELS.get(name), type) and issubclass(MODELS[name], LMFields)
 
 
 def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:

@@ -11,7 +11,8 @@ mmjax/nn/diffusion_head.py). For understanding, a ViT's patch tokens of the clea
 projected into the sequence before the text (Sec. 3.2; bidirectional among themselves). The ViT
 is models.vit.VisionTransformer (`vision_options` sets its other fields), so a CLIP or SigLIP
 image tower's parameters load into `vit` unchanged (frozen or trained on; experiments/unifluid.py).
-The decoder is Gemma/Llama-like (RMSNorm, SwiGLU, RoPE).
+The decoder is models/causal_lm.py's CausalLM under `lm`: Gemma-2's (the paper's backbone) in the
+2B/9B presets, so Gemma-2 weights load there (`init_from.format=hf_llm`).
 
 Batch (built by mmjax.data.sequences kind "unifluid" and the objective): `tokens`,
 `positions`, `segment_ids`, `span_ids` [B, L]; optional `visual_tokens` [B, P, D] in generation
@@ -33,9 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax.core import freeze
 
+from mmjax.models.causal_lm import LMFields
 from mmjax.models.vit import VisionTransformer
-from mmjax.nn import RMSNorm, TokenEmbed, llama_decoder
-from mmjax.nn.axes import ACT
 from mmjax.nn.dense import DenseGeneral, dtypes
 from mmjax.nn.diffusion_head import DiffusionHead
 from mmjax.nn.initializers import logical
@@ -43,15 +43,12 @@ from mmjax.nn.initializers import logical
 POSITION_KEYS = ("image_positions", "query_positions", "feature_positions")
 
 
-class UniFluid(nn.Module):
+class UniFluid(LMFields, kw_only=True):
     """Unified decoder; `__call__(batch)` -> {"logits", and with the inputs for them "z"
-    [B, Q, width] (the head's conditions) and "eps" [B, Q, K, D]}."""
+    [B, Q, width] (the head's conditions) and "eps" [B, Q, K, D]}. The decoder is a CausalLM
+    (`lm`, LMFields: Gemma-2's block in the paper presets) whose parameters a Gemma-2
+    checkpoint provides."""
 
-    vocab_size: int
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
     image_shape: tuple[int, int, int]  # (H, W, C) of the generated image: pixels or latents
     patch_size: int = 2  # a visual token is a p x p patch of it
     head_width: int = 256  # diffusion head (MAR: 1,024)
@@ -69,14 +66,6 @@ class UniFluid(nn.Module):
     # Channels the ViT takes (0: the images'): grey images are repeated to 3, as an RGB-trained
     # encoder saw them (the digits source gives CLIP grey digits as 3 equal channels).
     vision_channels: int = 0
-    rope_theta: float = 10_000.0
-    decode: bool = False  # KV cache: batches are chunks written at `cache_offset`
-    norm_eps: float = 1e-6  # Gemma's RMSNorm epsilon
-    remat_policy: str = "none"  # nn.transformer.REMAT_POLICIES
-    scan_layers: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
-    attention_impl: str = "auto"
-    dtype: jnp.dtype = jnp.bfloat16
-    param_dtype: jnp.dtype = jnp.float32
 
     def __post_init__(self) -> None:
         # A frozen (hashable) mapping, so that the model can be a static argument of jax.jit.
@@ -99,7 +88,7 @@ class UniFluid(nn.Module):
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"image_shape {self.image_shape} is not divisible by patch_size")
         kw = dtypes(self)
-        self.token_embedding = TokenEmbed(self.vocab_size, self.width, self.param_dtype)
+        self.lm = self.language_model()
         # Modality-specific input projections (Sec. 3.1): visual tokens, image features.
         self.visual_in = DenseGeneral((self.width,), ("patch", "embed"), **kw)
         pos_init = logical(nn.initializers.normal(0.02), "position", "embed")
@@ -115,21 +104,7 @@ class UniFluid(nn.Module):
             **{"pool": "gap", "attention_impl": self.attention_impl, **kw, **self.vision_options},
         )
         self.feature_in = DenseGeneral((self.width,), (None, "embed"), **kw)
-        self.decoder = llama_decoder(
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            norm_eps=self.norm_eps,
-            rope_theta=self.rope_theta,
-            decode=self.decode,
-            remat_policy=self.remat_policy,
-            scan_layers=self.scan_layers,
-            attention_impl=self.attention_impl,
-            **kw,
-        )
-        self.norm_final = RMSNorm(epsilon=self.norm_eps, **kw)
-        # Modality-specific heads: text logits, per-token diffusion (MAR).
-        self.lm_head = DenseGeneral((self.vocab_size,), ("embed", "vocab"), use_bias=False, **kw)
+        # Modality-specific heads: text logits (the LM's), per-token diffusion (MAR).
         self.head = DiffusionHead(self.token_dim, self.head_width, self.head_depth, **kw)
 
     def _check(self, batch: dict) -> None:
@@ -164,7 +139,7 @@ class UniFluid(nn.Module):
     def hidden_states(self, batch: dict) -> jnp.ndarray:
         """The decoder's final (normed) hidden states [B, L, width] of a sequence or chunk."""
         batch = self._prepare(batch)
-        x = self.token_embedding(batch["tokens"]).astype(self.dtype)
+        x = self.lm.embed(batch["tokens"])
         if "visual_tokens" in batch:
             order = batch["order"]
             vis = self.visual_in(batch["visual_tokens"]) + self._table(self.visual_pos, order)
@@ -181,10 +156,8 @@ class UniFluid(nn.Module):
                     f"{batch['feature_positions'].shape[-1]} slots"
                 )
             x = jax.vmap(_scatter)(x, batch["feature_positions"], self.feature_in(feats))
-        x = nn.with_logical_constraint(x, ACT)
-        ids = (batch["segment_ids"], batch["span_ids"], batch["positions"])
-        x = self.decoder(x, *ids, batch.get("cache_offset"))
-        return self.norm_final(x)
+        ids = (batch["segment_ids"], batch["positions"], batch.get("cache_offset"))
+        return self.lm.hidden(x, *ids, span_ids=batch["span_ids"])
 
     def _features(self, images: jnp.ndarray) -> jnp.ndarray:
         """The ViT's patch tokens [B, F, vision width] of images [B, H, W, C]."""
@@ -211,7 +184,7 @@ class UniFluid(nn.Module):
         batch = self._prepare(batch)
         x = self.hidden_states(batch)
         at = x if "logit_positions" not in batch else jax.vmap(_gather)(x, batch["logit_positions"])
-        out = {"logits": self.lm_head(at).astype(jnp.float32)}
+        out = {"logits": self.lm.head(at)}
         if "query_positions" in batch:
             out["z"] = jax.vmap(_gather)(x, batch["query_positions"])
         if "noised" in batch:

@@ -10,8 +10,8 @@ The connector's visual tokens reach the LM in one of two ways (`mode`):
   tokens of its media (`media_ids`), through tanh gates initialised at 0, so that at
   initialisation the model computes exactly its LM.
 
-Parameters: `lm` (the LM alone, `VLM.language_model()`: token embedding, nn.llama_decoder's
-blocks, final norm, head, under the names Transfusion's decoder uses), `vision` (a
+Parameters: `lm` (the LM alone, `VLM.language_model()`: models/causal_lm.py's CausalLM, whose
+fields the VLM inherits, so a Llama, Qwen2 or Gemma-2 checkpoint imports into it), `vision` (a
 models.vit.VisionTransformer), `connector` (models.resamplers.build_connector) and
 `gated_xattn{i}` (the Flamingo layer before LM block i). Freezing `lm/**` and `vision/**` by
 path leaves the new layers to train, and a pretrained LM's parameters slot into `lm` unchanged.
@@ -25,7 +25,7 @@ the cache collection).
 """
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -33,83 +33,16 @@ import jax
 import jax.numpy as jnp
 from flax.core import freeze
 
+from mmjax.models.causal_lm import BlockHook, LMFields
 from mmjax.models.resamplers import build_connector
 from mmjax.models.vit import VisionTransformer
-from mmjax.nn import LayerNorm, Mlp, MultiHeadAttention, RMSNorm, TokenEmbed, llama_decoder
+from mmjax.nn import LayerNorm, Mlp, MultiHeadAttention
 from mmjax.nn.axes import ACT
-from mmjax.nn.dense import DenseGeneral, dtypes
+from mmjax.nn.dense import dtypes
 from mmjax.nn.initializers import logical
 from mmjax.nn.transformer import REMAT_POLICIES
 
 MODES = ("prefix", "flamingo")
-BlockHook = Callable[[int, jnp.ndarray], jnp.ndarray]
-
-
-class CausalLM(nn.Module):
-    """A Llama-style causal LM, tokens [B, L] -> logits [B, L, vocab] (f32); `embed` and
-    `logits` are its two halves, for a VLM that edits the embeddings or adds layers."""
-
-    vocab_size: int
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    num_kv_heads: int | None = None  # grouped-query attention (Llama-2 70B, Llama-3, Qwen2)
-    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen)
-    rope_theta: float = 10_000.0
-    norm_eps: float = 1e-5
-    decode: bool = False
-    remat_policy: str = "none"  # nn.transformer.REMAT_POLICIES
-    scan_layers: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
-    attention_impl: str = "auto"
-    dtype: jnp.dtype = jnp.bfloat16
-    param_dtype: jnp.dtype = jnp.float32
-
-    def setup(self) -> None:
-        kw = dtypes(self)
-        self.token_embedding = TokenEmbed(self.vocab_size, self.width, self.param_dtype)
-        self.decoder = llama_decoder(
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            norm_eps=self.norm_eps,
-            rope_theta=self.rope_theta,
-            num_kv_heads=self.num_kv_heads,
-            qkv_bias=self.qkv_bias,
-            decode=self.decode,
-            remat_policy=self.remat_policy,
-            scan_layers=self.scan_layers,
-            attention_impl=self.attention_impl,
-            **kw,
-        )
-        self.norm_final = RMSNorm(epsilon=self.norm_eps, **kw)
-        self.lm_head = DenseGeneral((self.vocab_size,), ("embed", "vocab"), use_bias=False, **kw)
-
-    def embed(self, tokens: jnp.ndarray) -> jnp.ndarray:
-        """Token ids [B, L] -> embeddings [B, L, width]."""
-        return self.token_embedding(tokens).astype(self.dtype)
-
-    def logits(
-        self,
-        x: jnp.ndarray,
-        segment_ids: jnp.ndarray | None,
-        positions: jnp.ndarray,
-        cache_offset: jnp.ndarray | None = None,
-        before_block: BlockHook | None = None,
-    ) -> jnp.ndarray:
-        """Embeddings [B, L, width] -> logits [B, L, vocab] in f32."""
-        x = nn.with_logical_constraint(x, ACT)
-        x = self.decoder(x, segment_ids, None, positions, cache_offset, before_block=before_block)
-        return self.lm_head(self.norm_final(x)).astype(jnp.float32)
-
-    def __call__(
-        self,
-        tokens: jnp.ndarray,
-        segment_ids: jnp.ndarray | None,
-        positions: jnp.ndarray,
-        cache_offset: jnp.ndarray | None = None,
-    ) -> jnp.ndarray:
-        return self.logits(self.embed(tokens), segment_ids, positions, cache_offset)
 
 
 class GatedCrossAttentionDense(nn.Module):
@@ -153,15 +86,15 @@ class GatedCrossAttentionDense(nn.Module):
         return nn.with_logical_constraint(x + gate("dense_gate") * y, ACT)
 
 
-class VLM(nn.Module):
+class VLM(LMFields, kw_only=True):
     """Encoder -> connector -> causal LM; `__call__(batch)` -> {"logits" [B, L, vocab] (f32),
     and where the batch has images "visual_tokens" [B, V, D] (prefix) or [B, M, V, D]}.
 
     `vision`: VisionTransformer fields (its patch tokens feed the connector; the CLS token is
     dropped unless `keep_cls`, as LLaVA does); `feature_layer`: read the ViT's hidden state
     of that index instead of its output (LLaVA-1.5: -2); `connector`: build_connector's
-    config, whose out_dim must be `width`. The LM: vocab_size, width, depth, num_heads,
-    mlp_dim, num_kv_heads, qkv_bias, remat_policy, scan_layers (the ViT's are in `vision`).
+    config (its out_dim is the LM's `width`). The LM: models/causal_lm.py's LMFields (remat_policy
+    and scan_layers are the LM's; the ViT's are in `vision`).
     Flamingo: a gated layer before LM blocks N-1, 2N-1, ... (N = `cross_attention_every`;
     Flamingo-3B N=1, 9B N=4, 80B N=7), its FFW `mlp_dim` wide; its layers run between the
     LM's blocks, inside the LM's scan when it scans.
@@ -169,53 +102,16 @@ class VLM(nn.Module):
 
     vision: Mapping[str, Any]
     connector: Mapping[str, Any]
-    vocab_size: int
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
     mode: str = "prefix"
     cross_attention_every: int = 1
     feature_layer: int | None = None
     keep_cls: bool = False
-    num_kv_heads: int | None = None
-    qkv_bias: bool = False
-    rope_theta: float = 10_000.0
-    norm_eps: float = 1e-5
-    decode: bool = False  # KV cache: batches are chunks written at `cache_offset`
-    remat_policy: str = "none"  # nn.transformer.REMAT_POLICIES
-    scan_layers: bool = False  # one nn.scan over the blocks (nn.transformer.Transformer)
-    attention_impl: str = "auto"
-    dtype: jnp.dtype = jnp.bfloat16
-    param_dtype: jnp.dtype = jnp.float32
 
     def __post_init__(self) -> None:
         # Frozen (hashable) configs, so that a VLM can be a static argument of jax.jit.
         object.__setattr__(self, "vision", freeze(dict(self.vision)))
         object.__setattr__(self, "connector", freeze(dict(self.connector)))
         super().__post_init__()
-
-    @nn.nowrap  # unbound when called outside apply: CausalLM(...).apply(params["lm"], ...)
-    def language_model(self, **kw: Any) -> CausalLM:
-        """The LM alone, as the `lm` submodule is configured: it applies to params["lm"]."""
-        return CausalLM(
-            self.vocab_size,
-            self.width,
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            num_kv_heads=self.num_kv_heads,
-            qkv_bias=self.qkv_bias,
-            rope_theta=self.rope_theta,
-            norm_eps=self.norm_eps,
-            decode=self.decode,
-            remat_policy=self.remat_policy,
-            scan_layers=self.scan_layers,
-            attention_impl=self.attention_impl,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            **kw,
-        )
 
     @nn.compact
     def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool = False) -> dict:
@@ -265,12 +161,8 @@ class VLM(nn.Module):
         _, tokens = vit(images.reshape(-1, *images.shape[-3:]), feature_layer=self.feature_layer)
         if vit.pool == "cls" and not self.keep_cls:
             tokens = tokens[:, 1:]
-        visual = build_connector(self.connector, name="connector", **kw)(tokens, train=train)
-        if visual.shape[-1] != self.width:
-            raise ValueError(
-                f"the connector gives visual tokens of width {visual.shape[-1]} but the decoder "
-                f"width is {self.width}: set connector.out_dim = {self.width}"
-            )
+        connector = {**self.connector, "out_dim": self.width}  # the LM's, imported or not
+        visual = build_connector(connector, name="connector", **kw)(tokens, train=train)
         visual = visual.reshape(*images.shape[:-3], *visual.shape[1:])
         if self.mode == "prefix":
             slots = batch["visual_positions"].shape[-1]

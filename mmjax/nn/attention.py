@@ -1,5 +1,9 @@
 """Multi-head (grouped-query) attention layer on top of `mmjax.kernels.attention`."""
 
+import functools
+from collections.abc import Mapping
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,6 +24,11 @@ class MultiHeadAttention(nn.Module):
     `query_offset` (int [B]) places the queries at positions `query_offset + i` of the keys,
     for the causal mask: how a block computes only the token it is read out at.
 
+    `scale` multiplies the scores (default 1/sqrt(head_dim); Gemma-2: query_pre_attn_scalar^-1/2)
+    and `logits_soft_cap` caps them, cap * tanh(s / cap) (Gemma-2). `window_on` (a traced
+    bool) switches the `window` on or off at run time, for a scanned stack whose layers
+    alternate local and global attention (Gemma-2): both variants compile, one runs.
+
     `values` feeds the value projection when it differs from the keys' input `kv` (Qwen-VL's
     adapter adds 2D positions to the keys only).
 
@@ -36,6 +45,9 @@ class MultiHeadAttention(nn.Module):
     use_bias: bool = True
     qkv_bias: bool | None = None  # the q, k, v projections' bias (None: use_bias); Qwen: True
     rope_theta: float | None = None
+    rope_scaling: Mapping[str, Any] | None = None  # nn.rope.rope_frequencies
+    scale: float | None = None
+    logits_soft_cap: float | None = None
     decode: bool = False
     impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
@@ -54,6 +66,7 @@ class MultiHeadAttention(nn.Module):
         kv_span_ids: jnp.ndarray | None = None,
         causal: bool = False,
         window: int | None = None,
+        window_on: jnp.ndarray | None = None,
         positions: jnp.ndarray | None = None,
         kv_positions: jnp.ndarray | None = None,
         cache_offset: jnp.ndarray | None = None,
@@ -84,14 +97,15 @@ class MultiHeadAttention(nn.Module):
             if positions is None:
                 raise ValueError("attention with rope_theta needs token positions")
             kv_positions = positions if kv_positions is None else kv_positions
-            q = apply_rope(q, positions, self.rope_theta)
-            k = apply_rope(k, kv_positions, self.rope_theta)
+            q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+            k = apply_rope(k, kv_positions, self.rope_theta, self.rope_scaling)
         q_offset = 0 if query_offset is None else query_offset
         if self.decode:
             k, v, kv_segment_ids, kv_span_ids, q_offset = self._cached(
                 k, v, segment_ids, span_ids, cache_offset
             )
-        out = kernels.attention(
+        attend = functools.partial(
+            kernels.attention,
             q,
             k,
             v,
@@ -100,11 +114,16 @@ class MultiHeadAttention(nn.Module):
             span_ids=span_ids,
             kv_span_ids=kv_span_ids,
             causal=causal,
-            window=window,
+            scale=self.scale,
+            logits_soft_cap=self.logits_soft_cap,
             q_offset=q_offset,
             impl=self.impl,
             partition=_mesh_axes(QKV_AXES),
         )
+        if window is not None and window_on is not None:
+            out = jax.lax.cond(window_on, lambda: attend(window=window), lambda: attend())
+        else:
+            out = attend(window=window)
         return DenseGeneral(
             (width,),
             ("heads", "kv", "embed"),

@@ -20,13 +20,19 @@ class TokenEmbed(nn.Module):
     features: int
     param_dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
-        table = self.param(
+    def setup(self) -> None:
+        self.embedding = self.param(
             "embedding",
             logical(nn.initializers.normal(0.02), "vocab", "embed"),
             (self.num_embeddings, self.features),
             self.param_dtype,
         )
-        rows = jnp.take(table, ids, axis=0)
+
+    def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
+        rows = jnp.take(self.embedding, ids, axis=0)
         return from_width_to_batch_split(rows, ACT)
+
+    def attend(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x [..., width] -> x @ table.T [..., vocab] in x's dtype: the LM head of a model
+        whose input and output embeddings are tied (Gemma, small Qwen2s)."""
+        return jnp.einsum("...d,vd->...v", x, self.embedding.astype(x.dtype))

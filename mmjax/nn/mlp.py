@@ -38,6 +38,7 @@ class Mlp(nn.Module):
     hidden_dim: int
     activation: str = "gelu"
     gated: bool = False
+    use_bias: bool = True
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
@@ -48,7 +49,7 @@ class Mlp(nn.Module):
                 f"unknown activation {self.activation!r}; valid: {sorted(ACTIVATIONS)}"
             )
         width = x.shape[-1]
-        dense = dtypes(self)
+        dense = dict(dtypes(self), use_bias=self.use_bias)
         h = DenseGeneral((self.hidden_dim,), ("embed", "mlp"), name="fc1", **dense)(x)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
         if self.gated:

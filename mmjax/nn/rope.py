@@ -1,18 +1,60 @@
-"""Rotary position embeddings (Su et al., 2021), as in Llama: rotate-half convention."""
+"""Rotary position embeddings (Su et al., 2021), as in Llama: rotate-half convention, with the
+frequency scalings of long-context checkpoints (`rope_scaling`, Hugging Face's names)."""
+
+import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
+ROPE_SCALINGS = ("linear", "llama3")
 
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, theta: float = 10_000.0) -> jnp.ndarray:
+
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None
+) -> jnp.ndarray:
+    """The rotation frequencies theta^(-2i/head_dim), i < head_dim/2, as f32 [head_dim/2].
+
+    `scaling` ({"rope_type": ..., "factor": ...}, as a Hugging Face config's `rope_scaling`):
+    "linear" divides every frequency by `factor` (position interpolation); "llama3" divides
+    the low frequencies by `factor`, keeps the high ones and interpolates between them
+    (Llama 3.1, with low_freq_factor, high_freq_factor, original_max_position_embeddings).
+    """
+    half = head_dim // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is None:
+        return freqs
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return freqs / factor
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported; valid: {ROPE_SCALINGS}")
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    context = float(scaling["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / freqs
+    scaled = jnp.where(wavelength > context / low, freqs / factor, freqs)
+    smooth = (context / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= context / high) & (wavelength <= context / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(
+    x: jnp.ndarray,
+    positions: jnp.ndarray,
+    theta: float = 10_000.0,
+    scaling: Mapping[str, Any] | None = None,
+) -> jnp.ndarray:
     """Rotates q or k [batch, seq, heads, head_dim] by its token positions [batch, seq].
 
-    Pairs dimension i with i + head_dim/2 and rotates it by positions * theta^(-2i/head_dim);
-    computed in f32, returned in x's dtype.
+    Pairs dimension i with i + head_dim/2 and rotates it by positions * frequency i
+    (`rope_frequencies`); computed in f32, returned in x's dtype.
     """
-    half = x.shape[-1] // 2
     if x.shape[-1] % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {x.shape[-1]}")
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    half = x.shape[-1] // 2
+    freqs = rope_frequencies(x.shape[-1], theta, scaling)
     angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [B, S, 1, half]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)

@@ -2,11 +2,14 @@
 
 The defaults are ViT/CLIP's block (LayerNorm, GELU MLP, biases); `norm="rms"`, `gated_mlp`,
 `activation="silu"`, `use_bias=False` and `rope_theta` give the Llama block that Transfusion
-and the other decoders use.
+and the other decoders use; `num_kv_heads` and `qkv_bias` Qwen2's; `activation="gelu_tanh"`,
+`post_norms`, `head_dim`, `attention_scale`, `attn_logit_softcap` and `sliding_window` with
+`global_every=2` Gemma-2's (Gemma Team, 2024, Sec. 2).
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,7 +23,14 @@ from mmjax.nn.norms import make_norm
 
 
 class TransformerBlock(nn.Module):
-    """x + Attn(Norm(x)), then x + MLP(Norm(x))."""
+    """x + Attn(Norm(x)), then x + MLP(Norm(x)); with `post_norms`, x + Norm(Attn(Norm(x)))
+    and x + Norm(MLP(Norm(x))) (Gemma-2's sandwich norms).
+
+    `sliding_window` w: tokens attend to the previous w - 1 and themselves only. Called with a
+    traced `layer` index (inside a scan) and `global_every` N, layers N-1, 2N-1, ... attend
+    globally and the others within the window; unscanned stacks give each block its own
+    static window instead.
+    """
 
     num_heads: int
     mlp_dim: int
@@ -32,7 +42,14 @@ class TransformerBlock(nn.Module):
     use_bias: bool = True
     qkv_bias: bool | None = None  # None: use_bias (nn.attention.MultiHeadAttention)
     num_kv_heads: int | None = None  # grouped-query attention: kv heads dividing num_heads
+    head_dim: int | None = None  # None: width / num_heads
     rope_theta: float | None = None
+    rope_scaling: Mapping[str, Any] | None = None  # nn.rope.rope_frequencies
+    post_norms: bool = False
+    sliding_window: int | None = None
+    global_every: int = 0  # with a traced layer index: every N-th layer global (0: none)
+    attention_scale: float | None = None  # None: 1 / sqrt(head_dim)
+    attn_logit_softcap: float | None = None
     decode: bool = False
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
@@ -47,10 +64,15 @@ class TransformerBlock(nn.Module):
         positions: jnp.ndarray | None = None,
         cache_offset: jnp.ndarray | None = None,
         read_at: jnp.ndarray | None = None,
+        layer: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         """x [B, L, width] -> [B, L, width]; with `read_at` (int [B]) only the token at that
-        position is computed (its keys and values still come from every token): [B, 1, width]."""
+        position is computed (its keys and values still come from every token): [B, 1, width].
+        `layer`: this block's index in a scanned stack (traced), for `global_every`."""
         kw = dtypes(self)
+        window_on = None
+        if self.sliding_window is not None and self.global_every and layer is not None:
+            window_on = (layer + 1) % self.global_every != 0
         y = make_norm(self.norm, name="norm1", epsilon=self.norm_eps, **kw)(x)
         query = dict(segment_ids=segment_ids, span_ids=span_ids, positions=positions)
         kv = {}
@@ -63,17 +85,41 @@ class TransformerBlock(nn.Module):
         y = MultiHeadAttention(
             self.num_heads,
             num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
             use_bias=self.use_bias,
             qkv_bias=self.qkv_bias,
             rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
+            scale=self.attention_scale,
+            logits_soft_cap=self.attn_logit_softcap,
             decode=self.decode,
             impl=self.attention_impl,
             name="attn",
             **kw,
-        )(y, causal=self.causal, cache_offset=cache_offset, query_offset=read_at, **query, **kv)
+        )(
+            y,
+            causal=self.causal,
+            window=self.sliding_window,
+            window_on=window_on,
+            cache_offset=cache_offset,
+            query_offset=read_at,
+            **query,
+            **kv,
+        )
+        if self.post_norms:
+            y = make_norm(self.norm, name="post_norm1", epsilon=self.norm_eps, **kw)(y)
         x = nn.with_logical_constraint(x + y, ACT)
         y = make_norm(self.norm, name="norm2", epsilon=self.norm_eps, **kw)(x)
-        y = Mlp(self.mlp_dim, activation=self.activation, gated=self.gated_mlp, name="mlp", **kw)(y)
+        y = Mlp(
+            self.mlp_dim,
+            activation=self.activation,
+            gated=self.gated_mlp,
+            use_bias=self.use_bias,
+            name="mlp",
+            **kw,
+        )(y)
+        if self.post_norms:
+            y = make_norm(self.norm, name="post_norm2", epsilon=self.norm_eps, **kw)(y)
         return nn.with_logical_constraint(x + y, ACT)
 
 
@@ -111,7 +157,14 @@ class Transformer(nn.Module):
     use_bias: bool = True
     qkv_bias: bool | None = None
     num_kv_heads: int | None = None
+    head_dim: int | None = None
     rope_theta: float | None = None
+    rope_scaling: Mapping[str, Any] | None = None
+    post_norms: bool = False
+    sliding_window: int | None = None
+    global_every: int = 0  # every N-th block attends globally, the others in the window
+    attention_scale: float | None = None
+    attn_logit_softcap: float | None = None
     decode: bool = False  # KV cache (nn.attention.MultiHeadAttention)
     remat_policy: str = "none"
     scan_layers: bool = False
@@ -149,7 +202,7 @@ class Transformer(nn.Module):
                 if before_block is not None:
                     x = before_block(i, x)
                 at = read_at if i == n - 1 else None
-                x = block(**self._block_fields(), name=f"block{i}")(x, *args, at)
+                x = block(**self._block_fields(i), name=f"block{i}")(x, *args, at)
             return x
         if n not in (0, self.depth - 1, self.depth):
             raise ValueError(
@@ -172,7 +225,7 @@ class Transformer(nn.Module):
         if n == self.depth:
             if before_block is not None:
                 x = before_block(self.depth - 1, x)
-            x = block(**self._block_fields(), name="last")(x, *args, read_at)
+            x = block(**self._block_fields(self.depth - 1), name="last")(x, *args, read_at)
         return x
 
     def _block_class(self) -> type[TransformerBlock]:
@@ -190,8 +243,12 @@ class Transformer(nn.Module):
             prevent_cse=not self.scan_layers,
         )
 
-    def _block_fields(self) -> dict:
-        """The TransformerBlock fields every block of this stack is built with."""
+    def _block_fields(self, index: int | None = None) -> dict:
+        """The TransformerBlock fields of block `index`; None: of the scanned blocks, whose
+        window the traced layer index switches (TransformerBlock.global_every)."""
+        window = self.sliding_window
+        if index is not None and self.global_every and (index + 1) % self.global_every == 0:
+            window = None
         return dict(
             num_heads=self.num_heads,
             mlp_dim=self.mlp_dim,
@@ -203,7 +260,14 @@ class Transformer(nn.Module):
             use_bias=self.use_bias,
             qkv_bias=self.qkv_bias,
             num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
             rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
+            post_norms=self.post_norms,
+            sliding_window=window,
+            global_every=self.global_every if index is None else 0,
+            attention_scale=self.attention_scale,
+            attn_logit_softcap=self.attn_logit_softcap,
             decode=self.decode,
             attention_impl=self.attention_impl,
             dtype=self.dtype,
@@ -222,20 +286,20 @@ def _scan_step(
     *args, index = args
     if before_block is not None:
         x = before_block(index, x)
-    return block(x, *args), None
+    return block(x, *args, None, index), None
 
 
 def llama_decoder(
     depth: int, num_heads: int, mlp_dim: int, *, norm_eps: float, rope_theta: float, **kw
 ) -> Transformer:
     """The causal Llama stack of the unified decoders (Transfusion Sec. 4.1, UniFluid): RMSNorm,
-    bias-free SwiGLU, RoPE; `kw` passes num_kv_heads (GQA), qkv_bias (Qwen), decode,
-    remat_policy, scan_layers, attention_impl and dtypes."""
+    bias-free SwiGLU, RoPE; `kw` passes the Transformer's other fields: num_kv_heads (GQA),
+    qkv_bias (Qwen), Gemma-2's block, decode, remat_policy, scan_layers, attention_impl, dtypes."""
+    kw = {"activation": "silu", **kw}
     return Transformer(
         depth,
         num_heads,
         mlp_dim,
-        activation="silu",
         causal=True,
         norm="rms",
         norm_eps=norm_eps,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -117,9 +118,14 @@ class Bundle:
             latents=self.latents,
         )
 
-    def imported_params(self, example_batch: Mapping[str, np.ndarray], shardings: Any) -> Any:
+    def imported_params(
+        self, example_batch: Mapping[str, np.ndarray], params: Any, shardings: Any
+    ) -> Any:
         """The imported parameters placed with `shardings`, once the data is known to fit
-        them; stacks the converters wrote unscanned are stacked for a scanned model."""
+        them; stacks the converters wrote unscanned are stacked for a scanned model. An LLM
+        (`init_from.format=hf_llm`) replaces the `lm/` subtree of `params` only."""
+        if self.config.init_from.format == convert.LM_FORMAT:
+            return self._imported_lm(params, shardings)
         got = tuple(example_batch["image"].shape[1:])
         want = (*self.imported.image_size, self.imported.channels)
         if got != want:
@@ -133,6 +139,38 @@ class Bundle:
         except ValueError as e:
             raise UserError(f"init_from: {e}") from None
         return jax.device_put(replace_leaves(abstract, values), shardings)
+
+    def _imported_lm(self, params: Any, shardings: Any) -> Any:
+        """`params` with `lm/` the imported LLM's, its token rows extended for the specials
+        the run's tokenizer adds (new rows: the mean of the checkpoint's, as HF's
+        resize_token_embeddings)."""
+        imported = convert.from_hf_llm(self.config.init_from.path)
+        ours = param_paths(params)
+        target = {k: v for k, v in ours.items() if k.startswith(LM_PREFIX)}
+        source = {LM_PREFIX + k: v for k, v in param_paths(imported.params).items()}
+        for path in (f"{LM_PREFIX}token_embedding/embedding", f"{LM_PREFIX}lm_head/kernel"):
+            if path in source and path in target:
+                source[path] = _extend_rows(source[path], target[path].shape, path)
+        try:
+            values = layout.to_layout(source, target)
+        except ValueError as e:
+            raise UserError(f"init_from: {e}") from None
+        values = {**{k: v for k, v in ours.items() if k not in values}, **values}
+        return jax.device_put(replace_leaves(params, values), shardings)
+
+
+LM_PREFIX = "lm/"
+
+
+def _extend_rows(x: Any, shape: Sequence[int], path: str) -> np.ndarray:
+    """An embedding [rows, width] (or head [width, rows]) grown to `shape` with mean rows."""
+    x = np.asarray(x)
+    axis = 0 if path.endswith("embedding") else 1
+    extra = shape[axis] - x.shape[axis]
+    if extra <= 0:
+        return x
+    mean = x.mean(axis=axis, keepdims=True)
+    return np.concatenate([x, np.repeat(mean, extra, axis=axis)], axis=axis)
 
 
 def build(
@@ -156,14 +194,18 @@ def build(
     except ValueError as e:
         raise UserError(f"mesh: {e}") from None
     is_main = jax.process_index() == 0
+    # config.init_from: converted weights that replace the model (mmjax.convert), an LLM into
+    # its `lm/` subtree, or subtrees of earlier runs' params copied in after init (workdir.py)
+    init_from = config.get("init_from", {})
+    fmt = init_from.get("format")
+    if fmt == convert.LM_FORMAT:
+        _use_checkpoint_tokenizer(config)
     tokenizer = tokenizer or mmdata.load_or_train_tokenizer(
         config.data, workdir, write=is_main and workdir is not None
     )
+    if fmt == convert.LM_FORMAT:
+        _import_lm_architecture(config, tokenizer)
     fill_vocab_size(config.model, tokenizer.vocab_size)
-    # config.init_from: converted weights that replace the model (mmjax.convert), or subtrees
-    # of earlier runs' params copied in after init (train/workdir.py)
-    init_from = config.get("init_from", {})
-    fmt = init_from.get("format")
     if fmt == WORKDIR_FORMAT:
         check_workdir_source(init_from)
     elif init_from.get("more"):
@@ -171,7 +213,7 @@ def build(
             f"init_from.more (more earlier workdirs) needs init_from.format=workdir, got format "
             f"{fmt!r}"
         )
-    imported = _import(config, tokenizer) if fmt and fmt != WORKDIR_FORMAT else None
+    imported = _import(config, tokenizer) if fmt in convert.CONVERTERS else None
     latents = None if precomputed_latents else load_latent_space(config, mesh)
     if latents is not None:
         config.latents = resolved_latents(config.latents, latents)
@@ -200,7 +242,52 @@ def _import(config: ml_collections.ConfigDict, tokenizer: mmdata.Tokenizer) -> c
             f"{imported.text_len} tokens"
         )
     config.model = ml_collections.ConfigDict(_keep_execution(imported.model, config.model))
+    # the checkpoint's image preprocessing, unless the run chose its own (Imported.data_settings)
+    config.data.update(imported.data_settings(config.data))
     return imported
+
+
+def _use_checkpoint_tokenizer(config: ml_collections.ConfigDict) -> None:
+    """An imported LLM's tokenizer is the run's (data.tokenizer=hf at the checkpoint), unless
+    the config names a tokenizer file or directory of its own."""
+    path = config.init_from.get("path", "")
+    if not path or not os.path.exists(path):
+        raise UserError(f"init_from.path {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise UserError(f"init_from.path {path!r} is not a directory (an HF checkpoint's)")
+    if config.data.get("tokenizer_path"):
+        return
+    files = convert.hf_llm.TOKENIZER_MODELS
+    if not any(os.path.exists(os.path.join(path, f)) for f in files):
+        raise UserError(
+            f"init_from.path {path!r} holds no tokenizer ({' or '.join(files)}): set "
+            "data.tokenizer and data.tokenizer_path"
+        )
+    config.data.tokenizer, config.data.tokenizer_path = "hf", path
+
+
+def _import_lm_architecture(config: ml_collections.ConfigDict, tokenizer: mmdata.Tokenizer) -> None:
+    """Puts an HF LLM checkpoint's architecture (its config.json) into `config.model`, whose
+    model must hold a CausalLM (models/causal_lm.py's LMFields): vocab_size becomes the
+    checkpoint's rows, or more when the run's tokenizer adds specials (a VLM's <image>)."""
+    if not models.holds_causal_lm(config.model.name):
+        raise UserError(
+            f"init_from.format=hf_llm needs a model holding a causal LM (vlm, lm, unifluid), "
+            f"not {config.model.name!r}"
+        )
+    path = config.init_from.path
+    fields = convert.hf_llm.lm_fields(convert.hf_llm.read_config(path))
+    rows = fields["vocab_size"]
+    base = getattr(tokenizer, "base", tokenizer)
+    if base.vocab_size > rows:
+        raise UserError(
+            f"tokenizer {base!r} has {base.vocab_size} ids but the checkpoint's embedding has "
+            f"{rows} rows: use the checkpoint's own tokenizer"
+        )
+    if tokenizer.vocab_size > rows:  # the specials of the run's sequence kind
+        fields["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
+    model = dict(config.model.to_dict(), **fields)
+    config.model = ml_collections.ConfigDict(_keep_execution(model, config.model))
 
 
 # How a model runs, not what it computes: the run's own settings win over an import's

@@ -246,7 +246,9 @@ class TrainingRun:
                 f"Resuming from step {self.start} (checkpoint in {self.ckpt.directory})", flush=True
             )
         elif start.source == "import":
-            params = trainer.bundle.imported_params(self.example_batch, self.shardings.params)
+            params = trainer.bundle.imported_params(
+                self.example_batch, self.state.params, self.shardings.params
+            )
             self.state = self.state.replace(params=params)
         elif start.source == "workdir":
             params = load_from_workdir(

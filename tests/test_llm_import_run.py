@@ -1,0 +1,133 @@
+"""A VLM preset starting from an imported LLM (`init_from.format=hf_llm`): the checkpoint's
+architecture and tokenizer become the run's, its weights fill `lm/` (rows added for the VLM's
+special tokens), and with the LM frozen two training steps leave it bit-identical while the
+connector trains. Bad input (a model without an LM, a tokenizer of another vocabulary) is one
+clear line, before anything is written."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+from helpers import REPO
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+sentencepiece = pytest.importorskip("sentencepiece")
+
+from mmjax import convert  # noqa: E402
+from mmjax.errors import UserError  # noqa: E402
+from mmjax.train import train_and_evaluate  # noqa: E402
+from mmjax.train.build import build, load_trained  # noqa: E402
+from mmjax.train.config_cli import load_config  # noqa: E402
+
+TEXTS = [
+    "a red circle and a blue square on the left",
+    "what colour is the circle? green",
+    "find the small yellow triangle at the top right",
+    "0 1 2 3 4 5 6 7 8 9 ( ) , < > / box ref",
+] * 20
+
+
+def tiny_llama_checkpoint(directory: str, vocab: int = 320, rows: int = 0) -> str:
+    """A 2-layer random Llama (GQA) with a SentencePiece tokenizer of its own, saved as HF;
+    `rows` (default: the tokenizer's ids) sizes its embedding."""
+    model_prefix = os.path.join(directory, "sp")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS),
+        model_prefix=model_prefix,
+        vocab_size=vocab,
+        model_type="bpe",
+        byte_fallback=True,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    tokenizer = transformers.LlamaTokenizer(vocab_file=model_prefix + ".model", legacy=False)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=rows or len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def llava_config(checkpoint: str):
+    c = load_config(f"{REPO}/experiments/llava.py:tiny")
+    c.update(batch_size=8, total_steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+    c.evals = {}
+    c.model.vision.update(width=32, depth=2, mlp_dim=64)
+    c.init_from = dict(format="hf_llm", path=checkpoint)
+    c.optimizer.update(frozen=("lm/**",), warmup_steps=1, lr=1e-2)
+    return c
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_llama_checkpoint(str(tmp_path_factory.mktemp("llama")))
+
+
+def test_the_checkpoint_gives_the_run_its_architecture_and_tokenizer(checkpoint):
+    bundle = build(llava_config(checkpoint))
+    model = bundle.config.model
+    rows = transformers.AutoConfig.from_pretrained(checkpoint).vocab_size
+    assert (model.width, model.depth, model.num_kv_heads, model.mlp_dim) == (32, 2, 2, 64)
+    assert bundle.config.data.tokenizer == "hf" and bundle.config.data.tokenizer_path == checkpoint
+    # the VLM's specials (<image>, <ref>, ...) follow the checkpoint's ids: rows are added
+    assert bundle.tokenizer.vocab_size > rows and model.vocab_size >= bundle.tokenizer.vocab_size
+    hf = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    text = "what colour is the circle?"
+    assert bundle.tokenizer.encode(text) == hf.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.slow
+def test_a_vlm_trains_from_an_imported_llm_with_the_lm_frozen(checkpoint, tmp_path):
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(llava_config(checkpoint), workdir)
+    trained = load_trained(workdir)
+    assert trained.step == 2
+    lm = flatten_dict(trained.params["lm"], sep="/")
+    hf = flatten_dict(convert.from_hf_llm(checkpoint).params, sep="/")
+    rows = hf["token_embedding/embedding"].shape[0]
+    for path, value in hf.items():
+        got = np.asarray(lm[path])
+        if path == "token_embedding/embedding":
+            got = got[:rows]  # the added rows: the specials
+        elif path == "lm_head/kernel":
+            got = got[:, :rows]
+        np.testing.assert_array_equal(got, np.asarray(value), err_msg=path)
+    # ... while the connector, which is not frozen, moved from its initialisation
+    fresh = build(llava_config(checkpoint))
+    init = fresh.model.init(
+        jax.random.key(fresh.config.seed),
+        {k: np.zeros(v.shape, v.dtype) for k, v in fresh.example().items()},
+    )["params"]
+    before = flatten_dict(init["connector"], sep="/")
+    after = flatten_dict(trained.params["connector"], sep="/")
+    assert any(not np.array_equal(np.asarray(after[k]), np.asarray(before[k])) for k in before)
+
+
+def test_bad_input_is_one_clear_line_and_writes_nothing(checkpoint, tmp_path):
+    clip = load_config(f"{REPO}/experiments/clip.py:tiny")
+    clip.init_from = dict(format="hf_llm", path=checkpoint)
+    with pytest.raises(UserError, match="needs a model holding a causal LM"):
+        build(clip)
+    (tmp_path / "small_embedding").mkdir()
+    small = tiny_llama_checkpoint(str(tmp_path / "small_embedding"), rows=200)
+    with pytest.raises(UserError, match=r"has \d+ ids but the checkpoint's embedding has \d+ rows"):
+        build(llava_config(small))
+    workdir = tmp_path / "never"
+    with pytest.raises(UserError, match="does not exist"):
+        config = llava_config(str(tmp_path / "nowhere"))
+        train_and_evaluate(config, str(workdir))
+    assert not workdir.exists() or not any(workdir.iterdir())
