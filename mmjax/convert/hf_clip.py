@@ -3,15 +3,25 @@
 Vision: conv patch embedding without bias, class token, pre- and post-LayerNorm, CLS pooling,
 bias-free projection. Text: causal, pooled at the end-of-text token (`argmax` of the ids for
 configs with the legacy `eos_token_id == 2`, else the first `eos_token_id`), as HF does.
+Images: the `preprocessor_config.json` saved with the weights, else OpenAI CLIP's published
+mean, std and bicubic shortest-side resize with a centre crop.
 """
 
+import json
+import os
+from collections.abc import Mapping
 from typing import Any
 
-from mmjax.convert.imported import Imported, activation, finish
+import numpy as np
+from PIL import Image
+
+from mmjax.convert.imported import OPENAI_CLIP_PREPROCESSING, Imported, activation, finish
 from mmjax.convert.torch_layers import Reader
+from mmjax.data.image_ops import split_resize
 from mmjax.errors import UserError
 
 SOURCE = "HF CLIPModel"
+PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 def load(model_or_path: Any) -> tuple[Any, dict]:
@@ -21,6 +31,64 @@ def load(model_or_path: Any) -> tuple[Any, dict]:
 
         model_or_path = transformers.AutoModel.from_pretrained(model_or_path, local_files_only=True)
     return model_or_path.config, model_or_path.state_dict()
+
+
+def preprocessing(model_or_path: Any, published: dict) -> dict:
+    """`finish`'s image keywords from the HF image processor config saved with the weights (a
+    local directory's `preprocessor_config.json`), else the model type's `published` ones."""
+    path = os.path.join(model_or_path, PREPROCESSOR_FILE) if isinstance(model_or_path, str) else ""
+    if not os.path.isfile(path):
+        return published
+    with open(path) as f:
+        return processor_preprocessing(json.load(f), published, path)
+
+
+def processor_preprocessing(pp: Mapping[str, Any], published: dict, where: str) -> dict:
+    """An HF image processor config (resize, centre crop, rescale, normalise) as `finish`'s
+    image keywords; keys it lacks take the `published` values. A resize mmjax has no rule for
+    is a UserError naming `where`."""
+    pp = {k: v for k, v in pp.items() if v is not None}  # transformers 5 writes unset as null
+    geometry, resample = split_resize(published["image_resize"])
+    resample = Image.Resampling(pp.get("resample", resample)).name.lower()
+    scale = float(pp.get("rescale_factor", 1 / 255)) if pp.get("do_rescale", True) else 1.0
+    mean, std = 0.0, 1.0
+    if pp.get("do_normalize", True):
+        mean = pp.get("image_mean", published["image_mean"])
+        std = pp.get("image_std", published["image_std"])
+    k = 255.0 * scale  # (x * scale - mean) / std == (x / 255 - mean / k) / (std / k)
+    return dict(
+        image_mean=tuple(float(m) / k for m in np.atleast_1d(mean)),
+        image_std=tuple(float(s) / k for s in np.atleast_1d(std)),
+        image_resize=f"{_geometry(pp, geometry, where)}_{resample}",
+    )
+
+
+def _geometry(pp: Mapping[str, Any], published: str, where: str) -> str:
+    """The RESIZES geometry of an HF processor's size and crop: the shortest edge resized to
+    the crop size then cropped (CLIP), or a square resize without a crop (SigLIP)."""
+    if not pp.get("do_resize", True):
+        raise UserError(f"{where}: do_resize false: mmjax resizes every image to data.image_size")
+    size = pp.get("size")
+    if size is None:
+        return published
+    if isinstance(size, int):  # older configs: a bare int means the processor's geometry
+        shortest = published == "shortest_side"
+        size = {"shortest_edge": size} if shortest else {"height": size, "width": size}
+    crop = pp.get("crop_size")
+    if isinstance(crop, int):
+        crop = {"height": crop, "width": crop}
+    crops = pp.get("do_center_crop", published == "shortest_side")
+    edge = size.get("shortest_edge")
+    if set(size) == {"shortest_edge"} and crops and crop == {"height": edge, "width": edge}:
+        return "shortest_side"
+    square = set(size) == {"height", "width"} and size["height"] == size["width"]
+    if square and (not crops or crop == size):
+        return "squash"
+    cropped = f" then a centre crop to {crop}" if crops else ""
+    raise UserError(
+        f"{where}: resizing to {size}{cropped} has no mmjax data.image_resize rule (shortest_side: "
+        "the shortest edge to the crop size, then the crop; squash: to a square, no crop)"
+    )
 
 
 def check_model_type(config: Any, expected: str, hint: str) -> None:
@@ -123,4 +191,5 @@ def convert(model_or_path: Any) -> Imported:
         "logit_scale": read("logit_scale").reshape(()),
     }
     v = config.vision_config
-    return finish(model, params, v.image_size, v.num_channels, SOURCE)
+    pp = preprocessing(model_or_path, OPENAI_CLIP_PREPROCESSING)
+    return finish(model, params, v.image_size, v.num_channels, SOURCE, **pp)

@@ -3,7 +3,9 @@
 Vision: conv patch embedding with bias, no class token and no pre-LayerNorm, MAP-head pooling
 (a learned probe through torch's packed `nn.MultiheadAttention`), no projection. Text:
 bidirectional, pooled at the last position, linear head with bias. HF's SigLIP layers are
-CLIP's, so the encoder and text tower readers are shared with hf_clip.
+CLIP's, so the encoder and text tower readers are shared with hf_clip. Images: the
+`preprocessor_config.json` saved with the weights, else HF SiglipImageProcessor's defaults:
+0.5 / 0.5 and a bicubic resize to the square without a crop.
 """
 
 from typing import Any
@@ -12,11 +14,12 @@ from mmjax.convert.hf_clip import (
     check_model_type,
     encoder,
     load,
+    preprocessing,
     text_tower,
     text_tower_config,
     tower,
 )
-from mmjax.convert.imported import Imported, finish
+from mmjax.convert.imported import HF_SIGLIP_PREPROCESSING, Imported, finish
 from mmjax.convert.torch_layers import Reader
 from mmjax.errors import UserError
 
@@ -76,4 +79,5 @@ def convert(model_or_path: Any) -> Imported:
         "logit_bias": read("logit_bias").reshape(()),
     }
     v = config.vision_config
-    return finish(model, params, v.image_size, v.num_channels, SOURCE)
+    pp = preprocessing(model_or_path, HF_SIGLIP_PREPROCESSING)
+    return finish(model, params, v.image_size, v.num_channels, SOURCE, **pp)

@@ -4,9 +4,11 @@ The mmjax config is read off the instance itself (layer shapes, heads, activatio
 eps, pooling, causal mask), so any checkpoint that `open_clip.create_model(name,
 pretrained=local_file)` loads imports without a separate config. Features mmjax's CLIP does not
 have (timm or HF towers, layer scale, attentional pooling, average pooling, LayerNorm after
-pooling) are refused by name rather than silently dropped.
+pooling) are refused by name rather than silently dropped. Images: the model's own
+`preprocess_cfg` (mean, std, interpolation, resize mode), open_clip's defaults where unset.
 """
 
+import dataclasses
 from typing import Any
 
 from mmjax.convert.imported import Imported, finish
@@ -98,6 +100,28 @@ def model_config(model: Any) -> dict:
     )
 
 
+def preprocessing(model: Any) -> dict:
+    """`finish`'s image keywords from the model's preprocess config (what
+    `open_clip.create_model` records; open_clip's defaults, OpenAI CLIP's, for keys unset)."""
+    import open_clip
+
+    cfg = dataclasses.asdict(open_clip.transform.PreprocessCfg())
+    cfg.update(open_clip.get_model_preprocess_cfg(model))
+    geometries = {"shortest": "shortest_side", "squash": "squash"}
+    if cfg["resize_mode"] not in geometries:
+        raise UserError(
+            f"{SOURCE}: resize_mode {cfg['resize_mode']!r} (resize, then pad to the square) has "
+            "no mmjax data.image_resize rule"
+        )
+    # open_clip resizes bilinear for "bilinear" and bicubic for anything else at inference
+    resample = "bilinear" if cfg["interpolation"] == "bilinear" else "bicubic"
+    return dict(
+        image_mean=cfg["mean"],
+        image_std=cfg["std"],
+        image_resize=f"{geometries[cfg['resize_mode']]}_{resample}",
+    )
+
+
 def encoder(read: Reader, prefix: str, depth: int, num_heads: int) -> dict:
     """`prefix.resblocks.{i}` of an open_clip Transformer -> mmjax.nn.Transformer params."""
     blocks = {}
@@ -147,4 +171,6 @@ def convert(model: Any, pretrained: str | None = None) -> Imported:
     if read.has("logit_bias"):
         config["logit_bias_init"] = 0.0  # creates the parameter; its value is imported
         params["logit_bias"] = read("logit_bias").reshape(())
-    return finish(config, params, model.visual.image_size, model.visual.conv1.in_channels, SOURCE)
+    visual = model.visual
+    pp = preprocessing(model)
+    return finish(config, params, visual.image_size, visual.conv1.in_channels, SOURCE, **pp)

@@ -4,7 +4,12 @@ from typing import Any
 
 import ml_collections
 
-from mmjax.data.image_ops import DEFAULT_IMAGE_OPS
+from mmjax.data.image_ops import (
+    DEFAULT_IMAGE_MEAN,
+    DEFAULT_IMAGE_OPS,
+    DEFAULT_IMAGE_RESIZE,
+    DEFAULT_IMAGE_STD,
+)
 from mmjax.data.sequences import SEQUENCE_DEFAULTS
 
 DATA_DEFAULTS: dict[str, Any] = dict(
@@ -13,6 +18,9 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     split_train="train",
     image_size=8,
     image_ops=DEFAULT_IMAGE_OPS,
+    image_resize=DEFAULT_IMAGE_RESIZE,  # <crop|shortest_side|squash>_<PIL filter>, image_ops.py
+    image_mean=DEFAULT_IMAGE_MEAN,  # per channel, [0, 1] scale: value_range gives (x - mean) / std
+    image_std=DEFAULT_IMAGE_STD,  # 0.5 / 0.5: [-1, 1]; an import records its checkpoint's values
     augment=(),  # train-only random ops, e.g. ("random_shift",)
     max_text_len=16,
     tokenizer="sentencepiece",  # sentencepiece (trained on the train captions) | byte | hf

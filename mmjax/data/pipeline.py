@@ -13,7 +13,7 @@ import grain
 import numpy as np
 from ml_collections import ConfigDict
 
-from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, build_augment_ops, build_image_ops
+from mmjax.data.image_ops import build_augment_ops, image_preprocessor
 from mmjax.data.kinds import sequence_example, sequence_kind
 from mmjax.data.sources import (
     DIGIT_NAMES,
@@ -31,9 +31,9 @@ _GENERIC_PROMPT_TEMPLATES = ["a photo of a {}", "{}"]
 
 
 def _preprocess_fn(data_cfg: ConfigDict, tokenizer: Tokenizer) -> Callable[[dict], Batch]:
-    """Record -> model inputs: image float32 [S, S, 3] in [-1, 1], text int32, label, index."""
-    ops = tuple(data_cfg.get("image_ops", DEFAULT_IMAGE_OPS))
-    image_op = build_image_ops(ops, int(data_cfg.image_size))
+    """Record -> model inputs: image float32 [S, S, 3] (data.image_mean / image_std: [-1, 1]
+    by default), text int32, label, index."""
+    image_op = image_preprocessor(data_cfg)
     max_len = int(data_cfg.max_text_len)
 
     def preprocess(record: dict[str, Any]) -> Batch:

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, build_image_ops
+from mmjax.data.image_ops import image_preprocessor
 from mmjax.data.kinds import check_sequence_config, sequence_example
 from mmjax.data.sources import build_source
 from mmjax.errors import UserError
@@ -144,9 +144,9 @@ class TransfusionEval(JudgedEval):
 
 
 def record_pixels(record: dict, data_cfg: ml_collections.ConfigDict) -> np.ndarray:
-    """A record's image through the data pipeline's image ops: float [-1, 1], [S, S, 3]."""
-    ops = tuple(data_cfg.get("image_ops", DEFAULT_IMAGE_OPS))
-    return build_image_ops(ops, int(data_cfg.image_size))(record["image"])
+    """A record's image as the data pipeline prepares it: float [S, S, 3], normalised by
+    data.image_mean / image_std ([-1, 1] by default)."""
+    return image_preprocessor(data_cfg)(record["image"])
 
 
 def heldout_sequences(
