@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_attention_reference import FAST_COMPILE, Case, naive_mask
@@ -179,6 +180,9 @@ def _kernel_and_reference(q, k, v, cotangent, dynamic, *, static, options, with_
     One compile per example covers the forward and backward of both.
     """
     mask = MaskSpec(**dict(static), **dynamic)
+    reference = functools.partial(
+        attention_reference, logits_soft_cap=dict(options).get("logits_soft_cap")
+    )
 
     def run(fn):
         if not with_grads:
@@ -186,13 +190,27 @@ def _kernel_and_reference(q, k, v, cotangent, dynamic, *, static, options, with_
         out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
         return out, pullback(cotangent)
 
-    return run(functools.partial(pallas_attention, **dict(options))), run(attention_reference)
+    return run(functools.partial(pallas_attention, **dict(options))), run(reference)
 
 
 @_settings(8)
 @given(problems(), st.sampled_from(sorted(VARIANTS)))
 def test_outputs_and_gradients_match_reference(problem, variant: str) -> None:
     """Outputs within 2e-5 (f32) / 2e-2 (bf16), q/k/v gradients within 1e-4 (f32)."""
+    _check_against_reference(problem, variant)
+
+
+@_settings(8)
+@given(problems(), st.sampled_from(sorted(VARIANTS)), st.floats(0.05, 20.0))
+def test_soft_capped_outputs_and_gradients_match_reference(
+    problem, variant: str, soft_cap: float
+) -> None:
+    """With a logit soft cap (forward capped, backward through 1 - tanh^2), the same
+    tolerances as without."""
+    _check_against_reference(problem, variant, (("logits_soft_cap", soft_cap),))
+
+
+def _check_against_reference(problem, variant: str, extra_options: tuple = ()) -> None:
     case, bq, bk = problem
     q, k, v = case.qkv()
     f32 = case.dtype == "float32"
@@ -204,7 +222,7 @@ def test_outputs_and_gradients_match_reference(problem, variant: str) -> None:
     (out, grads), (expected, expected_grads) = _kernel_and_reference(
         q, k, v, cotangent, kwargs,
         static=tuple(static.items()),
-        options=(("block_q", bq), ("block_kv", bk), ("variant", variant)),
+        options=(("block_q", bq), ("block_kv", bk), ("variant", variant), *extra_options),
         with_grads=f32,
     )  # fmt: skip
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -229,9 +247,11 @@ def test_block_skipping_on_a_packed_causal_sequence() -> None:
     assert int(jnp.sum(visits[0, 0])) == 20
 
 
-def test_tpu_interpret_mode_matches_reference() -> None:
+@pytest.mark.parametrize("soft_cap", [None, 0.5])
+def test_tpu_interpret_mode_matches_reference(soft_cap: float | None) -> None:
     """Mosaic-style 128-token blocks, scalar prefetch, VMEM scratch and, with the ids traced,
-    a dynamic grid bound (the slot axis is the traced largest count) in TPU interpret mode."""
+    a dynamic grid bound (the slot axis is the traced largest count) in TPU interpret mode;
+    uncapped and with a logit soft cap that bites (the logits are ~ N(0, 1))."""
     from jax.experimental.pallas import tpu as pltpu
 
     rng = np.random.default_rng(0)
@@ -245,7 +265,9 @@ def test_tpu_interpret_mode_matches_reference() -> None:
         block_kv=128,
         variant="grid",
         interpret=pltpu.InterpretParams(),
+        logits_soft_cap=soft_cap,
     )
+    reference = functools.partial(attention_reference, logits_soft_cap=soft_cap)
 
     def loss(fn, q, k, v, segment_ids, span_ids):
         mask = MaskSpec(segment_ids=segment_ids, span_ids=span_ids, causal=True)
@@ -254,7 +276,7 @@ def test_tpu_interpret_mode_matches_reference() -> None:
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def both(*args):
         of = lambda fn: jax.value_and_grad(functools.partial(loss, fn), (0, 1, 2))  # noqa: E731
-        return of(kernel)(*args), of(attention_reference)(*args)
+        return of(kernel)(*args), of(reference)(*args)
 
     ours, want = both(q, k, v, segment_ids, span_ids)
     np.testing.assert_allclose(ours[0], want[0], rtol=1e-5)
@@ -273,6 +295,81 @@ def test_attention_entry_point_dispatches_to_pallas() -> None:
     np.testing.assert_allclose(out, xla, atol=2e-5)
     # "auto" picks one of the two per backend and size; the results agree either way.
     np.testing.assert_allclose(auto, out, atol=2e-5)
+
+
+def test_soft_capped_entry_point_agrees_across_impls_and_meshes() -> None:
+    """`attention(..., logits_soft_cap=c)`: "pallas", "auto" (on CPU the reference's own
+    forward / backward below `CPU_PALLAS_MIN_PAIRS` pairs) and, on a data x tensor mesh of 8
+    CPU devices, the per-shard kernels give the XLA reference's outputs and gradients."""
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(2 * rng.normal(size=(4, 24, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(4, 24, 2, 8)), jnp.float32) for _ in range(2))
+    segment_ids = jnp.asarray(np.repeat([[1, 2, 0]], 8, axis=1).repeat(4, 0), jnp.int32)
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+    def value_and_grads(impl: str, partition=None):
+        def loss(q, k, v):
+            out = attention(
+                q, k, v, segment_ids=segment_ids, causal=True, window=12, impl=impl,
+                logits_soft_cap=1.0, partition=partition,
+            )  # fmt: skip
+            return jnp.sum(out * jnp.sin(out))
+
+        return jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
+
+    run = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    want = run(lambda: value_and_grads("xla"))()
+    results = run(lambda: [value_and_grads(impl) for impl in ("pallas", "auto")])()
+    with jax.set_mesh(mesh):
+        results.append(run(lambda: value_and_grads("pallas", ("data", None, "tensor", None)))())
+    for got in results:
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        for grad, expected in zip(got[1], want[1], strict=True):
+            np.testing.assert_allclose(grad, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        pallas_attention(q, k, v, logits_soft_cap=-2.0)
+
+
+def test_soft_capped_kernels_compile_for_a_v5e_topology_and_lower_to_triton() -> None:
+    """With a cap, the forward, dq and dk/dv kernels compile as Mosaic calls for a v5e 2x2
+    topology inside shard_map (cost estimates: one tanh per exp, so twice the uncapped
+    transcendentals), and lower for CUDA as three branch-free Triton kernels that call tanh
+    (bf16 and no mask: the call cuDNN would take uncapped, it cannot express the cap)."""
+    from accelerators import no_persistent_cache, ops_named, tpu_mesh, triton_modules
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from mmjax.kernels.dispatch import cudnn_eligible
+
+    def grads(q, k, v, **kw):
+        out, pullback = jax.vjp(lambda q, k, v: attention(q, k, v, causal=True, **kw), q, k, v)
+        return out, *pullback(out)
+
+    mesh = tpu_mesh("v5e:2x2", (2, 2), ("data", "tensor"))
+    partition = ("data", None, "tensor", None)
+    sharding = NamedSharding(mesh, P(*partition))
+    q = jax.ShapeDtypeStruct((4, 256, 4, 64), jnp.bfloat16, sharding=sharding)
+    k = jax.ShapeDtypeStruct((4, 256, 2, 64), jnp.bfloat16, sharding=sharding)
+
+    def transcendentals(**kw) -> float:
+        run = functools.partial(grads, impl="pallas", partition=partition, **kw)
+        with jax.set_mesh(mesh), no_persistent_cache():
+            compiled = jax.jit(run).trace(q, k, k).lower().compile()
+        assert compiled.as_text().count("tpu_custom_call") == 3
+        return compiled.cost_analysis()["transcendentals"]
+
+    assert transcendentals(logits_soft_cap=30.0) == 2 * transcendentals() > 0
+
+    q, k = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k))
+    assert not cudnn_eligible(q, k, MaskSpec(causal=True), logits_soft_cap=30.0)
+    run = functools.partial(grads, impl="auto", logits_soft_cap=30.0)
+    modules = triton_modules(jax.jit(run).trace(q, k, k).lower(lowering_platforms=("cuda",)))
+    assert len(modules) == 3  # forward, dq, dk/dv
+    for module in modules:
+        calls = ops_named(module.operation, "tt.extern_elementwise")
+        assert any("tanh" in str(op.attributes["symbol"]) for op in calls)
+        for branch in ops_named(module.operation, "scf.if"):
+            assert not ops_named(branch, "tt.dot"), "a dot inside a branch"
 
 
 def _losses(module: nn.Module, inputs: jnp.ndarray, grads: bool = False, **call_kwargs):

@@ -175,11 +175,15 @@ def naive_mask(case: Case) -> np.ndarray:
     return mask
 
 
-def naive_attention(case: Case, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> np.ndarray:
-    """float64 attention with python loops over (b, h, i, j); empty rows give 0."""
+def naive_attention(
+    case: Case, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+    scale: float | None = None, soft_cap: float | None = None,
+) -> np.ndarray:  # fmt: skip
+    """float64 attention with python loops over (b, h, i, j); empty rows give 0. A soft
+    cap c maps each scaled logit s to c * tanh(s / c) (Gemma 2) before the mask drops it."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     groups = case.heads // case.kv_heads
-    scale = 1.0 / math.sqrt(case.head_dim)
+    scale = 1.0 / math.sqrt(case.head_dim) if scale is None else scale
     out = np.zeros((case.batch, case.q_len, case.heads, case.head_dim))
     for b in range(case.batch):
         for h in range(case.heads):
@@ -187,8 +191,11 @@ def naive_attention(case: Case, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) 
             for i in range(case.q_len):
                 logits, values = [], []
                 for j in range(case.kv_len):
+                    logit = scale * float(q[b, i, h] @ k[b, j, kv_h])
+                    if soft_cap is not None:
+                        logit = soft_cap * math.tanh(logit / soft_cap)
                     if naive_visible(case, b, i, j):
-                        logits.append(scale * float(q[b, i, h] @ k[b, j, kv_h]))
+                        logits.append(logit)
                         values.append(v[b, j, kv_h])
                 if not logits:
                     continue
@@ -198,12 +205,16 @@ def naive_attention(case: Case, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) 
 
 
 def dense_f32_attention(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: np.ndarray
-) -> jnp.ndarray:
-    """Plain differentiable softmax attention on an explicit mask; empty rows give 0."""
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: np.ndarray,
+    soft_cap: float | None = None,
+) -> jnp.ndarray:  # fmt: skip
+    """Plain differentiable softmax attention on an explicit mask; empty rows give 0; scaled
+    logits soft-capped to c * tanh(. / c) when `soft_cap` c is given."""
     groups = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=HIGHEST) / math.sqrt(q.shape[-1])
+    if soft_cap is not None:
+        logits = soft_cap * jnp.tanh(logits / soft_cap)
     visible = jnp.asarray(mask)[:, None]
     probs = jax.nn.softmax(jnp.where(visible, logits, -1e30), axis=-1)
     probs = probs * visible.any(axis=-1, keepdims=True)
@@ -256,6 +267,44 @@ def test_gradients_match_dense_reference(case: Case) -> None:
     assert np.all(np.asarray(grads[0])[empty_rows] == 0.0)
 
 
+# Soft caps from "saturates every logit" to "changes almost nothing" (logits here ~ N(0, 1)).
+SOFT_CAPS = st.floats(0.05, 20.0)
+
+
+@PROPERTY_SETTINGS
+@given(cases(), SOFT_CAPS, st.one_of(st.none(), st.floats(0.1, 3.0)))
+def test_soft_capped_attention_matches_naive(case: Case, soft_cap: float, scale) -> None:
+    """scores * scale -> cap * tanh(. / cap) -> mask -> softmax, with GQA and every mask."""
+    q, k, v = case.qkv()
+    run = functools.partial(attention, scale=scale, logits_soft_cap=soft_cap, impl="xla")
+    out = np.asarray(case.jit(run)(q, k, v), dtype=np.float64)
+    tol = 2e-5 if case.dtype == "float32" else 2e-2
+    expected = naive_attention(case, q, k, v, scale=scale, soft_cap=soft_cap)
+    np.testing.assert_allclose(out, expected, atol=tol, rtol=tol)
+    assert np.all(out[~naive_mask(case).any(axis=-1)] == 0.0)
+
+
+@settings(max_examples=15, deadline=None, database=None)  # the masks: as uncapped above
+@given(cases(dtypes=("float32",)), SOFT_CAPS)
+def test_soft_capped_gradients_match_dense_reference(case: Case, soft_cap: float) -> None:
+    q, k, v = case.qkv()
+    cotangent = jnp.asarray(np.random.default_rng(case.seed + 1).normal(size=q.shape), q.dtype)
+    mask = naive_mask(case)
+
+    def both_grads(q, k, v, **kwargs):
+        def loss(fn):
+            return lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent)
+
+        ours = loss(lambda q, k, v: attention(q, k, v, logits_soft_cap=soft_cap, **kwargs))
+        dense = loss(lambda q, k, v: dense_f32_attention(q, k, v, mask, soft_cap))
+        return jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(dense, (0, 1, 2))(q, k, v)
+
+    grads, expected = case.jit(both_grads)(q, k, v)
+    for name, grad, want in zip("qkv", grads, expected, strict=True):
+        assert np.all(np.isfinite(grad)), f"non-finite d{name}"
+        np.testing.assert_allclose(grad, want, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
+
+
 def _random_qkv(
     batch: int, q_len: int, kv_len: int, heads: int, kv_heads: int, head_dim: int, seed: int = 0
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
@@ -273,6 +322,38 @@ def test_pure_causal_equals_jax_dot_product_attention(impl: str) -> None:
     out = attention(q, k, v, causal=True, impl=impl)
     expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_soft_cap_changes_the_output_only_when_it_bites(impl: str) -> None:
+    """A cap far above every logit leaves attention as it is; a small one changes it, and a
+    tiny one flattens every row to the plain mean of the values it sees (causal: prefix
+    means), gradients included."""
+    q, k, v = _random_qkv(batch=2, q_len=8, kv_len=8, heads=4, kv_heads=2, head_dim=8)
+    q = 4.0 * q  # logits of several units: a cap of 1 bites
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def run(q, k, v):
+        def out(cap):
+            return attention(q, k, v, causal=True, logits_soft_cap=cap, impl=impl)
+
+        grad = jax.grad(lambda q: jnp.sum(attention(q, k, v, logits_soft_cap=1.0, impl=impl)))
+        return out(None), out(1e4), out(1.0), out(1e-4), grad(q)
+
+    plain, large, small, tiny, dq = run(q, k, v)
+    np.testing.assert_allclose(large, plain, atol=1e-5, rtol=1e-5)
+    assert np.max(np.abs(np.asarray(small - plain))) > 0.1
+    groups = q.shape[2] // k.shape[2]
+    prefix_mean = np.cumsum(np.repeat(v, groups, axis=2), axis=1) / np.arange(1, 9)[:, None, None]
+    np.testing.assert_allclose(tiny, prefix_mean, atol=1e-3)
+    assert np.all(np.isfinite(dq)) and np.max(np.abs(np.asarray(dq))) > 0
+
+
+@pytest.mark.parametrize("cap", [0, 0.0, -1.0, float("nan"), float("inf"), "1", True])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_soft_cap_must_be_positive(cap, impl: str) -> None:
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        attention(_Q, _KV, _KV, logits_soft_cap=cap, impl=impl)
 
 
 def test_span_inside_causal_sequence_is_bidirectional() -> None:

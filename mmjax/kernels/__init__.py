@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from mmjax.kernels.dispatch import CPU_PALLAS_MIN_PAIRS, Partition, attention_on_mesh
+from mmjax.kernels.flash_common import check_soft_cap
 from mmjax.kernels.masks import MaskSpec, attention_mask
 from mmjax.kernels.reference import attention_reference
 
@@ -70,6 +71,7 @@ def attention(
     causal: bool = False,
     window: int | None = None,
     scale: float | None = None,
+    logits_soft_cap: float | None = None,
     q_offset: int | Array = 0,
     impl: str = "auto",
     partition: Partition = None,
@@ -82,12 +84,15 @@ def attention(
     span id (a bidirectional span, e.g. one image), and, with `window` w, |i - j| < w. Ids are
     int [B, seq]; `kv_*` default to the query ones when Sq == Sk. `q_offset` is an int or an
     int array [B] (decoding against a KV cache). Rows that see nothing return 0. `scale`
-    defaults to 1 / sqrt(D); `impl` is one of `IMPLS`. `partition` says how q/k/v's four
-    axes lie on the active device mesh (a PartitionSpec-like 4-tuple of mesh axis names;
-    `mmjax.nn` passes its logical rules' mapping): the kernels then run per shard.
+    defaults to 1 / sqrt(D). `logits_soft_cap` c > 0 (Gemma 2; default none) maps the scaled
+    logits s = q.k * scale to c * tanh(s / c) before masking and softmax, in every impl.
+    `impl` is one of `IMPLS`. `partition` says how q/k/v's four axes lie on the active
+    device mesh (a PartitionSpec-like 4-tuple of mesh axis names; `mmjax.nn` passes its
+    logical rules' mapping): the kernels then run per shard.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; valid choices: {', '.join(IMPLS)}")
+    logits_soft_cap = check_soft_cap(logits_soft_cap)
     mask = MaskSpec(
         segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
@@ -100,5 +105,8 @@ def attention(
     _check_shapes(q, k, v, mask)
     mask = mask.resolve(q.shape[1], k.shape[1])
     if impl == "xla":
-        return attention_reference(q, k, v, mask, scale=scale)
-    return attention_on_mesh(q, k, v, mask, scale=scale, impl=impl, partition=partition)
+        return attention_reference(q, k, v, mask, scale=scale, logits_soft_cap=logits_soft_cap)
+    return attention_on_mesh(
+        q, k, v, mask, scale=scale, impl=impl, partition=partition,
+        logits_soft_cap=logits_soft_cap,
+    )  # fmt: skip

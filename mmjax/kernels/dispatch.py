@@ -15,8 +15,9 @@ its own shard. A sequence split over devices is not a kernel's job: "auto" leave
 XLA reference and XLA's partitioner, "pallas" refuses it.
 
 On GPU, "auto" sends what cuDNN's fused attention can express (no ids, no window, no
-offset, equal lengths, bf16/f16, head_dim <= 128) to `jax.nn.dot_product_attention`'s cuDNN
-kernel when cuDNN is installed (a GPU host), and the rest to the Triton kernel.
+offset, no logit soft cap, equal lengths, bf16/f16, head_dim <= 128) to
+`jax.nn.dot_product_attention`'s cuDNN kernel when cuDNN is installed (a GPU host), and the
+rest to the Triton kernel.
 """
 
 from __future__ import annotations
@@ -46,20 +47,26 @@ CPU_PALLAS_MIN_PAIRS = 512 * 512
 Partition = Sequence[str | tuple[str, ...] | None] | None
 
 
-def _pallas_pair(q: Array, k: Array, mask: MaskSpec, scale: float | None, platform: str):
-    p = plan(q.shape, k.shape, mask, scale=scale, platform=platform)
+def _pallas_pair(q: Array, k: Array, mask: MaskSpec, options: dict, platform: str):
+    p = plan(q.shape, k.shape, mask, platform=platform, **options)
     return functools.partial(kernel_forward, p=p), functools.partial(kernel_backward, p=p)
 
 
-def _flash(q: Array, k: Array, v: Array, mask: MaskSpec, scale: float | None, impl: str):
+def _flash(
+    q: Array, k: Array, v: Array, mask: MaskSpec, scale: float | None, impl: str,
+    soft_cap: float | None,
+):  # fmt: skip
     """The custom_vjp attention whose forward and backward pick their platform's backend."""
-    tpu, gpu = (_pallas_pair(q, k, mask, scale, p) for p in ("tpu", "gpu"))
+    options = {"scale": scale}
+    if soft_cap is not None:
+        options["logits_soft_cap"] = soft_cap
+    tpu, gpu = (_pallas_pair(q, k, mask, options, p) for p in ("tpu", "gpu"))
     if impl == "pallas" or q.shape[1] * k.shape[1] >= CPU_PALLAS_MIN_PAIRS:
-        cpu = _pallas_pair(q, k, mask, scale, "cpu")
+        cpu = _pallas_pair(q, k, mask, options, "cpu")
     else:
         cpu = (
-            functools.partial(reference_forward, scale=scale),
-            functools.partial(reference_backward, scale=scale),
+            functools.partial(reference_forward, **options),
+            functools.partial(reference_backward, **options),
         )
 
     def forward(q, k, v, mask):
@@ -82,15 +89,18 @@ def _flash(q: Array, k: Array, v: Array, mask: MaskSpec, scale: float | None, im
     return flash_vjp(forward, backward)(q, k, v, mask)
 
 
-def cudnn_eligible(q: Array, k: Array, mask: MaskSpec) -> bool:
+def cudnn_eligible(
+    q: Array, k: Array, mask: MaskSpec, logits_soft_cap: float | None = None
+) -> bool:
     """Whether cuDNN's fused attention expresses this call exactly (the contract's rows all
-    see themselves: no ids, no window, no offset, Sq == Sk)."""
+    see themselves: no ids, no window, no offset, Sq == Sk; and it has no logit soft cap)."""
     no_ids = all(
         getattr(mask, name) is None
         for name in ("segment_ids", "kv_segment_ids", "span_ids", "kv_span_ids")
     )
     return (
         no_ids
+        and logits_soft_cap is None
         and mask.window is None
         and isinstance(mask.q_offset, int)
         and mask.q_offset == 0
@@ -112,9 +122,11 @@ def cudnn_available() -> bool:
     return True
 
 
-def _attend_local(q, k, v, mask: MaskSpec, scale: float | None, impl: str) -> Array:
+def _attend_local(
+    q, k, v, mask: MaskSpec, scale: float | None, impl: str, soft_cap: float | None
+) -> Array:
     """Attention of one device's shard (or of the whole arrays without a mesh)."""
-    if impl == "auto" and cudnn_eligible(q, k, mask) and cudnn_available():
+    if impl == "auto" and cudnn_eligible(q, k, mask, soft_cap) and cudnn_available():
         cudnn = functools.partial(
             jax.nn.dot_product_attention,
             scale=scale,
@@ -122,9 +134,9 @@ def _attend_local(q, k, v, mask: MaskSpec, scale: float | None, impl: str) -> Ar
             implementation="cudnn",
         )
         return jax.lax.platform_dependent(
-            q, k, v, cuda=cudnn, default=lambda q, k, v: _flash(q, k, v, mask, scale, impl)
+            q, k, v, cuda=cudnn, default=lambda q, k, v: _flash(q, k, v, mask, scale, impl, None)
         )
-    return _flash(q, k, v, mask, scale, impl)
+    return _flash(q, k, v, mask, scale, impl, soft_cap)
 
 
 def _axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -140,20 +152,21 @@ def _dividing(axes: tuple[str, ...], sizes: dict[str, int], *dims: int) -> tuple
 
 def attention_on_mesh(
     q: Array, k: Array, v: Array, mask: MaskSpec, *, scale: float | None, impl: str,
-    partition: Partition = None,
+    partition: Partition = None, logits_soft_cap: float | None = None,
 ) -> Array:  # fmt: skip
     """Kernel attention, inside `jax.shard_map` when a multi-device mesh is active.
 
     `partition` is how the caller's activations [batch, seq, heads, head_dim] map to mesh
     axes (a PartitionSpec-like 4-tuple); without it, the batch is split over every mesh
     axis and heads stay whole. Axes that do not divide the batch (or both head counts) are
-    dropped, i.e. replicated. `impl` is "auto" or "pallas".
+    dropped, i.e. replicated. `impl` is "auto" or "pallas"; `logits_soft_cap` as in
+    `attention_reference`.
     """
     mesh = jax.sharding.get_abstract_mesh()
     free = [a for a in mesh.axis_names if a not in mesh.manual_axes] if not mesh.empty else []
     sizes = dict(mesh.shape) if free else {}
     if math.prod(sizes[a] for a in free) <= 1:
-        return _attend_local(q, k, v, mask, scale, impl)
+        return _attend_local(q, k, v, mask, scale, impl, logits_soft_cap)
     if partition is None:
         partition = (tuple(free), None, None, None)
     seq_axes = [a for a in _axes(partition[1]) if a in free and sizes[a] > 1]
@@ -163,7 +176,7 @@ def attention_on_mesh(
                 f"the Pallas attention kernel cannot split the sequence over mesh axes "
                 f"{seq_axes}: map the 'length' axis to no mesh axis, or use impl='xla'"
             )
-        return attention_reference(q, k, v, mask, scale=scale)
+        return attention_reference(q, k, v, mask, scale=scale, logits_soft_cap=logits_soft_cap)
     batch = _dividing(tuple(a for a in _axes(partition[0]) if a in free), sizes, q.shape[0])
     heads = _dividing(
         tuple(a for a in _axes(partition[2]) if a in free and a not in batch),
@@ -183,7 +196,8 @@ def attention_on_mesh(
         filled = list(leaves)
         for i, x in zip(per_row, rows, strict=True):
             filled[i] = x
-        return _attend_local(q, k, v, jax.tree.unflatten(treedef, filled), scale, impl)
+        mask = jax.tree.unflatten(treedef, filled)
+        return _attend_local(q, k, v, mask, scale, impl, logits_soft_cap)
 
     rows = [leaves[i] for i in per_row]
     row_specs = [P(batch or None, *([None] * (jnp.ndim(x) - 1))) for x in rows]

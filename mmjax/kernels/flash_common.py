@@ -4,7 +4,8 @@ A variant (`pallas_tpu`: one grid step per listed block; `pallas_gpu`: a loop ov
 listed blocks inside one program) only decides where blocks come from and where the running
 state lives (VMEM scratch or a loop carry); the token mask, the online-softmax update, the
 final normalisation and the backward's block updates are these functions. All accumulate
-in f32 whatever the input dtype.
+in f32 whatever the input dtype. A logit soft cap (Gemma 2) is applied where the scores
+are formed (`scores`), so the forward and the backward's recomputation agree.
 """
 
 from __future__ import annotations
@@ -56,6 +57,19 @@ class Config:
     num_warps: int | None = None
     num_stages: int | None = None
     kv_head_split: int = 1  # loop dk/dv: programs per kv head, each a share of its group
+    soft_cap: float | None = None  # logits s -> soft_cap * tanh(s / soft_cap) before the mask
+
+
+def check_soft_cap(soft_cap: float | None) -> float | None:
+    """`soft_cap` as a python float (None stays None); ValueError unless positive and finite."""
+    if soft_cap is None:
+        return None
+    if isinstance(soft_cap, bool) or not isinstance(soft_cap, (int, float, np.number)):
+        raise ValueError(f"logits_soft_cap must be a positive number or None, got {soft_cap!r}")
+    value = float(soft_cap)
+    if not (0.0 < value < float("inf")):
+        raise ValueError(f"logits_soft_cap must be positive and finite, got {soft_cap!r}")
+    return value
 
 
 def dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
@@ -121,13 +135,23 @@ def init_softmax(block_q: int, head_dim: int) -> tuple[Array, Array, Array]:
     )
 
 
+def scores(q: Array, k: Array, scale: float, soft_cap: float | None) -> tuple[Array, Array | None]:
+    """(s [bq, bk] f32, ds/ds_raw or None): the scaled logits q k^T * scale, soft-capped to
+    soft_cap * tanh(./soft_cap) when a cap is given, with the cap's derivative 1 - tanh^2."""
+    s = dot(q, k, (1, 1)) * scale
+    if soft_cap is None:
+        return s, None
+    t = jnp.tanh(s / soft_cap)
+    return soft_cap * t, 1.0 - t * t
+
+
 def softmax_update(
     state: tuple[Array, Array, Array], q: Array, k: Array, v: Array, mask: Array | None,
-    scale: float,
+    scale: float, soft_cap: float | None = None,
 ) -> tuple[Array, Array, Array]:  # fmt: skip
     """One kv block of the online softmax: the new (m, l, acc)."""
     m_prev, l_prev, acc = state
-    s = dot(q, k, (1, 1)) * scale  # [bq, bk] f32
+    s, _ = scores(q, k, scale, soft_cap)  # [bq, bk] f32
     if mask is not None:
         s = jnp.where(mask, s, NEG)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -149,32 +173,34 @@ def finish_softmax(state: tuple[Array, Array, Array]) -> tuple[Array, Array]:
 
 def probs_and_dscores(
     q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array, mask: Array | None,
-    scale: float,
+    scale: float, soft_cap: float | None = None,
 ) -> tuple[Array, Array]:  # fmt: skip
-    """Recomputed probabilities p [bq, bk] and dS = p * (dO V^T - delta), both f32."""
-    s = dot(q, k, (1, 1)) * scale
+    """Recomputed probabilities p [bq, bk] and dS = p * (dO V^T - delta), both f32; with a
+    soft cap, dS is taken back through it (times 1 - tanh^2) to the uncapped scores."""
+    s, dcap = scores(q, k, scale, soft_cap)
     if mask is not None:
         s = jnp.where(mask, s, NEG)
     p = jnp.exp(s - lse)
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
-    return p, p * (dot(do, v, (1, 1)) - delta)
+    ds = p * (dot(do, v, (1, 1)) - delta)
+    return p, ds if dcap is None else ds * dcap
 
 
 def dq_update(
     dq: Array, q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
-    mask: Array | None, scale: float,
+    mask: Array | None, scale: float, soft_cap: float | None = None,
 ) -> Array:  # fmt: skip
     """dq [bq, D] += dS K for one kv block (the caller multiplies by scale at the end)."""
-    _, ds = probs_and_dscores(q, k, v, do, lse, delta, mask, scale)
+    _, ds = probs_and_dscores(q, k, v, do, lse, delta, mask, scale, soft_cap)
     return dq + dot(ds.astype(k.dtype), k, (1, 0))
 
 
 def dkv_update(
     dkv: tuple[Array, Array], q: Array, k: Array, v: Array, do: Array, lse: Array,
-    delta: Array, mask: Array | None, scale: float,
+    delta: Array, mask: Array | None, scale: float, soft_cap: float | None = None,
 ) -> tuple[Array, Array]:  # fmt: skip
     """(dk, dv) [bk, D] += (dS^T Q, P^T dO) for one q block (dk unscaled)."""
     dk, dv = dkv
-    p, ds = probs_and_dscores(q, k, v, do, lse, delta, mask, scale)
+    p, ds = probs_and_dscores(q, k, v, do, lse, delta, mask, scale, soft_cap)
     return dk + dot(ds.astype(q.dtype), q, (0, 0)), dv + dot(p.astype(do.dtype), do, (0, 0))

@@ -15,7 +15,9 @@ variants share the block math of `flash_common` and run the same lists:
 The forward returns o and the row log-sum-exp in the caller's layout; the backward
 recomputes p = exp(s - lse) block by block (dq per q block; dk / dv per kv block,
 accumulating a kv head's whole query-head group, so GQA needs no repeat). `vjp.flash_vjp`
-ties them together. Rows that see nothing give exactly 0 (output and gradients), never NaN.
+ties them together. A logit soft cap (`Plan.logits_soft_cap`) caps s in both, and the
+backward takes dS through it. Rows that see nothing give exactly 0 (output and gradients),
+never NaN.
 
 Tiles are per backend and per kernel (`Tile`, `Tiling`): on TPU they fit the sequence
 length (197 ViT tokens run as one 200-row block, not two padded 128-row ones), on GPU they
@@ -42,7 +44,7 @@ from jax.experimental import pallas as pl
 
 from mmjax.kernels import pallas_gpu, pallas_tpu
 from mmjax.kernels.block_mask import BlockMap, TokenMeta, block_map, padded_token_metadata
-from mmjax.kernels.flash_common import Config
+from mmjax.kernels.flash_common import Config, check_soft_cap
 from mmjax.kernels.masks import MaskSpec
 from mmjax.kernels.vjp import flash_vjp
 
@@ -179,7 +181,8 @@ def _clip(tile: Tile, q_len: int, kv_len: int, pow2: bool) -> Tile:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Everything static about one call: variant, tiles, padding, scale, interpret mode."""
+    """Everything static about one call: variant, tiles, padding, scale, logit soft cap,
+    interpret mode."""
 
     variant: str
     tiling: Tiling
@@ -189,6 +192,7 @@ class Plan:
     scale: float
     interpret: object
     debug: bool
+    logits_soft_cap: float | None = None
 
 
 def plan(
@@ -197,6 +201,7 @@ def plan(
     mask: MaskSpec,
     *,
     scale: float | None = None,
+    logits_soft_cap: float | None = None,
     block_q: int | None = None,
     block_kv: int | None = None,
     tiling: Tiling | None = None,
@@ -207,15 +212,17 @@ def plan(
 ) -> Plan:
     """The static plan of a call with q shaped `q_shape`, k/v `kv_shape` and a resolved mask.
 
-    Options: `scale` (default 1 / sqrt(D)); tiles: `tiling`, or `block_q` / `block_kv` for
-    every kernel (default per backend, see `BACKENDS`), clipped to the lengths; `interpret`
-    (default True on CPU; a `pltpu.InterpretParams` runs TPU interpret mode); `variant`
-    ("grid" / "loop", default per backend); `platform` ("cpu" / "gpu" / "tpu": whose
-    defaults to use; default the default backend); `debug` (the forward also counts
-    executed blocks, see `executed_kv_blocks`).
+    Options: `scale` (default 1 / sqrt(D)); `logits_soft_cap` (None: no cap); tiles:
+    `tiling`, or `block_q` / `block_kv` for every kernel (default per backend, see
+    `BACKENDS`), clipped to the lengths; `interpret` (default True on CPU; a
+    `pltpu.InterpretParams` runs TPU interpret mode); `variant` ("grid" / "loop", default
+    per backend); `platform` ("cpu" / "gpu" / "tpu": whose defaults to use; default the
+    default backend); `debug` (the forward also counts executed blocks, see
+    `executed_kv_blocks`).
     """
     q_len, head_dim = q_shape[1], q_shape[3]
     kv_len = kv_shape[1]
+    logits_soft_cap = check_soft_cap(logits_soft_cap)
     platform = platform or jax.default_backend()
     if platform not in BACKENDS:
         raise ValueError(f"unknown platform {platform!r}; valid: {', '.join(PLATFORMS)}")
@@ -252,6 +259,7 @@ def plan(
         scale=float(1.0 / math.sqrt(head_dim) if scale is None else scale),
         interpret=platform == "cpu" if interpret is None else interpret,
         debug=debug,
+        logits_soft_cap=logits_soft_cap,
     )
 
 
@@ -325,6 +333,7 @@ def _metadata(
             num_warps=tile.num_warps,
             num_stages=tile.num_stages,
             kv_head_split=tile.kv_head_split,
+            soft_cap=p.logits_soft_cap,
         )
         out.append(_Blocks(cfg, jax.tree.map(jnp.asarray, bm) if concrete else bm, visited))
     if concrete:
@@ -338,14 +347,14 @@ _MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
 
 
 def _cost(kind: str, blocks: _Blocks, heads: int, d: int, operand_bytes: int):
-    """The pallas_call's `pl.CostEstimate`: FLOPs and exps of its visited blocks; bytes of
-    its operands (each listed kv or q tile read once per visit)."""
+    """The pallas_call's `pl.CostEstimate`: FLOPs and exps (and soft-cap tanhs) of its
+    visited blocks; bytes of its operands (each listed kv or q tile read once per visit)."""
     cfg = blocks.cfg
     pairs = blocks.visited * heads * cfg.block_q * cfg.block_kv
     tile_bytes = blocks.visited * heads * max(cfg.block_q, cfg.block_kv) * d * 2
     return pl.CostEstimate(
         flops=2 * _MATMULS[kind] * pairs * d,
-        transcendentals=pairs,
+        transcendentals=pairs if cfg.soft_cap is None else 2 * pairs,
         bytes_accessed=operand_bytes + tile_bytes,
     )
 
@@ -440,9 +449,10 @@ def pallas_attention(
     """Block-sparse flash attention with the semantics of `attention_reference`.
 
     q [B, Sq, H, D], k/v [B, Sk, Hkv, D] (shapes assumed checked), `mask` a `MaskSpec`
-    (default: none); `options` are `plan`'s keywords (scale, tiles, interpret mode, variant,
-    platform). Differentiable in q, k and v. This runs one backend's kernel; the public
-    `mmjax.kernels.attention` picks the backend when the program is lowered.
+    (default: none); `options` are `plan`'s keywords (scale, logit soft cap, tiles,
+    interpret mode, variant, platform). Differentiable in q, k and v. This runs one
+    backend's kernel; the public `mmjax.kernels.attention` picks the backend when the
+    program is lowered.
     """
     mask = (MaskSpec() if mask is None else mask).resolve(q.shape[1], k.shape[1])
     p = plan(q.shape, k.shape, mask, **options)

@@ -105,7 +105,7 @@ def _fwd_kernel(
         kv_rows = _rows(j, bk)
         k, v = k_ref[b, kv_rows, kvh, :], v_ref[b, kv_rows, kvh, :]
         mask = fc.token_mask(q_ids, _kv_ids(meta, b, kv_rows), j * bk, cfg) if masked else None
-        return fc.softmax_update(state, q, k, v, mask, cfg.scale), visits + 1
+        return fc.softmax_update(state, q, k, v, mask, cfg.scale, cfg.soft_cap), visits + 1
 
     init = (fc.init_softmax(bq, q.shape[-1]), jnp.int32(0))
     state, visits = fc.full_then_partial(kv_full_ref[b, i], kv_count_ref[b, i], body, init)
@@ -134,7 +134,7 @@ def _dq_kernel(
         kv_rows = _rows(j, bk)
         k, v = k_ref[b, kv_rows, kvh, :], v_ref[b, kv_rows, kvh, :]
         mask = fc.token_mask(q_ids, _kv_ids(meta, b, kv_rows), j * bk, cfg) if masked else None
-        return fc.dq_update(dq, q, k, v, do, lse, delta, mask, cfg.scale)
+        return fc.dq_update(dq, q, k, v, do, lse, delta, mask, cfg.scale, cfg.soft_cap)
 
     zeros = jnp.zeros(q.shape, jnp.float32)
     dq = fc.full_then_partial(kv_full_ref[b, i], kv_count_ref[b, i], body, zeros)
@@ -165,7 +165,7 @@ def _dkv_kernel(
             q, do = q_ref[b, q_rows, qh, :], do_ref[b, q_rows, qh, :]
             lse, delta = lse_ref[b, qh, q_rows][:, None], delta_ref[b, qh, q_rows][:, None]
             mask = fc.token_mask(_q_ids(meta, b, q_rows), kv_ids, j * bk, cfg) if masked else None
-            return fc.dkv_update(dkv, q, k, v, do, lse, delta, mask, cfg.scale)
+            return fc.dkv_update(dkv, q, k, v, do, lse, delta, mask, cfg.scale, cfg.soft_cap)
 
         return fc.full_then_partial(q_full_ref[b, j], q_count_ref[b, j], body, dkv)
 

@@ -81,7 +81,7 @@ def _fwd_kernel(
         j = kv_index_ref[entry]
         _run_listed(
             slot < kv_full_ref[row],
-            lambda state, mask: fc.softmax_update(state, q, k, v, mask, cfg.scale),
+            lambda state, mask: fc.softmax_update(state, q, k, v, mask, cfg.scale, cfg.soft_cap),
             lambda: fc.token_mask(
                 _q_ids(q_meta_ref[...]), _kv_ids(kv_meta_ref[...]), j * cfg.block_kv, cfg
             ),
@@ -119,7 +119,9 @@ def _dq_kernel(
         j = kv_index_ref[entry]
         _run_listed(
             slot < kv_full_ref[row],
-            lambda st, mask: (fc.dq_update(st[0], q, k, v, do, lse, delta, mask, cfg.scale),),
+            lambda st, mask: (
+                fc.dq_update(st[0], q, k, v, do, lse, delta, mask, cfg.scale, cfg.soft_cap),
+            ),
             lambda: fc.token_mask(
                 _q_ids(q_meta_ref[...]), _kv_ids(kv_meta_ref[...]), j * cfg.block_kv, cfg
             ),
@@ -152,7 +154,9 @@ def _dkv_kernel(
         lse, delta = lse_ref[...], delta_ref[...]
         _run_listed(
             slot < q_full_ref[col],
-            lambda st, mask: fc.dkv_update(st, q, k, v, do, lse, delta, mask, cfg.scale),
+            lambda st, mask: fc.dkv_update(
+                st, q, k, v, do, lse, delta, mask, cfg.scale, cfg.soft_cap
+            ),
             lambda: fc.token_mask(
                 _q_ids(q_meta_ref[...]), _kv_ids(kv_meta_ref[...]), j * cfg.block_kv, cfg
             ),
