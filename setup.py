@@ -45,6 +45,7 @@ setup(
             "ipykernel>=6.29",
             "matplotlib>=3.8",
             "tensorboardX>=2.6",
+            "tokenizers>=0.19",
         ],
         "bench": [
             "torch>=2.4",
@@ -52,6 +53,15 @@ setup(
             "open_clip_torch>=2.24",
             "transformers>=4.40",
             "transfusion-pytorch>=0.20",
+        ],
+        # The importers (mmjax.convert): HF causal LMs and big_vision SigLIP read their files with
+        # numpy alone and need `tokenizers` for a tokenizer.json; CLIP/SigLIP, BLIP-2 and LLaVA
+        # read through transformers (torch), open_clip checkpoints through open_clip.
+        "convert": [
+            "tokenizers>=0.19",
+            "torch>=2.4",
+            "transformers>=4.40",
+            "open_clip_torch>=2.24",
         ],
         "tfds": ["tensorflow-datasets>=4.9.7"],
         "gpu": ["jax[cuda12]>=0.7.1"],

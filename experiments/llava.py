@@ -18,16 +18,18 @@ digit is this?"):
 
 Paper shapes (LLaVA-1.5, Sec. 3 and App. Table 9 of Liu et al., 2023b): CLIP ViT-L/14 at 336
 pixels (576 visual tokens), Vicuna-7B or -13B, two stages. Stage 1 trains the projector alone
-on image-caption pairs (`optimizer.frozen` holds the ViT and the LM), starting from a workdir
-that holds the converted CLIP and Vicuna parameters under `vision/` and `lm/`; stage 2
-starts from stage 1's workdir and trains the LM and the projector on the instruction mix:
+on image-caption pairs (`optimizer.frozen` holds the ViT and the LM), starting from the HF
+checkpoints of Vicuna (its architecture and tokenizer become the run's) and of CLIP (its image
+tower and preprocessing); stage 2 starts from stage 1's workdir and trains the LM and the
+projector on the instruction mix:
 
   python -m mmjax.train --config experiments/llava.py:7B_stage1 --workdir /gcs/bucket/llava7b_s1 \
-      --config.init_from.path=/gcs/bucket/clip_vicuna7b --config.data.path=/data/lcs558k \
-      --config.data.tokenizer_path=/models/vicuna-7b
+      --config.init_from.path=/models/vicuna-7b-v1.5 \
+      --config.init_from.more.vision.path=/models/clip-vit-large-patch14-336 \
+      --config.data.path=/data/lcs558k
   python -m mmjax.train --config experiments/llava.py:7B_stage2 --workdir /gcs/bucket/llava7b_s2 \
       --config.init_from.path=/gcs/bucket/llava7b_s1 --config.data.path=/data/llava_mix665k \
-      --config.data.tokenizer_path=/models/vicuna-7b
+      --config.data.tokenizer_path=/models/vicuna-7b-v1.5
 
 Variants: tiny, tiny_linear, tiny_digits, {7B,13B}_stage{1,2}, and LLaVA-1's linear projector
 as {7B,13B}_stage{1,2}_llava1.
@@ -148,14 +150,16 @@ def _paper(c: ml_collections.ConfigDict, size: str, stage: str, *, connector: st
     c.eval_every = steps
     c.checkpoint_every = 500
     c.optimizer.update(lr=lr, warmup_steps=int(0.03 * steps), frozen=frozen)
-    # stage 1: the converted CLIP and Vicuna towers; stage 2: all of stage 1's parameters
-    load = dict(vision="vision", lm="lm") if stage == "stage1" else None
-    c.init_from.update(format="workdir", path="", step=-1, load=load)
+    if stage == "stage1":  # Vicuna (HF) into lm/, CLIP ViT-L/14-336's image tower into vision/
+        clip = dict(format="hf_clip", path="", load={"vision": "image_tower"})
+        c.init_from.update(format="hf_llm", path="", more=dict(vision=clip))
+    else:  # all of stage 1's parameters
+        c.init_from.update(format="workdir", path="", step=-1)
     visual_tokens = (336 // CLIP_VIT_L_336["patch_size"]) ** 2
     c.data = data_config(
         source="array_record",
         image_size=336,
-        tokenizer="hf",  # Vicuna's, from data.tokenizer_path
+        tokenizer="hf",  # Vicuna's: stage 1 takes it from init_from, stage 2 from tokenizer_path
         vocab_size=32000,  # that tokenizer's size, for compiling without it (mmjax.aot)
         prefetch=4,
         sequence=dict(

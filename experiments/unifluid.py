@@ -66,7 +66,7 @@ PAPER_SHAPES = {
 # tiny_<encoder>: the image tower of experiments/<encoder>.py:tiny, with the defaults its model
 # adds (models/siglip.py), loaded from that run's workdir and frozen
 ENCODERS = {"clip": {}, "siglip": SIGLIP_IMAGE_DEFAULTS}
-# tiny_shapes decoder MLP width: 1,120,496 parameters, transfusion.py:tiny_shapes 1,121,828
+# tiny_shapes decoder MLP width: 1,116,592 parameters, transfusion.py:tiny_shapes 1,118,244
 PARITY_MLP_DIM = 424
 VARIANTS = ("tiny", "tiny_shapes", *(f"tiny_{e}" for e in ENCODERS), *PAPER_SHAPES)
 

@@ -1,5 +1,6 @@
 """The decoder block's features for the papers' LMs: grouped-query attention (its KV cache:
-tests/test_scan.py) and biases on the q, k, v projections alone (Qwen)."""
+tests/test_scan.py), biases on the q, k, v projections alone (Qwen), Gemma-2's block scanned
+as unscanned (its parity with transformers: tests/test_convert_llm.py), RoPE scaling."""
 
 import jax
 import jax.numpy as jnp
@@ -62,3 +63,54 @@ def test_qkv_bias_adds_biases_to_q_k_v_and_not_to_the_output():
     before = model.apply({"params": params}, tokens, segment_ids, positions)
     after = model.apply({"params": shifted}, tokens, segment_ids, positions)
     assert not np.allclose(before, after, atol=1e-3)  # the biases are used
+
+
+@pytest.mark.parametrize("depth", [3, 4])
+def test_scanned_gemma2_block_with_alternating_windows_equals_unscanned(depth):
+    from test_scan import GEMMA2_SMALL
+
+    from mmjax.parallel.layout import to_layout
+    from mmjax.train.stages import param_paths, replace_leaves
+
+    tokens, segment_ids, positions = inputs(12)
+    lm = dict(LM, depth=depth, num_kv_heads=2, **GEMMA2_SMALL)
+    plain = CausalLM(**lm)
+    params = unbox(plain.init(jax.random.key(0), tokens, segment_ids, positions)["params"])
+    assert "lm_head" not in params and "post_norm2" in params["decoder"]["block0"]
+    scanned = CausalLM(**lm, scan_layers=True)
+    target = unbox(jax.eval_shape(scanned.init, jax.random.key(0), tokens, segment_ids, positions))
+    stacked = replace_leaves(
+        target["params"], to_layout(param_paths(params), param_paths(target["params"]))
+    )
+    want = plain.apply({"params": params}, tokens, segment_ids, positions)
+    got = scanned.apply({"params": stacked}, tokens, segment_ids, positions)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(want).max() <= GEMMA2_SMALL["final_logit_softcap"]
+    every_layer_local = CausalLM(**{**lm, "global_every": 0})
+    other = every_layer_local.apply({"params": params}, tokens, segment_ids, positions)
+    assert np.abs(other - want).max() > 1e-3
+
+
+def test_llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones():
+    from mmjax.nn.rope import rope_frequencies
+
+    scaling = dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
+    )
+    plain = np.asarray(rope_frequencies(32, 500_000.0))
+    scaled = np.asarray(rope_frequencies(32, 500_000.0, scaling))
+    wavelength = 2 * np.pi / plain
+    high, low = wavelength < 64 / 4, wavelength > 64 / 1
+    assert high.any() and low.any() and not (high | low).all()
+    np.testing.assert_allclose(scaled[high], plain[high])
+    np.testing.assert_allclose(scaled[low], plain[low] / 8, rtol=1e-6)
+    mid = ~(high | low)
+    assert np.all(scaled[mid] < plain[mid]) and np.all(scaled[mid] > plain[mid] / 8)
+    linear = np.asarray(rope_frequencies(32, 500_000.0, dict(rope_type="linear", factor=2.0)))
+    np.testing.assert_allclose(linear, plain / 2, rtol=1e-6)
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
+        rope_frequencies(32, 1e4, dict(rope_type="yarn", factor=2.0))

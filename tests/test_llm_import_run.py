@@ -4,6 +4,7 @@ special tokens), and with the LM frozen two training steps leave it bit-identica
 connector trains. Bad input (a model without an LM, a tokenizer of another vocabulary) is one
 clear line, before anything is written."""
 
+import json
 import os
 
 import jax
@@ -18,10 +19,20 @@ sentencepiece = pytest.importorskip("sentencepiece")
 
 from mmjax import convert  # noqa: E402
 from mmjax.errors import UserError  # noqa: E402
+from mmjax.export import export  # noqa: E402
 from mmjax.train import train_and_evaluate  # noqa: E402
 from mmjax.train.build import build, load_trained  # noqa: E402
 from mmjax.train.config_cli import load_config  # noqa: E402
 
+LLAMA_TOKENIZER = dict(
+    tokenizer_class="LlamaTokenizer",
+    add_bos_token=True,
+    add_eos_token=False,
+    legacy=False,
+    bos_token="<s>",
+    eos_token="</s>",
+    unk_token="<unk>",
+)
 TEXTS = [
     "a red circle and a blue square on the left",
     "what colour is the circle? green",
@@ -30,24 +41,28 @@ TEXTS = [
 ] * 20
 
 
-def tiny_llama_checkpoint(directory: str, vocab: int = 320, rows: int = 0) -> str:
-    """A 2-layer random Llama (GQA) with a SentencePiece tokenizer of its own, saved as HF;
-    `rows` (default: the tokenizer's ids) sizes its embedding."""
-    model_prefix = os.path.join(directory, "sp")
+def tiny_llama_checkpoint(directory: str, rows: int = 0) -> str:
+    """A 2-layer random Llama (GQA) with a SentencePiece tokenizer of its own (Llama's
+    settings), saved as an HF checkpoint; `rows` (default: the tokenizer's ids) sizes its
+    embedding."""
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(TEXTS),
-        model_prefix=model_prefix,
-        vocab_size=vocab,
+        model_prefix=os.path.join(directory, "tokenizer"),
+        vocab_size=320,
         model_type="bpe",
         byte_fallback=True,
+        split_digits=True,
         bos_id=1,
         eos_id=2,
         unk_id=0,
         pad_id=-1,
         minloglevel=2,
     )
-    tokenizer = transformers.LlamaTokenizer(vocab_file=model_prefix + ".model", legacy=False)
-    tokenizer.save_pretrained(directory)
+    os.remove(os.path.join(directory, "tokenizer.vocab"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(LLAMA_TOKENIZER, f)
+    tokenizer = transformers.LlamaTokenizerFast.from_pretrained(directory)
+    assert len(tokenizer) == 320
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=rows or len(tokenizer),
@@ -66,6 +81,7 @@ def llava_config(checkpoint: str):
     c = load_config(f"{REPO}/experiments/llava.py:tiny")
     c.update(batch_size=8, total_steps=2, log_every=1, eval_every=2, checkpoint_every=2)
     c.evals = {}
+    c.data.sequence.max_len = 200  # the checkpoint's small vocabulary spells words out
     c.model.vision.update(width=32, depth=2, mlp_dim=64)
     c.init_from = dict(format="hf_llm", path=checkpoint)
     c.optimizer.update(frozen=("lm/**",), warmup_steps=1, lr=1e-2)
@@ -116,6 +132,27 @@ def test_a_vlm_trains_from_an_imported_llm_with_the_lm_frozen(checkpoint, tmp_pa
     after = flatten_dict(trained.params["connector"], sep="/")
     assert any(not np.array_equal(np.asarray(after[k]), np.asarray(before[k])) for k in before)
 
+    # ... and the run's LM leaves mmjax as an HF checkpoint that transformers runs the same
+    out = tmp_path / "hf"
+    assert export(workdir, str(out), dtype="float32")["model_type"] == "llama"
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    tokens = np.random.default_rng(0).integers(0, 300, (2, 9))
+    lm_model = build(llava_config(checkpoint)).model.language_model(
+        dtype=jax.numpy.float32, attention_impl="xla"
+    )
+    positions = np.broadcast_to(np.arange(9), (2, 9))
+    ours = lm_model.apply({"params": trained.params["lm"]}, tokens, None, positions)
+    with torch.no_grad():
+        theirs = back(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    ours_ids = trained.bundle.tokenizer.encode("a red circle")
+    assert hf_tokenizer.encode("a red circle", add_special_tokens=False) == ours_ids
+    with pytest.raises(UserError, match="exists and is not an empty directory"):
+        export(workdir, str(out))
+
 
 def test_bad_input_is_one_clear_line_and_writes_nothing(checkpoint, tmp_path):
     clip = load_config(f"{REPO}/experiments/clip.py:tiny")
@@ -131,3 +168,43 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(checkpoint, tmp_path):
         config = llava_config(str(tmp_path / "nowhere"))
         train_and_evaluate(config, str(workdir))
     assert not workdir.exists() or not any(workdir.iterdir())
+
+
+@pytest.mark.slow
+def test_llava_starts_from_an_hf_llm_and_an_hf_clip_image_tower(checkpoint, tmp_path):
+    """LLaVA stage 1's start: the LM from an HF Llama, the ViT from an HF CLIP's image tower
+    (an init_from.more source of converted weights), both frozen and kept bit for bit, the
+    CLIP's preprocessing in the run's data config."""
+    clip_dir = str(tmp_path / "clip")
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, max_position_embeddings=16, hidden_size=32,
+                         num_hidden_layers=1, num_attention_heads=4, intermediate_size=64),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, image_size=32, patch_size=4),
+        projection_dim=32,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    transformers.CLIPModel(config).save_pretrained(clip_dir)
+    clip = convert.from_hf_clip(clip_dir)
+    c = load_config(f"{REPO}/experiments/llava.py:tiny")
+    c.update(batch_size=8, total_steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+    c.evals = {}
+    c.data.sequence.max_len = 200
+    c.model.vision = dict(clip.model["image"])
+    vision = dict(format="hf_clip", path=clip_dir, load={"vision": "image_tower"})
+    c.init_from = dict(format="hf_llm", path=checkpoint, more=dict(vision=vision))
+    c.optimizer.update(frozen=("lm/**", "vision/**"), warmup_steps=1)
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(c, workdir)
+    trained = load_trained(workdir)
+    assert tuple(trained.config.data.image_mean) == clip.image_mean
+    got = flatten_dict(trained.params["vision"], sep="/")
+    want = flatten_dict(clip.params["image_tower"], sep="/")
+    # feature_layer=-2: the ViT's last block and final norm are not built, nor loaded
+    assert set(got) < set(want) and "encoder/block0/attn/query/kernel" in got
+    for path, value in got.items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]), err_msg=path)
+    bad = dict(vision, load={"vision": "no_such_tower"})
+    c.init_from = dict(format="hf_llm", path=checkpoint, more=dict(vision=bad))
+    with pytest.raises(UserError, match=r"init_from\.more\.vision\.load: the import has no"):
+        train_and_evaluate(c, str(tmp_path / "bad"))

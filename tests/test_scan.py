@@ -95,12 +95,36 @@ def test_remat_policies_give_the_gradients_of_no_remat():
         jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5), got, want)
 
 
-@pytest.mark.parametrize("num_kv_heads", [None, 1])
-def test_scanned_kv_cache_decoding_equals_the_full_forward_pass(num_kv_heads):
+# Gemma-2's block, small: alternating 3-token windows inside the scan (lax.cond per layer)
+GEMMA2_SMALL = dict(
+    head_dim=16,
+    activation="gelu_tanh",
+    post_norms=True,
+    attention_scale=12**-0.5,
+    attn_logit_softcap=2.0,
+    final_logit_softcap=3.0,
+    sliding_window=3,
+    global_every=2,
+    embed_scale=True,
+    tie_embeddings=True,
+)
+
+
+@pytest.mark.parametrize(
+    "num_kv_heads, features", [(None, {}), (1, {}), (2, GEMMA2_SMALL)], ids=["mha", "gqa", "gemma2"]
+)
+def test_scanned_kv_cache_decoding_equals_the_full_forward_pass(num_kv_heads, features):
     """A prompt prefilled into the scanned stack's cache, then one token at a time; with
     grouped-query attention the cache holds the kv heads only."""
     lm = dict(
-        vocab_size=40, width=32, depth=DEPTH, num_heads=4, mlp_dim=64, scan_layers=True, **F32
+        vocab_size=40,
+        width=32,
+        depth=DEPTH,
+        num_heads=4,
+        mlp_dim=64,
+        scan_layers=True,
+        **features,
+        **F32,
     )
     model = CausalLM(**lm, num_kv_heads=num_kv_heads)
     cached = CausalLM(**lm, num_kv_heads=num_kv_heads, decode=True)
@@ -111,6 +135,10 @@ def test_scanned_kv_cache_decoding_equals_the_full_forward_pass(num_kv_heads):
     cache = cached.init(jax.random.key(0), tokens, segment_ids, positions)["cache"]
     keys = [x for x in jax.tree.leaves(cache) if x.ndim == 5]  # [layers, B, L, kv heads, d]
     assert keys and all(x.shape[-2] == (num_kv_heads or 4) for x in keys)
+    if features:  # the window is in the computation: without it the logits differ
+        windowless = CausalLM(**{**lm, "sliding_window": None}, num_kv_heads=num_kv_heads)
+        other = windowless.apply({"params": params}, tokens, segment_ids, positions)
+        assert np.abs(other - full).max() > 1e-3
     apply = jax.jit(functools.partial(cached.apply, mutable=["cache"]))
     for start, stop in [(0, 4), *((i, i + 1) for i in range(4, 10))]:
         chunk = (tokens[:, start:stop], segment_ids[:, start:stop], positions[:, start:stop])

@@ -33,7 +33,14 @@ from mmjax.parallel import layout
 from mmjax.train.checkpoint import abstract_like
 from mmjax.train.latents import load_latent_space, resolved_latents
 from mmjax.train.stages import param_paths, replace_leaves
-from mmjax.train.workdir import WORKDIR_FORMAT, check_workdir_source, read_config, read_params
+from mmjax.train.workdir import (
+    WORKDIR_FORMAT,
+    check_workdir_source,
+    import_sources,
+    read_config,
+    read_params,
+    workdir_sources,
+)
 
 
 def fill_vocab_size(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> None:
@@ -58,11 +65,15 @@ class Bundle:
     rules: tuple
     latents: LatentSpace | None  # a frozen VAE's latent space; None: pixel space
     imported: convert.Imported | None  # converted weights that replace the model's
+    # init_from.more sources of converted weights: {label: (imported, {dst: src} subtrees)}
+    imported_more: Mapping[str, tuple[convert.Imported, Mapping[str, str]]] = dataclasses.field(
+        default_factory=dict
+    )
 
     @property
     def from_workdir(self) -> bool:
         """True when `init_from` names earlier runs' workdirs (train/workdir.py)."""
-        return self.config.get("init_from", {}).get("format") == WORKDIR_FORMAT
+        return bool(workdir_sources(self.config.get("init_from", {})))
 
     def init_params(self, seed: int, example: Mapping[str, Any]) -> Any:
         """Fresh parameters from one example batch (batch dimension 1), boxed with their
@@ -140,6 +151,28 @@ class Bundle:
             raise UserError(f"init_from: {e}") from None
         return jax.device_put(replace_leaves(abstract, values), shardings)
 
+    def imported_subtrees(self, params: Any, shardings: Any) -> Any:
+        """`params` with the subtrees each `init_from.more` import source loads replaced by
+        the converted model's (`load`: {our prefix: the import's prefix})."""
+        if not self.imported_more:
+            return params
+        ours = param_paths(params)
+        values = {}
+        for label, (imported, load) in self.imported_more.items():
+            theirs = param_paths(imported.params)
+            for dst, src in load.items():
+                target = _under(ours, dst, f"{label}.load: this model has no {dst!r}")
+                source = _under(theirs, src, f"{label}.load: the import has no {src!r}")
+                source = {f"{dst}/{k}": v for k, v in source.items()}
+                try:
+                    got = layout.to_layout(source, {f"{dst}/{k}": v for k, v in target.items()})
+                except ValueError as e:
+                    raise UserError(f"{label}.load {dst!r}: {e}") from None
+                values.update(got)
+            print(f"Initialised {len(values)} parameters from {label} ({imported.model['name']})")
+        values = {**{k: v for k, v in ours.items() if k not in values}, **values}
+        return jax.device_put(replace_leaves(params, values), shardings)
+
     def _imported_lm(self, params: Any, shardings: Any) -> Any:
         """`params` with `lm/` the imported LLM's, its token rows extended for the specials
         the run's tokenizer adds (new rows: the mean of the checkpoint's, as HF's
@@ -160,6 +193,17 @@ class Bundle:
 
 
 LM_PREFIX = "lm/"
+
+
+def _under(paths: Mapping[str, Any], prefix: str, error: str) -> dict[str, Any]:
+    """{relative path: leaf} of the leaves under `prefix` ("" or "/": all); none: `error`."""
+    prefix = prefix.strip("/")
+    if not prefix:
+        return dict(paths)
+    found = {k[len(prefix) + 1 :]: v for k, v in paths.items() if k.startswith(prefix + "/")}
+    if not found:
+        raise UserError(error)
+    return found
 
 
 def _extend_rows(x: Any, shape: Sequence[int], path: str) -> np.ndarray:
@@ -206,14 +250,14 @@ def build(
     if fmt == convert.LM_FORMAT:
         _import_lm_architecture(config, tokenizer)
     fill_vocab_size(config.model, tokenizer.vocab_size)
-    if fmt == WORKDIR_FORMAT:
-        check_workdir_source(init_from)
-    elif init_from.get("more"):
-        raise UserError(
-            f"init_from.more (more earlier workdirs) needs init_from.format=workdir, got format "
-            f"{fmt!r}"
-        )
+    if init_from.get("more") and not fmt:
+        raise UserError("init_from.more (further sources) needs a first source: init_from.format")
+    check_workdir_source(init_from)
     imported = _import(config, tokenizer) if fmt in convert.CONVERTERS else None
+    imported_more = {
+        label: (_import_source(config, label, source), source["load"])
+        for label, source in import_sources(init_from)
+    }
     latents = None if precomputed_latents else load_latent_space(config, mesh)
     if latents is not None:
         config.latents = resolved_latents(config.latents, latents)
@@ -228,7 +272,26 @@ def build(
         rules=rules,
         latents=latents,
         imported=imported,
+        imported_more=imported_more,
     )
+
+
+def _import_source(
+    config: ml_collections.ConfigDict, label: str, source: Mapping[str, Any]
+) -> convert.Imported:
+    """A `more` source of converted weights (train/workdir.py), its image preprocessing
+    recorded in `config.data` as a first source's is."""
+    if source.get("format") not in convert.CONVERTERS:
+        valid = sorted((WORKDIR_FORMAT, *convert.CONVERTERS))
+        raise UserError(f"{label}.format {source.get('format')!r} is not one of {valid}")
+    if not source.get("load"):
+        raise UserError(f"{label} needs load={{dst: src}}: the subtrees of the import to use")
+    try:
+        imported = convert.load(source)
+    except UserError as e:
+        raise UserError(f"{label}: {e}") from None
+    config.data.update(imported.data_settings(config.data))
+    return imported
 
 
 def _import(config: ml_collections.ConfigDict, tokenizer: mmdata.Tokenizer) -> convert.Imported:
@@ -317,10 +380,10 @@ class Trained:
     params: Any
 
 
-def load_trained(workdir: str, overrides: Sequence[str] = ()) -> Trained:
+def load_trained(workdir: str, overrides: Sequence[str] = (), step: int = -1) -> Trained:
     """Reads `workdir/config.json`, applies `--config.*` overrides, builds it and reads the
-    newest complete checkpoint's parameters (only those: no optimizer state, no data
-    iterator) onto this machine's devices."""
+    parameters of the newest complete checkpoint (or of `step`; only those: no optimizer
+    state, no data iterator) onto this machine's devices."""
     from mmjax.train.config_cli import apply_overrides
 
     config = read_config(workdir)
@@ -330,5 +393,5 @@ def load_trained(workdir: str, overrides: Sequence[str] = ()) -> Trained:
     plain = copy.deepcopy(config)
     plain.init_from = ml_collections.ConfigDict({"format": ""})
     bundle = build(plain, workdir)
-    step, params = read_params(workdir, bundle.abstract_params())
+    step, params = read_params(workdir, bundle.abstract_params(), step)
     return Trained(config, bundle, step, params)

@@ -245,15 +245,13 @@ class TrainingRun:
             print(
                 f"Resuming from step {self.start} (checkpoint in {self.ckpt.directory})", flush=True
             )
-        elif start.source == "import":
-            params = trainer.bundle.imported_params(
-                self.example_batch, self.state.params, self.shardings.params
-            )
-            self.state = self.state.replace(params=params)
-        elif start.source == "workdir":
-            params = load_from_workdir(
-                self.config.init_from, self.state.params, self.shardings.params
-            )
+        elif start.source in ("import", "workdir"):
+            bundle, params, shardings = trainer.bundle, self.state.params, self.shardings.params
+            if start.source == "import":
+                params = bundle.imported_params(self.example_batch, params, shardings)
+            if bundle.from_workdir:  # the first source, or workdirs among init_from.more
+                params = load_from_workdir(self.config.init_from, params, shardings)
+            params = bundle.imported_subtrees(params, shardings)
             self.state = self.state.replace(params=params)
         log.info("initial parameters: %s", start.reason)
         if start.source != "resume":

@@ -14,7 +14,10 @@ Resuming this run's own workdir takes precedence: a run initialises from `init_f
 it has no checkpoint yet (`initial_params`).
 
 More earlier runs: `init_from.more` names further sources, each `{path, step, load}` read the
-same way (step defaults to -1; no load: the whole tree). BLIP-2 stage 2 takes the ViT and the
+same way (step defaults to -1; no load: the whole tree). A source with another `format` (one of
+mmjax.convert's, e.g. `hf_clip`) imports converted weights instead, its `load` mapping subtrees
+of the converted model (LLaVA: `load={"vision": "image_tower"}`); the first source may itself
+be an import (`format="hf_llm"`: an LLM into `lm/`). BLIP-2 stage 2 takes the ViT and the
 Q-Former from stage 1 and its frozen LM from a text-only LM run:
 
   init_from = dict(format="workdir", path="/tmp/blip2_stage1", load={"vision": "vision", ...},
@@ -58,6 +61,7 @@ WORKDIR_FORMAT = "workdir"
 MAX_LISTED = 3  # mismatches named in one error line
 FIRST = "init_from"  # the name of the first source in errors; the others: init_from.more.NAME
 SOURCE_KEYS = ("path", "step", "load")
+IMPORT_KEYS = ("format", "name")  # a `more` source of converted weights: mmjax.convert
 VOCAB_AXIS = "vocab"  # a parameter with this logical axis needs the same tokenizer
 # The data settings a tokenizer depends on, named in a vocabulary mismatch
 TOKENIZER_KEYS = ("source", "tokenizer", "tokenizer_path", "vocab_size", "split_train")
@@ -65,11 +69,33 @@ TOKENIZER_KEYS = ("source", "tokenizer", "tokenizer_path", "vocab_size", "split_
 
 # ------------------------------------------------------------------------ init from workdir
 def workdir_sources(init_from: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """[(name, {path, step, load})] of a `format="workdir"` init_from: the first source as
-    "init_from", then each of `init_from.more` as "init_from.more.NAME"."""
+    """[(name, {path, step, load})] of the earlier workdirs an init_from names: the first
+    source as "init_from" when its format is "workdir", then each of `init_from.more` whose
+    format is "workdir" (the default) as "init_from.more.NAME"."""
     init_from = _plain(init_from)
-    first = {k: init_from[k] for k in SOURCE_KEYS if k in init_from}
-    sources = [(FIRST, first)]
+    sources = []
+    if init_from.get("format") == WORKDIR_FORMAT:
+        sources.append((FIRST, {k: init_from[k] for k in SOURCE_KEYS if k in init_from}))
+    return sources + [
+        (label, {k: v for k, v in source.items() if k != "format"})
+        for label, source in more_sources(init_from)
+        if source.get("format", WORKDIR_FORMAT) == WORKDIR_FORMAT
+    ]
+
+
+def import_sources(init_from: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """[(name, {format, path, load, ...})] of the `init_from.more` sources that import
+    converted weights (a format of mmjax.convert) rather than read an earlier workdir."""
+    return [
+        (label, source)
+        for label, source in more_sources(_plain(init_from))
+        if source.get("format", WORKDIR_FORMAT) != WORKDIR_FORMAT
+    ]
+
+
+def more_sources(init_from: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """[("init_from.more.NAME", source)] of every further source, its keys checked."""
+    sources = []
     more = init_from.get("more") or {}
     if not isinstance(more, Mapping):
         raise UserError(
@@ -79,9 +105,10 @@ def workdir_sources(init_from: Mapping[str, Any]) -> list[tuple[str, dict[str, A
         label = f"{FIRST}.more.{name}"
         if not isinstance(source, Mapping):
             raise UserError(f"{label} must be a dict of {list(SOURCE_KEYS)}, got {source!r}")
-        unknown = sorted(set(source) - set(SOURCE_KEYS))
+        unknown = sorted(set(source) - {*SOURCE_KEYS, *IMPORT_KEYS})
         if unknown:
-            raise UserError(f"{label}: unknown keys {unknown}; a source has {list(SOURCE_KEYS)}")
+            valid = [*SOURCE_KEYS, *IMPORT_KEYS]
+            raise UserError(f"{label}: unknown keys {unknown}; a source has {valid}")
         sources.append((label, dict(source)))
     return sources
 
