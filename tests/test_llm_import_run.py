@@ -102,8 +102,10 @@ def test_the_checkpoint_gives_the_run_its_architecture_and_tokenizer(checkpoint)
     # the VLM's specials (<image>, <ref>, ...) follow the checkpoint's ids: rows are added
     assert bundle.tokenizer.vocab_size > rows and model.vocab_size >= bundle.tokenizer.vocab_size
     hf = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    text = "what colour is the circle?"
-    assert bundle.tokenizer.encode(text) == hf.encode(text, add_special_tokens=False)
+    for text in ("what colour is the circle?", "find the 3 small boxes (0,12),(7,9)"):
+        ids = hf.encode(text, add_special_tokens=False)
+        assert bundle.tokenizer.encode(text) == ids
+        assert bundle.tokenizer.decode(ids) == hf.decode(ids, skip_special_tokens=True) == text
 
 
 @pytest.mark.slow

@@ -70,11 +70,11 @@ TOKENIZER_KEYS = ("source", "tokenizer", "tokenizer_path", "vocab_size", "split_
 # ------------------------------------------------------------------------ init from workdir
 def workdir_sources(init_from: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """[(name, {path, step, load})] of the earlier workdirs an init_from names: the first
-    source as "init_from" when its format is "workdir", then each of `init_from.more` whose
-    format is "workdir" (the default) as "init_from.more.NAME"."""
+    source as "init_from" when its format is "workdir" (the default), then each of
+    `init_from.more` whose format is "workdir" as "init_from.more.NAME"."""
     init_from = _plain(init_from)
     sources = []
-    if init_from.get("format") == WORKDIR_FORMAT:
+    if init_from.get("format", WORKDIR_FORMAT) == WORKDIR_FORMAT:
         sources.append((FIRST, {k: init_from[k] for k in SOURCE_KEYS if k in init_from}))
     return sources + [
         (label, {k: v for k, v in source.items() if k != "format"})
