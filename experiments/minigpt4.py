@@ -12,12 +12,14 @@ ViT, the Q-Former and the LM of the BLIP-2 tiny_stage2 workdir, frozen, and a ne
 
   python -m mmjax.train --config experiments/minigpt4.py:tiny --workdir /tmp/minigpt4_tiny
 
-Paper shapes: Vicuna-13B (MiniGPT-4's release) or -7B, from a workdir holding BLIP-2's
-converted ViT and Q-Former (`vision/`, `connector/`) and Vicuna (`lm/`):
+Paper shapes: Vicuna-13B (MiniGPT-4's release) or -7B. Stage 1 takes Vicuna from its HF
+checkpoint (`init_from.format=hf_llm`: its architecture and tokenizer become the run's) and
+BLIP-2's ViT and Q-Former (`vision/`, `connector/`) from a BLIP-2 run's workdir
+(`init_from.more.blip2`):
 
   python -m mmjax.train --config experiments/minigpt4.py:13B_stage1 \
-      --workdir /gcs/bucket/minigpt4_s1 --config.init_from.path=/gcs/bucket/blip2_vicuna13b \
-      --config.data.path=/data/pairs --config.data.tokenizer_path=/models/vicuna-13b
+      --workdir /gcs/bucket/minigpt4_s1 --config.init_from.path=/models/vicuna-13b \
+      --config.init_from.more.blip2.path=/gcs/bucket/blip2_stage1 --config.data.path=/data/pairs
   python -m mmjax.train --config experiments/minigpt4.py:13B_stage2 \
       --workdir /gcs/bucket/minigpt4_s2 --config.init_from.path=/gcs/bucket/minigpt4_s1 \
       --config.data.path=/data/cc_sbu_align --config.data.tokenizer_path=/models/vicuna-13b
@@ -75,8 +77,9 @@ def _tiny() -> ml_collections.ConfigDict:
 
 
 def _paper(size: str, stage: str) -> ml_collections.ConfigDict:
-    """BLIP-2's stage-2 VLM with Vicuna's shapes; stage 1 loads BLIP-2 and Vicuna from one
-    converted workdir (the projection stays new), stage 2 all of stage 1's parameters."""
+    """BLIP-2's stage-2 VLM with Vicuna's shapes; stage 1 loads Vicuna's HF checkpoint and a
+    BLIP-2 workdir's ViT and Q-Former (the projection stays new), stage 2 all of stage 1's
+    parameters."""
     c = load_config("blip2.py:stage2_opt2.7b", relative_to=__file__)
     depth, width, heads, mlp_dim = VICUNA_SHAPES[size]
     lr, end_factor, warmup, batch, steps = STAGES[stage]
@@ -93,10 +96,11 @@ def _paper(size: str, stage: str) -> ml_collections.ConfigDict:
         load = qformer_connector_load(
             qformer.depth, qformer.cross_attention_freq, dst="connector", src="connector"
         )
-        load = {"vision": "vision", "lm": "lm", **load}
-    else:
-        load = None  # every parameter of stage 1
-    c.init_from.update(format="workdir", path="", step=-1)
-    c.init_from.load = load
-    c.init_from.more = {}  # one workdir holds every loaded parameter
+        blip2 = dict(path="", step=-1, load={"vision": "vision", **load})
+        c.init_from.update(format="hf_llm", path="")
+        c.init_from.more = {"blip2": blip2}
+    else:  # every parameter of stage 1
+        c.init_from.update(format="workdir", path="", step=-1)
+        c.init_from.more = {}
+    c.init_from.load = None
     return c

@@ -36,11 +36,12 @@ binding appears. The paper has no such problem: its ViT is a pretrained EVA-CLIP
 Paper shapes (Sec. 3 and 4.1): EVA ViT-g/14 at 448 pixels (32x32 patch tokens -> 256 visual
 tokens), LLaMA-2-chat-7B; the ViT frozen. The paper trains the LM through LoRA adapters, which
 mmjax does not have: this config trains the whole LM instead (stage 2's recipe, Sec. 3.2),
-from a workdir holding the converted EVA and LLaMA-2 parameters under `vision/` and `lm/`:
+starting from LLaMA-2-chat's HF checkpoint (`init_from.format=hf_llm`, its tokenizer the run's)
+and the EVA ViT of a workdir holding it under `vision/` (`init_from.more.vision`):
 
   python -m mmjax.train --config experiments/minigpt_v2.py:7B --workdir /gcs/bucket/minigptv2 \
-      --config.init_from.path=/gcs/bucket/eva_llama2_7b --config.data.path=/data/shards \
-      --config.data.tokenizer_path=/models/llama-2-7b-chat
+      --config.init_from.path=/models/llama-2-7b-chat \
+      --config.init_from.more.vision.path=/gcs/bucket/eva_vit_g --config.data.path=/data/shards
 
 Variants: tiny, 7B.
 """
@@ -93,5 +94,8 @@ def _paper(c: ml_collections.ConfigDict) -> None:
     c.model.update(**LLAMA2_7B)
     c.data.image_size = 448
     c.data.sequence.visual_tokens = (448 // EVA_VIT_G_448["patch_size"]) ** 2 // GROUP
-    c.init_from.load = dict(vision="vision", lm="lm")
+    vision = dict(path="", step=-1, load={"vision": "vision"})
+    c.init_from.update(format="hf_llm", path="")
+    c.init_from.load = None
+    c.init_from.more = {"vision": vision}
     c.optimizer.update(lr=1e-5, frozen=("vision/**",))  # stage 2 (Sec. 4.1)

@@ -44,6 +44,7 @@ Paper shapes (Gemma-2 decoders, Sec. 4.1; SigLIP-So400m-like image encoder; 256x
 32x32x4 VAE latents in 2x2 patches: 256 visual tokens):
 
   python -m mmjax.train --config experiments/unifluid.py:2B --workdir /gcs/bucket/uf2b \
+      --config.init_from.format=hf_llm --config.init_from.path=/models/gemma-2-2b \
       --config.data.path=/data/shards
 
 Variants: tiny, tiny_shapes, tiny_clip, tiny_siglip, 2B, 9B.

@@ -161,7 +161,7 @@ def test_gemma2_pallas_kernel_gives_the_same_logits(tmp_path_factory):
 
 
 def test_kv_cached_greedy_decoding_matches_transformers(saved):
-    arch, model, path = saved
+    _, model, path = saved
     imported = convert.from_hf_llm(path)
     prompt = np.random.default_rng(2).integers(0, COMMON["vocab_size"], (2, 4))
     ours, ours_logits = greedy(imported, prompt, 16)
@@ -251,7 +251,7 @@ def test_unsupported_settings_are_refused():
 
 def test_checkpoint_mapping_is_lazy(saved):
     """Reading a checkpoint maps its files; a tensor is read when asked for."""
-    arch, model, path = saved
+    _, _, path = saved
     ckpt = Checkpoint(path)
     assert "model.embed_tokens.weight" in ckpt
     assert ckpt["model.embed_tokens.weight"].shape == (COMMON["vocab_size"], COMMON["hidden_size"])

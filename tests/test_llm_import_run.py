@@ -165,6 +165,15 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(checkpoint, tmp_path):
     small = tiny_llama_checkpoint(str(tmp_path / "small_embedding"), rows=200)
     with pytest.raises(UserError, match=r"has \d+ ids but the checkpoint's embedding has \d+ rows"):
         build(llava_config(small))
+    for source, message in [
+        (dict(format="nope", path=checkpoint), r"init_from\.more\.x\.format 'nope' is not one of"),
+        (dict(format="hf_clip", path=checkpoint), r"init_from\.more\.x needs load="),
+        (dict(format="hf_clip", path=checkpoint, size=3), r"init_from\.more\.x: unknown keys"),
+    ]:
+        config = llava_config(checkpoint)
+        config.init_from.more = {"x": source}
+        with pytest.raises(UserError, match=message):
+            build(config)
     workdir = tmp_path / "never"
     with pytest.raises(UserError, match="does not exist"):
         config = llava_config(str(tmp_path / "nowhere"))
