@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmjax.data import data_config, load_or_train_tokenizer
-from mmjax.data.tokenizer import HFTokenizer, SentencePieceTokenizer
+from mmjax.data.hf_tokenizer import HFTokenizer
+from mmjax.data.tokenizer import SentencePieceTokenizer
 from mmjax.errors import UserError
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -398,7 +399,7 @@ def test_a_missing_or_broken_tokenizer_is_one_clear_line(tmp_path, tokenizer, ma
 
 def test_reading_a_checkpoint_imports_neither_transformers_nor_torch(checkpoints):
     script = (
-        "import sys; from mmjax.data.tokenizer import HFTokenizer\n"
+        "import sys; from mmjax.data.hf_tokenizer import HFTokenizer\n"
         f"for d in {[str(checkpoints[n]) for n in ('llama-model', 'siglip-model', 'qwen2-json')]}:"
         "\n    HFTokenizer(d).tokenize(['a cat'], 8)\n"
         "assert not {'transformers', 'torch'} & set(sys.modules), 'imported'\n"

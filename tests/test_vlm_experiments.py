@@ -211,6 +211,9 @@ def test_the_paper_variants_have_the_paper_shapes():
         576,
     )
     assert llava.model.feature_layer == -2 and llava.optimizer.frozen == ("vision/**", "lm/**")
+    # stage 1 starts from the HF checkpoints: Vicuna into lm/, CLIP's image tower into vision/
+    assert llava.init_from.format == "hf_llm"
+    assert dict(llava.init_from.more.vision.load) == {"vision": "image_tower"}
     stage2 = load_config(os.path.join(REPO, "experiments", "llava.py:7B_stage2"))
     assert stage2.optimizer.frozen == ("vision/**",) and stage2.init_from.format == "workdir"
     minigpt = load_config(os.path.join(REPO, "experiments", "minigpt_v2.py:7B"))
