@@ -159,7 +159,7 @@ class Bundle:
         ours = param_paths(params)
         values = {}
         for label, (imported, load) in self.imported_more.items():
-            theirs = param_paths(imported.params)
+            theirs, before = param_paths(imported.params), len(values)
             for dst, src in load.items():
                 target = _under(ours, dst, f"{label}.load: this model has no {dst!r}")
                 source = _under(theirs, src, f"{label}.load: the import has no {src!r}")
@@ -169,7 +169,8 @@ class Bundle:
                 except ValueError as e:
                     raise UserError(f"{label}.load {dst!r}: {e}") from None
                 values.update(got)
-            print(f"Initialised {len(values)} parameters from {label} ({imported.model['name']})")
+            count = len(values) - before
+            print(f"Initialised {count} parameters from {label} ({imported.model['name']})")
         values = {**{k: v for k, v in ours.items() if k not in values}, **values}
         return jax.device_put(replace_leaves(params, values), shardings)
 
