@@ -33,16 +33,17 @@ texts in which the context names the digit.
 
 Paper shapes: `stage1` (EVA ViT-g/14 at 224 pixels, its second-last layer's features, a
 BERT-base Q-Former with 32 queries, Table 6 / Sec. 3.4), then `stage2_opt2.7b` or
-`stage2_opt6.7b` (OPT's layer counts and widths in this codebase's Llama-style decoder,
-ViT and LM frozen). Convert the ViT into a workdir first (stage 1 loads `vision` from it), and
-OPT into another (stage 2 loads `lm` from it, with OPT's tokenizer as data.tokenizer_path):
+`stage2_opt6.7b` (OPT's block: LayerNorm, ReLU, biases, learned positions; ViT and LM
+frozen). Stage 1 loads `vision` from a workdir holding the ViT; stage 2 imports OPT from its
+Hugging Face checkpoint (`init_from.format=hf_llm`: its architecture and tokenizer become the
+run's; a checkpoint with only vocab.json and merges.txt needs one `save_pretrained` with
+transformers to write its tokenizer.json) and takes the ViT and the Q-Former from stage 1:
 
   python -m mmjax.train --config experiments/blip2.py:stage1 --workdir /gcs/bucket/blip2_s1 \
       --config.init_from.path=/gcs/bucket/eva_vit_g --config.data.path=/data/pairs
   python -m mmjax.train --config experiments/blip2.py:stage2_opt2.7b \
-      --workdir /gcs/bucket/blip2_opt27 --config.init_from.path=/gcs/bucket/blip2_s1 \
-      --config.init_from.more.lm.path=/gcs/bucket/opt2.7b \
-      --config.data.path=/data/pairs --config.data.tokenizer_path=/models/opt-2.7b
+      --workdir /gcs/bucket/blip2_opt27 --config.init_from.path=/models/opt-2.7b \
+      --config.init_from.more.stage1.path=/gcs/bucket/blip2_s1 --config.data.path=/data/pairs
 
 The FlanT5 stage-2 models (FLANT5_SHAPES) are encoder-decoder LLMs, which models/vlm.py does
 not build; their shapes are listed for reference.
@@ -54,6 +55,7 @@ import ml_collections
 
 from mmjax.data import data_config
 from mmjax.models.blip import qformer_connector_load
+from mmjax.models.causal_lm import OPT
 from mmjax.train.config_cli import base_config, load_config
 
 # EVA-CLIP ViT-g/14 (Fang et al., 2023), as BLIP-2 uses it: 16x16 patches of 224 pixels + CLS
@@ -243,21 +245,18 @@ def _paper_stage2(c: ml_collections.ConfigDict, lm: str) -> None:
         depth=depth,
         num_heads=heads,
         mlp_dim=mlp_dim,
+        **OPT,
         dtype="bfloat16",
         attention_impl="auto",
         remat_policy="full",
         scan_layers=True,
     )
-    # The ViT and the Q-Former from stage 1, the LLM from its converted workdir (paths given
-    # on the command line: the module docstring)
-    load = {"vision": "vision", **_connector_load(QFORMER_BASE)}
-    c.init_from.update(
-        format="workdir",
-        path="",
-        step=-1,
-        load=load,
-        more=dict(lm=dict(path="", step=-1, load={"lm": "lm"})),
-    )
+    # OPT from its HF checkpoint, the ViT and the Q-Former from stage 1 (paths given on the
+    # command line: the module docstring)
+    stage1 = dict(path="", step=-1, load={"vision": "vision", **_connector_load(QFORMER_BASE)})
+    c.init_from.update(format="hf_llm", path="")
+    c.init_from.load = None
+    c.init_from.more = dict(stage1=stage1)
     c.optimizer.frozen = ("vision/**", "lm/**")
     c.evals = dict(
         vlm=dict(type="vlm", split="test", num_samples=500, batch_size=64, tasks=("caption",))

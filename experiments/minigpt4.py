@@ -30,6 +30,7 @@ Variants: tiny, {7B,13B}_stage{1,2}.
 import ml_collections
 
 from mmjax.models.blip import qformer_connector_load
+from mmjax.models.causal_lm import architecture_defaults
 from mmjax.train.config_cli import load_config
 
 # Vicuna v0 = LLaMA shapes: (layers, width, heads, SwiGLU width)
@@ -83,6 +84,8 @@ def _paper(size: str, stage: str) -> ml_collections.ConfigDict:
     c = load_config("blip2.py:stage2_opt2.7b", relative_to=__file__)
     depth, width, heads, mlp_dim = VICUNA_SHAPES[size]
     lr, end_factor, warmup, batch, steps = STAGES[stage]
+    # Vicuna: the Llama block (LMFields' defaults) in place of BLIP-2's OPT
+    c.model.update(architecture_defaults())
     c.model.update(width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim)
     c.batch_size = batch
     c.total_steps = steps

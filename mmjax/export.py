@@ -5,7 +5,7 @@
 Reads `DIR/config.json` and the newest complete checkpoint (or step N), takes the causal LM
 (`lm/` of a VLM, TextLM or UniFluid run), unscans its blocks and writes `HF_DIR/config.json`,
 `HF_DIR/model.safetensors` and the run's HF tokenizer files: `transformers` loads it as a
-LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Gemma2ForCausalLM
+LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Gemma2ForCausalLM or OPTForCausalLM
 (mmjax.convert.hf_llm.hf_model_type). Token rows the run added for its own special tokens (a
 VLM's <image>) are kept; the tokenizer files do not name them. HF_DIR must be new or empty.
 """

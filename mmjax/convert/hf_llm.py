@@ -1,4 +1,5 @@
-"""Hugging Face causal LMs (Llama-2/3, Vicuna, Qwen2/2.5, Gemma-2) <-> mmjax's CausalLM.
+"""Hugging Face causal LMs (Llama-2/3, Vicuna, Mistral, Qwen2/2.5, Gemma-2, OPT) <-> mmjax's
+CausalLM.
 
   imported = mmjax.convert.from_hf_llm("/ckpt/Qwen2.5-1.5B")  # a save_pretrained directory
   lm = imported.module()                                     # models/causal_lm.py's CausalLM
@@ -6,8 +7,8 @@
 
   mmjax.convert.to_hf_llm(imported.lm, params, "/out/dir", tokenizer_dir=...)  # and back
 
-The architecture comes from the checkpoint's `config.json` (`model_type` llama, mistral, qwen2
-or gemma2), the weights from its safetensors files (one file or shards with an index; read with
+The architecture comes from the checkpoint's `config.json` (`model_type` llama, mistral, qwen2,
+gemma2 or opt), the weights from its safetensors files (one file or shards with an index; read with
 numpy, no torch). In a run, `config.init_from = dict(format="hf_llm", path=DIR)` puts the LM
 into the `lm/` subtree of any model holding one (VLM, TextLM, UniFluid), its architecture into
 `config.model` and its tokenizer (`DIR`'s tokenizer.json or tokenizer.model) into `config.data`.
@@ -16,7 +17,9 @@ The weight layout: HF stores a linear layer as [out, in], mmjax as [in, out] wit
 heads split out ([width, heads, head_dim], output [heads, head_dim, width]). Llama's
 `post_attention_layernorm` is the norm before the MLP (mmjax `norm2`); Gemma-2's is the norm
 after attention (`post_norm1`), its `pre_feedforward_layernorm` is `norm2`, and its RMSNorm
-multiplies by (1 + weight), so its weights import as 1 + weight.
+multiplies by (1 + weight), so its weights import as 1 + weight. OPT keeps its layers under
+`model.decoder`, names its pre-MLP norm `final_layer_norm` and reads its learned positions two
+rows into the table.
 """
 
 import dataclasses
@@ -35,10 +38,11 @@ from mmjax.convert.imported import activation
 from mmjax.convert.tensor_files import Checkpoint, write_safetensors
 from mmjax.convert.torch_layers import array, check_against_model
 from mmjax.errors import UserError
-from mmjax.models.causal_lm import CausalLM
+from mmjax.models.causal_lm import OPT, CausalLM, architecture_defaults
 
 SOURCE = "HF causal LM"
-MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma2", "opt")
+OPT_POSITION_OFFSET = 2  # HF OPT's position table starts 2 rows in (OPTLearnedPositionalEmbedding)
 TOKENIZER_MODELS = ("tokenizer.json", "tokenizer.model")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -87,6 +91,8 @@ def lm_fields(config: Mapping[str, Any]) -> dict[str, Any]:
             f"{SOURCE}: model_type {kind!r} is not one of {MODEL_TYPES}; for CLIP/SigLIP use "
             "init_from.format=hf_clip/hf_siglip"
         )
+    if kind == "opt":
+        return {**architecture_defaults(), **_opt_fields(config)}
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise UserError(f"{SOURCE}: {flag}=True (biases on every projection) is not supported")
@@ -116,7 +122,40 @@ def lm_fields(config: Mapping[str, Any]) -> dict[str, Any]:
             attn_logit_softcap=config.get("attn_logit_softcapping"),
             final_logit_softcap=config.get("final_logit_softcapping"),
         )
-    return fields
+    return {**architecture_defaults(), **fields}
+
+
+def _opt_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """CausalLM's fields for an OPT config: the pre-norm variants with biases (OPT-350m's
+    post-norm block and its projections in and out of a narrower embedding are refused)."""
+    required = dict(
+        do_layer_norm_before=True,
+        enable_bias=True,
+        layer_norm_elementwise_affine=True,
+        _remove_final_layer_norm=False,
+    )
+    for key, value in required.items():
+        if config.get(key, value) != value:
+            raise UserError(f"{SOURCE}: OPT with {key}={config.get(key)} is not supported")
+    width = config["hidden_size"]
+    if config.get("word_embed_proj_dim", width) != width:
+        raise UserError(f"{SOURCE}: OPT with word_embed_proj_dim != hidden_size is not supported")
+    return dict(
+        vocab_size=config["vocab_size"],
+        width=width,
+        depth=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        mlp_dim=config["ffn_dim"],
+        num_kv_heads=config["num_attention_heads"],
+        head_dim=width // config["num_attention_heads"],
+        norm_eps=1e-5,
+        **{
+            **OPT,
+            "max_positions": config["max_position_embeddings"],
+            "activation": activation(config.get("activation_function", "relu"), SOURCE),
+            "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
+        },
+    )
 
 
 def _rope(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -162,53 +201,73 @@ class _Tensor:
 
     hf: str
     path: str
-    kind: str  # "copy", "linear", "heads_in", "heads_bias", "heads_out" or "norm"
+    kind: str  # "copy", "linear", "heads_in", "heads_bias", "heads_out", "norm", "positions"
     heads: int = 0
 
 
 def _tensors(fields: Mapping[str, Any], model_type: str) -> list[_Tensor]:
     """Every tensor of an HF checkpoint of this architecture, with its mmjax path."""
-    out = [_Tensor("model.embed_tokens.weight", "token_embedding/embedding", "copy")]
-    kv_heads = fields["num_kv_heads"]
-    norms = (
-        {
-            "input_layernorm": "norm1",
-            "post_attention_layernorm": "post_norm1",
-            "pre_feedforward_layernorm": "norm2",
-            "post_feedforward_layernorm": "post_norm2",
-        }
-        if model_type == "gemma2"
-        else {"input_layernorm": "norm1", "post_attention_layernorm": "norm2"}
-    )
+    opt = model_type == "opt"
+    model = "model.decoder" if opt else "model"
+    out = [_Tensor(f"{model}.embed_tokens.weight", "token_embedding/embedding", "copy")]
+    if opt:
+        out.append(_Tensor(f"{model}.embed_positions.weight", "position_embedding", "positions"))
+    heads, kv_heads = fields["num_heads"], fields["num_kv_heads"]
     for i in range(fields["depth"]):
-        hf, mm = f"model.layers.{i}", f"decoder/block{i}"
-        for name, heads in (("q", fields["num_heads"]), ("k", kv_heads), ("v", kv_heads)):
-            target = f"{mm}/attn/{dict(q='query', k='key', v='value')[name]}"
-            out.append(
-                _Tensor(f"{hf}.self_attn.{name}_proj.weight", f"{target}/kernel", "heads_in", heads)
-            )
-            if fields["qkv_bias"]:
-                out.append(
-                    _Tensor(
-                        f"{hf}.self_attn.{name}_proj.bias", f"{target}/bias", "heads_bias", heads
-                    )
-                )
-        out.append(
-            _Tensor(
-                f"{hf}.self_attn.o_proj.weight",
-                f"{mm}/attn/out/kernel",
-                "heads_out",
-                fields["num_heads"],
-            )
+        hf, mm = f"{model}.layers.{i}", f"decoder/block{i}"
+        for name, ours, n in (
+            ("q", "query", heads),
+            ("k", "key", kv_heads),
+            ("v", "value", kv_heads),
+        ):
+            proj, target = f"{hf}.self_attn.{name}_proj", f"{mm}/attn/{ours}"
+            out.append(_Tensor(f"{proj}.weight", f"{target}/kernel", "heads_in", n))
+            if fields.get("qkv_bias") or opt:
+                out.append(_Tensor(f"{proj}.bias", f"{target}/bias", "heads_bias", n))
+        out_proj = f"{hf}.self_attn.{'out_proj' if opt else 'o_proj'}"
+        out.append(_Tensor(f"{out_proj}.weight", f"{mm}/attn/out/kernel", "heads_out", heads))
+        mlp = (
+            {"fc1": "fc1", "fc2": "fc2"}
+            if opt
+            else {"mlp.gate_proj": "gate", "mlp.up_proj": "fc1", "mlp.down_proj": "fc2"}
         )
-        for name, ours in (("gate_proj", "gate"), ("up_proj", "fc1"), ("down_proj", "fc2")):
-            out.append(_Tensor(f"{hf}.mlp.{name}.weight", f"{mm}/mlp/{ours}/kernel", "linear"))
-        for name, ours in norms.items():
-            out.append(_Tensor(f"{hf}.{name}.weight", f"{mm}/{ours}/RMSNorm_0/scale", "norm"))
-    out.append(_Tensor("model.norm.weight", "norm_final/RMSNorm_0/scale", "norm"))
+        for name, ours in mlp.items():
+            out.append(_Tensor(f"{hf}.{name}.weight", f"{mm}/mlp/{ours}/kernel", "linear"))
+        if opt:
+            out.append(_Tensor(f"{out_proj}.bias", f"{mm}/attn/out/bias", "copy"))
+            out += [_Tensor(f"{hf}.{n}.bias", f"{mm}/mlp/{n}/bias", "copy") for n in mlp]
+        for name, ours in _NORMS[model_type].items():
+            out += _norm(f"{hf}.{name}", f"{mm}/{ours}", opt)
+    out += _norm(f"{model}.{'final_layer_norm' if opt else 'norm'}", "norm_final", opt)
     if not fields["tie_embeddings"]:
         out.append(_Tensor("lm_head.weight", "lm_head/kernel", "linear"))
     return out
+
+
+_LLAMA_NORMS = {"input_layernorm": "norm1", "post_attention_layernorm": "norm2"}
+# HF norm names -> mmjax's (Llama's post_attention_layernorm is the norm before the MLP)
+_NORMS = {
+    "llama": _LLAMA_NORMS,
+    "mistral": _LLAMA_NORMS,
+    "qwen2": _LLAMA_NORMS,
+    "gemma2": {
+        "input_layernorm": "norm1",
+        "post_attention_layernorm": "post_norm1",
+        "pre_feedforward_layernorm": "norm2",
+        "post_feedforward_layernorm": "post_norm2",
+    },
+    "opt": {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2"},
+}
+
+
+def _norm(hf: str, mm: str, layer_norm: bool) -> list[_Tensor]:
+    """An RMSNorm's scale, or a LayerNorm's scale and bias."""
+    if not layer_norm:
+        return [_Tensor(f"{hf}.weight", f"{mm}/RMSNorm_0/scale", "norm")]
+    return [
+        _Tensor(f"{hf}.weight", f"{mm}/LayerNorm_0/scale", "copy"),
+        _Tensor(f"{hf}.bias", f"{mm}/LayerNorm_0/bias", "copy"),
+    ]
 
 
 def _to_mmjax(t: _Tensor, x: np.ndarray, norm_offset: float) -> np.ndarray:
@@ -220,6 +279,8 @@ def _to_mmjax(t: _Tensor, x: np.ndarray, norm_offset: float) -> np.ndarray:
         return x.reshape(t.heads, -1)
     if t.kind == "heads_out":  # [width, heads * head_dim] -> [heads, head_dim, width]
         return x.T.reshape(t.heads, -1, x.shape[0])
+    if t.kind == "positions":
+        return x[OPT_POSITION_OFFSET:]
     return x + norm_offset if t.kind == "norm" else x
 
 
@@ -232,6 +293,8 @@ def _to_hf(t: _Tensor, x: np.ndarray, norm_offset: float) -> np.ndarray:
         return x.reshape(-1)
     if t.kind == "heads_out":
         return x.reshape(-1, x.shape[-1]).T
+    if t.kind == "positions":  # the offset rows, which no position reads
+        return np.concatenate([np.zeros((OPT_POSITION_OFFSET, x.shape[1]), x.dtype), x])
     return x - norm_offset if t.kind == "norm" else x
 
 
@@ -267,8 +330,15 @@ def convert(model_or_path: Any) -> ImportedLM:
 
 
 def hf_model_type(fields: Mapping[str, Any]) -> str:
-    """The HF architecture that computes what these CausalLM fields do: gemma2 (its block),
-    qwen2 (QKV bias), mistral (a window on every layer) or llama; else a UserError."""
+    """The HF architecture that computes what these CausalLM fields do: opt (its block),
+    gemma2 (its block), qwen2 (QKV bias), mistral (a window on every layer) or llama; else a
+    UserError."""
+    if fields.get("norm", "rms") == "layer" or fields.get("positions", "rope") == "learned":
+        theirs = {k: fields.get(k) for k in OPT if k != "max_positions"}
+        ours = {k: v for k, v in OPT.items() if k != "max_positions"}
+        if theirs != ours or fields.get("num_kv_heads") not in (None, fields["num_heads"]):
+            raise UserError(f"no HF architecture has this mix of OPT features: {theirs}")
+        return "opt"
     if fields.get("post_norms") or fields.get("embed_scale"):
         gemma = {k: bool(fields.get(k)) for k in ("post_norms", "embed_scale", "tie_embeddings")}
         if not all(gemma.values()) or fields.get("qkv_bias"):
@@ -287,6 +357,25 @@ def hf_model_type(fields: Mapping[str, Any]) -> str:
 def hf_config(fields: Mapping[str, Any], max_position_embeddings: int, dtype: str) -> dict:
     """The config.json of the HF model that computes what these CausalLM fields do."""
     kind = hf_model_type(fields)
+    if kind == "opt":
+        return dict(
+            model_type="opt",
+            architectures=["OPTForCausalLM"],
+            vocab_size=fields["vocab_size"],
+            hidden_size=fields["width"],
+            word_embed_proj_dim=fields["width"],
+            ffn_dim=fields["mlp_dim"],
+            num_hidden_layers=fields["depth"],
+            num_attention_heads=fields["num_heads"],
+            max_position_embeddings=fields["max_positions"],
+            activation_function=_HF_ACTIVATIONS[fields["activation"]],
+            do_layer_norm_before=True,
+            enable_bias=True,
+            layer_norm_elementwise_affine=True,
+            tie_word_embeddings=bool(fields.get("tie_embeddings")),
+            torch_dtype=dtype,
+            dtype=dtype,
+        )
     heads, width = fields["num_heads"], fields["width"]
     rope = dict(fields.get("rope_scaling") or {"rope_type": "default"})
     rope["rope_theta"] = fields.get("rope_theta", 10_000.0)
@@ -339,7 +428,7 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
 }
-_HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+_HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}
 _DTYPES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "float32": lambda x: x.astype(np.float32),
     "bfloat16": lambda x: x.astype(jnp.bfloat16),

@@ -9,6 +9,8 @@ Qwen2 and Gemma-2 are settings of its fields, so their checkpoints import into i
     num_kv_heads, rope_theta=500_000 and rope_scaling={"rope_type": "llama3", ...}.
   Qwen2/2.5: num_kv_heads, qkv_bias=True, rope_theta=1e6, norm_eps=1e-6; the small ones
     tie_embeddings=True.
+  OPT (Zhang et al., 2022): norm="layer", gated_mlp=False, activation="relu",
+    use_bias=True, positions="learned" (max_positions rows), tie_embeddings=True.
   Gemma-2 (Gemma Team, 2024, Sec. 2): activation="gelu_tanh" (GeGLU), post_norms=True,
     head_dim=256, attention_scale=query_pre_attn_scalar^-1/2, attn_logit_softcap=50,
     final_logit_softcap=30, sliding_window=4096 with global_every=2 (layers alternate local
@@ -25,11 +27,26 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.core import freeze
 
-from mmjax.nn import RMSNorm, TokenEmbed, llama_decoder
+from mmjax.nn import TokenEmbed, Transformer
 from mmjax.nn.axes import ACT
 from mmjax.nn.dense import DenseGeneral, dtypes
+from mmjax.nn.initializers import logical
+from mmjax.nn.norms import make_norm
 
 BlockHook = Callable[[int, jnp.ndarray], jnp.ndarray]
+POSITIONS = ("rope", "learned")
+
+# OPT's architecture beyond its shape (Zhang et al., 2022, Sec. 2.1: the GPT-3 block, pre-norm,
+# ReLU, learned positions over a 2,048-token context)
+OPT = dict(
+    norm="layer",
+    gated_mlp=False,
+    activation="relu",
+    use_bias=True,
+    positions="learned",
+    max_positions=2048,
+    tie_embeddings=True,
+)
 
 # Gemma-2's architecture beyond its shape (Gemma Team, 2024, Sec. 2 and Table 1; the 2B and 9B
 # models, whose query_pre_attn_scalar is head_dim = 256)
@@ -59,7 +76,12 @@ class LMFields(nn.Module):
     num_kv_heads: int | None = None  # grouped-query attention (Llama-2 70B, Llama-3, Qwen2)
     head_dim: int | None = None  # None: width / num_heads (Gemma-2: 256)
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen)
-    activation: str = "silu"  # of the gated MLP: silu (SwiGLU) or gelu_tanh (GeGLU, Gemma)
+    use_bias: bool = False  # biases on every projection (OPT)
+    norm: str = "rms"  # "layer": LayerNorm (OPT)
+    gated_mlp: bool = True  # False: fc1 -> activation -> fc2 (OPT)
+    activation: str = "silu"  # silu (SwiGLU), gelu_tanh (GeGLU, Gemma), relu (OPT)
+    positions: str = "rope"  # or "learned": a table of max_positions rows (OPT)
+    max_positions: int = 0
     rope_theta: float = 10_000.0
     rope_scaling: Mapping[str, Any] | None = None  # nn.rope.rope_frequencies (Llama 3.1)
     norm_eps: float = 1e-5
@@ -79,6 +101,10 @@ class LMFields(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise ValueError(f"unknown positions {self.positions!r}; valid: {POSITIONS}")
+        if self.positions == "learned" and self.max_positions < 1:
+            raise ValueError("positions='learned' needs max_positions, the table's rows")
         if self.rope_scaling is not None:  # hashable, so the model can be a static jit arg
             object.__setattr__(self, "rope_scaling", freeze(dict(self.rope_scaling)))
         super().__post_init__()
@@ -90,6 +116,28 @@ class LMFields(nn.Module):
         return CausalLM(**{**{n: getattr(self, n) for n in names}, **kw})
 
 
+# How an LM runs rather than what it computes: not part of a checkpoint's architecture
+EXECUTION_FIELDS = (
+    "decode",
+    "remat_policy",
+    "scan_layers",
+    "attention_impl",
+    "dtype",
+    "param_dtype",
+)
+
+
+def architecture_defaults() -> dict[str, Any]:
+    """LMFields' architecture fields with a default, at their defaults: what an imported
+    architecture starts from, so that none of a config's other settings survive it."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(LMFields)
+        if f.name not in (*EXECUTION_FIELDS, "parent", "name")
+        and f.default is not dataclasses.MISSING
+    }
+
+
 class CausalLM(LMFields):
     """tokens [B, L] -> logits [B, L, vocab] (f32); `embed`, `hidden` and `head` are its
     parts, for a model that edits the embeddings, adds layers or reads the hidden states."""
@@ -97,15 +145,25 @@ class CausalLM(LMFields):
     def setup(self) -> None:
         kw = dtypes(self)
         self.token_embedding = TokenEmbed(self.vocab_size, self.width, self.param_dtype)
-        self.decoder = llama_decoder(
+        if self.positions == "learned":
+            init = logical(nn.initializers.normal(0.02), "position", "embed")
+            shape = (self.max_positions, self.width)
+            self.position_embedding = self.param(
+                "position_embedding", init, shape, self.param_dtype
+            )
+        self.decoder = Transformer(
             self.depth,
             self.num_heads,
             self.mlp_dim,
+            causal=True,
+            norm=self.norm,
+            gated_mlp=self.gated_mlp,
+            use_bias=self.use_bias,
             norm_eps=self.norm_eps,
-            rope_theta=self.rope_theta,
+            rope_theta=self.rope_theta if self.positions == "rope" else None,
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            qkv_bias=self.qkv_bias,
+            qkv_bias=True if self.qkv_bias else None,  # None: as use_bias
             activation=self.activation,
             rope_scaling=self.rope_scaling,
             post_norms=self.post_norms,
@@ -119,7 +177,7 @@ class CausalLM(LMFields):
             attention_impl=self.attention_impl,
             **kw,
         )
-        self.norm_final = RMSNorm(epsilon=self.norm_eps, **kw)
+        self.norm_final = make_norm(self.norm, epsilon=self.norm_eps, **kw)
         if not self.tie_embeddings:
             self.lm_head = DenseGeneral(
                 (self.vocab_size,), ("embed", "vocab"), use_bias=False, **kw
@@ -140,6 +198,9 @@ class CausalLM(LMFields):
         span_ids: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         """Embeddings [B, L, width] -> the final normed hidden states [B, L, width]."""
+        if self.positions == "learned":
+            table = self.position_embedding.astype(x.dtype)
+            x = x + jnp.take(table, positions, axis=0, mode="clip")
         x = nn.with_logical_constraint(x, ACT)
         x = self.decoder(
             x, segment_ids, span_ids, positions, cache_offset, before_block=before_block
