@@ -319,6 +319,7 @@ def _use_checkpoint_tokenizer(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"init_from.path {path!r} does not exist")
     if not os.path.isdir(path):
         raise UserError(f"init_from.path {path!r} is not a directory (an HF checkpoint's)")
+    convert.hf_llm.lm_fields(convert.hf_llm.read_config(path))  # another model: say so first
     if config.data.get("tokenizer_path"):
         return
     files = convert.hf_llm.TOKENIZER_MODELS
