@@ -93,8 +93,9 @@ def _attention(qkv: list, out_w: np.ndarray, out_b: np.ndarray, num_heads: int) 
 def check_against_model(params: dict, init: Callable[[], Any], source: str) -> dict[str, jax.Array]:
     """Checks that `params` has exactly the leaves and shapes `init()` (a model.init) creates.
 
-    Returns the params as a plain (unboxed) tree of f32 arrays. Errors name the first path
-    whose presence or shape differs, so a wrong architecture or config is caught at import.
+    Returns the params as a plain (unboxed) tree of f32 numpy arrays, in host memory. Errors
+    name the first path whose presence or shape differs, so a wrong architecture or config is
+    caught at import.
     """
     expected = flax.traverse_util.flatten_dict(nn.unbox(jax.eval_shape(init)["params"]), sep="/")
     got = flax.traverse_util.flatten_dict(params, sep="/")
@@ -108,6 +109,8 @@ def check_against_model(params: dict, init: Callable[[], Any], source: str) -> d
                 f"{source}: {path} has shape {tuple(got[path].shape)} in the checkpoint but "
                 f"{tuple(expected[path].shape)} in the mmjax model"
             )
+    # host (numpy) arrays: a 7B LM in f32 would not fit the default device of a TPU host; the
+    # trainer places them straight onto their shardings
     return flax.traverse_util.unflatten_dict(
-        {k: jax.numpy.asarray(v, dtype=np.float32) for k, v in got.items()}, sep="/"
+        {k: np.asarray(v, dtype=np.float32) for k, v in got.items()}, sep="/"
     )
