@@ -109,10 +109,14 @@ def test_the_checkpoint_gives_the_run_its_architecture_and_tokenizer(checkpoint)
 
 
 @pytest.mark.slow
-def test_a_vlm_trains_from_an_imported_llm_with_the_lm_frozen(checkpoint, tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_a_vlm_trains_from_an_imported_llm_with_the_lm_frozen(checkpoint, tmp_path, scan_layers):
+    """The import stacks the LM for a scanned model; read back unscanned, it is the HF one."""
     workdir = str(tmp_path / "run")
-    train_and_evaluate(llava_config(checkpoint), workdir)
-    trained = load_trained(workdir)
+    config = llava_config(checkpoint)
+    config.model.scan_layers = scan_layers
+    train_and_evaluate(config, workdir)
+    trained = load_trained(workdir, ["model.scan_layers=false"])
     assert trained.step == 2
     lm = flatten_dict(trained.params["lm"], sep="/")
     hf = flatten_dict(convert.from_hf_llm(checkpoint).params, sep="/")
