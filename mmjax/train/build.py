@@ -156,23 +156,14 @@ class Bundle:
         the converted model's (`load`: {our prefix: the import's prefix})."""
         if not self.imported_more:
             return params
-        ours = param_paths(params)
-        values = {}
+        ours, values = param_paths(params), {}
         for label, (imported, load) in self.imported_more.items():
             theirs, before = param_paths(imported.params), len(values)
             for dst, src in load.items():
-                target = _under(ours, dst, f"{label}.load: this model has no {dst!r}")
-                source = _under(theirs, src, f"{label}.load: the import has no {src!r}")
-                source = {f"{dst}/{k}": v for k, v in source.items()}
-                try:
-                    got = layout.to_layout(source, {f"{dst}/{k}": v for k, v in target.items()})
-                except ValueError as e:
-                    raise UserError(f"{label}.load {dst!r}: {e}") from None
-                values.update(got)
+                values.update(_load_subtree(ours, theirs, dst, src, f"{label}.load"))
             count = len(values) - before
             print(f"Initialised {count} parameters from {label} ({imported.model['name']})")
-        values = {**{k: v for k, v in ours.items() if k not in values}, **values}
-        return jax.device_put(replace_leaves(params, values), shardings)
+        return jax.device_put(replace_leaves(params, {**ours, **values}), shardings)
 
     def _imported_lm(self, params: Any, shardings: Any) -> Any:
         """`params` with `lm/` the imported LLM's, its token rows extended for the specials
@@ -180,20 +171,36 @@ class Bundle:
         resize_token_embeddings)."""
         imported = convert.from_hf_llm(self.config.init_from.path)
         ours = param_paths(params)
-        target = {k: v for k, v in ours.items() if k.startswith(LM_PREFIX)}
-        source = {LM_PREFIX + k: v for k, v in param_paths(imported.params).items()}
-        for path in (f"{LM_PREFIX}token_embedding/embedding", f"{LM_PREFIX}lm_head/kernel"):
+        values = _load_subtree(ours, param_paths(imported.params), "lm", "", "init_from", rows=True)
+        return jax.device_put(replace_leaves(params, {**ours, **values}), shardings)
+
+
+def _load_subtree(
+    ours: Mapping[str, Any],
+    theirs: Mapping[str, Any],
+    dst: str,
+    src: str,
+    label: str,
+    rows: bool = False,
+) -> dict[str, Any]:
+    """{our path under `dst`: the imported value under `src`}, stacked where our stacks are
+    scanned (parallel/layout.py); `rows`: token embeddings and heads grown to our rows."""
+    target = _under(ours, dst, f"{label}: this model has no {dst!r}")
+    source = _under(theirs, src, f"{label}: the import has no {src!r}")
+    target = {_join(dst, k): v for k, v in target.items()}
+    source = {_join(dst, k): v for k, v in source.items()}
+    if rows:
+        for path in (_join(dst, "token_embedding/embedding"), _join(dst, "lm_head/kernel")):
             if path in source and path in target:
                 source[path] = _extend_rows(source[path], target[path].shape, path)
-        try:
-            values = layout.to_layout(source, target)
-        except ValueError as e:
-            raise UserError(f"init_from: {e}") from None
-        values = {**{k: v for k, v in ours.items() if k not in values}, **values}
-        return jax.device_put(replace_leaves(params, values), shardings)
+    try:
+        return layout.to_layout(source, target)
+    except ValueError as e:
+        raise UserError(f"{label} {dst!r}: {e}") from None
 
 
-LM_PREFIX = "lm/"
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix.strip('/')}/{path}" if prefix.strip("/") else path
 
 
 def _under(paths: Mapping[str, Any], prefix: str, error: str) -> dict[str, Any]:
