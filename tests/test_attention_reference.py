@@ -244,29 +244,6 @@ def test_attention_matches_naive(case: Case) -> None:
     assert np.all(out[empty_rows] == 0.0)
 
 
-@PROPERTY_SETTINGS
-@given(cases(dtypes=("float32",)))
-def test_gradients_match_dense_reference(case: Case) -> None:
-    q, k, v = case.qkv()
-    cotangent = jnp.asarray(np.random.default_rng(case.seed + 1).normal(size=q.shape), q.dtype)
-    mask = naive_mask(case)
-
-    def both_grads(q, k, v, **kwargs):
-        def loss(fn):
-            return lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent)
-
-        ours = jax.grad(loss(lambda q, k, v: attention(q, k, v, **kwargs)), (0, 1, 2))(q, k, v)
-        dense = jax.grad(loss(lambda q, k, v: dense_f32_attention(q, k, v, mask)), (0, 1, 2))
-        return ours, dense(q, k, v)
-
-    grads, expected = case.jit(both_grads)(q, k, v)
-    for name, grad, want in zip("qkv", grads, expected, strict=True):
-        assert np.all(np.isfinite(grad)), f"non-finite d{name}"
-        np.testing.assert_allclose(grad, want, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
-    empty_rows = ~mask.any(axis=-1)
-    assert np.all(np.asarray(grads[0])[empty_rows] == 0.0)
-
-
 # Soft caps from "saturates every logit" to "changes almost nothing" (logits here ~ N(0, 1)).
 SOFT_CAPS = st.floats(0.05, 20.0)
 
@@ -284,9 +261,11 @@ def test_soft_capped_attention_matches_naive(case: Case, soft_cap: float, scale)
     assert np.all(out[~naive_mask(case).any(axis=-1)] == 0.0)
 
 
-@settings(max_examples=15, deadline=None, database=None)  # the masks: as uncapped above
-@given(cases(dtypes=("float32",)), SOFT_CAPS)
-def test_soft_capped_gradients_match_dense_reference(case: Case, soft_cap: float) -> None:
+@PROPERTY_SETTINGS
+@given(cases(dtypes=("float32",)), st.one_of(st.none(), SOFT_CAPS))
+def test_gradients_match_dense_reference(case: Case, soft_cap: float | None) -> None:
+    """dq, dk, dv of every mask, uncapped or soft-capped, against autodiff of the dense f32
+    formula; rows that see nothing get zero gradients."""
     q, k, v = case.qkv()
     cotangent = jnp.asarray(np.random.default_rng(case.seed + 1).normal(size=q.shape), q.dtype)
     mask = naive_mask(case)
@@ -303,6 +282,8 @@ def test_soft_capped_gradients_match_dense_reference(case: Case, soft_cap: float
     for name, grad, want in zip("qkv", grads, expected, strict=True):
         assert np.all(np.isfinite(grad)), f"non-finite d{name}"
         np.testing.assert_allclose(grad, want, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
+    empty_rows = ~mask.any(axis=-1)
+    assert np.all(np.asarray(grads[0])[empty_rows] == 0.0)
 
 
 def _random_qkv(
