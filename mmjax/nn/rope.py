@@ -1,8 +1,10 @@
 """Rotary position embeddings (Su et al., 2021), as in Llama: rotate-half convention, with the
-frequency scalings of long-context checkpoints (`rope_scaling`, Hugging Face's names)."""
+frequency scalings of long-context checkpoints (`rope_scaling`, Hugging Face's names) and
+Qwen2-VL's multimodal RoPE (M-RoPE: `sections`)."""
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -45,17 +47,39 @@ def apply_rope(
     positions: jnp.ndarray,
     theta: float = 10_000.0,
     scaling: Mapping[str, Any] | None = None,
+    sections: Sequence[int] | None = None,
 ) -> jnp.ndarray:
     """Rotates q or k [batch, seq, heads, head_dim] by its token positions [batch, seq].
 
     Pairs dimension i with i + head_dim/2 and rotates it by positions * frequency i
     (`rope_frequencies`); computed in f32, returned in x's dtype.
+
+    M-RoPE (Qwen2-VL, Wang et al., 2024, Sec. 2.1): with `sections` (e.g. [16, 24, 24], summing
+    to head_dim/2), `positions` is [3, batch, seq] (temporal, height, width ids), and the k-th
+    run of `sections[k]` frequencies turns by id k % 3 (transformers' mrope_section).
     """
     if x.shape[-1] % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {x.shape[-1]}")
     half = x.shape[-1] // 2
     freqs = rope_frequencies(x.shape[-1], theta, scaling)
-    angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [B, S, 1, half]
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # [(3,) B, S, half]
+    if sections is not None:
+        angles = _sectioned(angles, sections, half)
+    elif positions.ndim != 2:
+        raise ValueError(f"positions must be [batch, seq] without sections, got {positions.shape}")
+    angles = angles[..., None, :]  # [B, S, 1, half]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _sectioned(angles: jnp.ndarray, sections: Sequence[int], half: int) -> jnp.ndarray:
+    """[3, B, S, half] angles of the three position ids -> [B, S, half]: run k of `sections`
+    from id k % 3."""
+    if sum(sections) != half:
+        raise ValueError(f"M-RoPE sections {list(sections)} must sum to head_dim / 2 = {half}")
+    if angles.ndim != 4 or angles.shape[0] != 3:
+        raise ValueError(f"M-RoPE positions must be [3, batch, seq], got {angles.shape[:-1]}")
+    bounds = [0, *itertools.accumulate(sections)]
+    runs = [angles[k % 3, ..., a:b] for k, (a, b) in enumerate(itertools.pairwise(bounds))]
+    return jnp.concatenate(runs, axis=-1)
