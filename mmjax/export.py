@@ -11,7 +11,6 @@ VLM's <image>) are kept; the tokenizer files do not name them. HF_DIR must be ne
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ def export(workdir: str, out: str, *, dtype: str = "bfloat16", step: int = -1) -
     import jax
 
     from mmjax import convert, models
-    from mmjax.models.causal_lm import CausalLM, LMFields
+    from mmjax.models.causal_lm import CausalLM, lm_field_names
     from mmjax.parallel import layout
     from mmjax.train.build import load_trained
     from mmjax.train.stages import param_paths, replace_leaves
@@ -37,8 +36,7 @@ def export(workdir: str, out: str, *, dtype: str = "bfloat16", step: int = -1) -
     config = trained.config
     if not models.holds_causal_lm(config.model.name):
         raise UserError(f"model {config.model.name!r} holds no causal LM to export")
-    names = {f.name for f in dataclasses.fields(LMFields)} - {"parent", "name"}
-    fields = {k: v for k, v in config.model.to_dict().items() if k in names}
+    fields = {k: v for k, v in config.model.to_dict().items() if k in lm_field_names()}
     fields.update(scan_layers=False, decode=False)
     lm = CausalLM(**fields)
     tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from etils import epath
 
-from mmjax.data.tokenizer import SPIECE_UNDERLINE, Tokenizer, load_sentencepiece, one_line
+from mmjax.data.tokenizer_base import SPIECE_UNDERLINE, Tokenizer, load_sentencepiece, one_line
 from mmjax.errors import UserError
 
 _HF_JSON = "tokenizer.json"

@@ -8,7 +8,6 @@ tokenizer frames as its checkpoint does).
 <BOI>/<EOI>, and the VLM sequences' <image>, <ref></ref><box></box> and task identifiers.
 """
 
-import abc
 import io
 import re
 from collections.abc import Callable, Sequence
@@ -18,79 +17,16 @@ import sentencepiece as spm
 from etils import epath
 from ml_collections import ConfigDict
 
+from mmjax.data.hf_tokenizer import HFTokenizer
 from mmjax.data.sources import Source, build_source, sample_captions
+from mmjax.data.tokenizer_base import Tokenizer, load_sentencepiece
 from mmjax.data.vlm_tasks import IMAGE_TOKEN, SPECIAL_TOKENS
 from mmjax.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZERS = ("sentencepiece", "byte", "hf")
-SPIECE_UNDERLINE = "▁"  # SentencePiece's space
 # Enough text to fit a small vocabulary; bounds the read of a large dataset.
 _MAX_TRAINING_CAPTIONS = 100_000
-
-
-class Tokenizer(abc.ABC):
-    """Maps text to ids and back; subclasses provide the ids of the specials."""
-
-    pad_id: int = 0
-    bos_id: int
-    eos_id: int
-
-    @property
-    @abc.abstractmethod
-    def vocab_size(self) -> int:
-        """Number of ids, specials included (the embedding table size)."""
-
-    @abc.abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text`, without specials."""
-
-    @abc.abstractmethod
-    def _decode_ids(self, ids: list[int]) -> str:
-        """Text of `ids`, which hold no specials."""
-
-    @abc.abstractmethod
-    def pieces(self) -> tuple[str, ...]:
-        """Every id's piece, in id order: equal pieces, equal ids for every text."""
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`: stops at the first eos and skips pad and bos."""
-        kept = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_id:
-                break
-            if i not in (self.pad_id, self.bos_id):
-                kept.append(i)
-        return self._decode_ids(kept)
-
-    def tokenize(self, texts: Sequence[str], max_len: int) -> np.ndarray:
-        """int32 [N, max_len]: [bos] + ids + [eos] + pads (no bos where the vocabulary has none,
-        as T5's); long texts are cut before the eos."""
-        if max_len < 2:
-            raise UserError(f"data.max_text_len must be at least 2 (bos + eos), got {max_len}")
-        head = [self.bos_id] if self.bos_id >= 0 else []
-        out = np.full((len(texts), max_len), self.pad_id, dtype=np.int32)
-        for row, text in enumerate(texts):
-            ids = [*head, *self.encode(text)[: max_len - 1 - len(head)], self.eos_id]
-            out[row, : len(ids)] = ids
-        return out
-
-
-def one_line(error: BaseException) -> str:
-    """An error's text on one line (SentencePiece's and tokenizers' span several)."""
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-def load_sentencepiece(model_proto: bytes, name: str) -> spm.SentencePieceProcessor:
-    """The processor of `model_proto`; a UserError naming `name` if it is no model."""
-    try:
-        sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    except RuntimeError as e:
-        raise UserError(f"{name} is not a sentencepiece model: {one_line(e)}") from None
-    if sp.get_piece_size() == 0:
-        raise UserError(f"{name} is not a sentencepiece model: it holds no pieces")
-    return sp
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -327,8 +263,6 @@ def base_tokenizer(
     if kind == "hf":
         if not data_cfg.get("tokenizer_path"):
             raise UserError("data.tokenizer=hf needs data.tokenizer_path (a local directory)")
-        from mmjax.data.hf_tokenizer import HFTokenizer  # it builds on this module's Tokenizer
-
         return HFTokenizer(data_cfg.tokenizer_path)
     if kind != "sentencepiece":
         raise UserError(f"unknown data.tokenizer '{kind}' (valid: {', '.join(TOKENIZERS)})")

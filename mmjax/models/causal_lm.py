@@ -112,8 +112,12 @@ class LMFields(nn.Module):
     @nn.nowrap  # unbound when called outside apply: CausalLM(...).apply(params["lm"], ...)
     def language_model(self, **kw: Any) -> "CausalLM":
         """The LM these fields describe (`kw`: a name, or fields to change)."""
-        names = [f.name for f in dataclasses.fields(LMFields) if f.name not in ("parent", "name")]
-        return CausalLM(**{**{n: getattr(self, n) for n in names}, **kw})
+        return CausalLM(**{**{n: getattr(self, n) for n in lm_field_names()}, **kw})
+
+
+def lm_field_names() -> tuple[str, ...]:
+    """The names of LMFields' fields (Flax's parent and name left out)."""
+    return tuple(f.name for f in dataclasses.fields(LMFields) if f.name not in ("parent", "name"))
 
 
 # How an LM runs rather than what it computes: not part of a checkpoint's architecture
@@ -133,7 +137,8 @@ def architecture_defaults() -> dict[str, Any]:
     return {
         f.name: f.default
         for f in dataclasses.fields(LMFields)
-        if f.name not in (*EXECUTION_FIELDS, "parent", "name")
+        if f.name in lm_field_names()
+        and f.name not in EXECUTION_FIELDS
         and f.default is not dataclasses.MISSING
     }
 

@@ -250,13 +250,12 @@ def build(
     # its `lm/` subtree, or subtrees of earlier runs' params copied in after init (workdir.py)
     init_from = config.get("init_from", {})
     fmt = init_from.get("format")
-    if fmt == convert.LM_FORMAT:
-        _use_checkpoint_tokenizer(config)
+    lm_fields = _checkpoint_lm(config) if fmt == convert.LM_FORMAT else None
     tokenizer = tokenizer or mmdata.load_or_train_tokenizer(
         config.data, workdir, write=is_main and workdir is not None
     )
-    if fmt == convert.LM_FORMAT:
-        _import_lm_architecture(config, tokenizer)
+    if lm_fields is not None:
+        _import_lm_architecture(config, tokenizer, lm_fields)
     fill_vocab_size(config.model, tokenizer.vocab_size)
     if init_from.get("more") and not fmt:
         raise UserError("init_from.more (further sources) needs a first source: init_from.format")
@@ -318,17 +317,23 @@ def _import(config: ml_collections.ConfigDict, tokenizer: mmdata.Tokenizer) -> c
     return imported
 
 
-def _use_checkpoint_tokenizer(config: ml_collections.ConfigDict) -> None:
-    """An imported LLM's tokenizer is the run's (data.tokenizer=hf at the checkpoint), unless
-    the config names a tokenizer file or directory of its own."""
+def _checkpoint_lm(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The CausalLM fields of the HF LLM `init_from` names (its config.json), checked to fit
+    this config's model; its tokenizer becomes the run's (data.tokenizer=hf at the
+    checkpoint), unless the config names a tokenizer file or directory of its own."""
+    if not models.holds_causal_lm(config.model.name):
+        raise UserError(
+            f"init_from.format=hf_llm needs a model holding a causal LM (vlm, lm, unifluid), "
+            f"not {config.model.name!r}"
+        )
     path = config.init_from.get("path", "")
     if not path or not os.path.exists(path):
         raise UserError(f"init_from.path {path!r} does not exist")
     if not os.path.isdir(path):
         raise UserError(f"init_from.path {path!r} is not a directory (an HF checkpoint's)")
-    convert.hf_llm.lm_fields(convert.hf_llm.read_config(path))  # another model: say so first
+    fields = convert.hf_llm.lm_fields(convert.hf_llm.read_config(path))  # another model: first
     if config.data.get("tokenizer_path"):
-        return
+        return fields
     files = convert.hf_llm.TOKENIZER_MODELS
     if not any(os.path.exists(os.path.join(path, f)) for f in files):
         raise UserError(
@@ -336,19 +341,16 @@ def _use_checkpoint_tokenizer(config: ml_collections.ConfigDict) -> None:
             "data.tokenizer and data.tokenizer_path"
         )
     config.data.tokenizer, config.data.tokenizer_path = "hf", path
+    return fields
 
 
-def _import_lm_architecture(config: ml_collections.ConfigDict, tokenizer: mmdata.Tokenizer) -> None:
-    """Puts an HF LLM checkpoint's architecture (its config.json) into `config.model`, whose
-    model must hold a CausalLM (models/causal_lm.py's LMFields): vocab_size becomes the
-    checkpoint's rows, or more when the run's tokenizer adds specials (a VLM's <image>)."""
-    if not models.holds_causal_lm(config.model.name):
-        raise UserError(
-            f"init_from.format=hf_llm needs a model holding a causal LM (vlm, lm, unifluid), "
-            f"not {config.model.name!r}"
-        )
-    path = config.init_from.path
-    fields = convert.hf_llm.lm_fields(convert.hf_llm.read_config(path))
+def _import_lm_architecture(
+    config: ml_collections.ConfigDict, tokenizer: mmdata.Tokenizer, fields: dict[str, Any]
+) -> None:
+    """Puts an HF LLM checkpoint's architecture (`_checkpoint_lm`'s fields) into
+    `config.model`: vocab_size becomes the checkpoint's rows, or more when the run's tokenizer
+    adds specials (a VLM's <image>)."""
+    fields = dict(fields)
     rows = fields["vocab_size"]
     base = getattr(tokenizer, "base", tokenizer)
     if base.vocab_size > rows:
