@@ -26,7 +26,7 @@ from mmjax.errors import UserError
 
 Record = dict[str, Any]
 
-SOURCES = ("digits", "skimage", "shapes", "array_record", "tfds")
+SOURCES = ("digits", "skimage", "shapes", "scenes", "moving_shapes", "array_record", "tfds")
 
 
 class Source(abc.ABC):
@@ -268,8 +268,12 @@ def _shapes_scene(seed: int, split_id: int, index: int) -> tuple[list[dict[str, 
     return objects, caption
 
 
-def _draw_shapes(objects: list[dict[str, Any]]) -> np.ndarray:
-    image = Image.new("RGB", (SHAPES_IMAGE_SIZE, SHAPES_IMAGE_SIZE), (0, 0, 0))
+def _draw_shapes(
+    objects: list[dict[str, Any]], size: tuple[int, int] = (SHAPES_IMAGE_SIZE, SHAPES_IMAGE_SIZE)
+) -> np.ndarray:
+    """Draws `objects` on a black canvas of `size` (height, width): uint8 [H, W, 3]."""
+    height, width = size
+    image = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(image)
     for obj in objects:
         x0, y0, x1, y1 = obj["bbox"]
@@ -491,6 +495,17 @@ def build_source(data_cfg: ConfigDict, split: str) -> Source:
     if source == "shapes":
         _check_split("shapes", split, tuple(_SHAPES_SPLIT_IDS))
         return ShapesSource(split, int(data_cfg[f"shapes_num_{split}"]))
+    if source == "scenes":
+        from mmjax.data.scenes import ScenesSource  # Lazy: scenes.py builds on this module.
+
+        _check_split("scenes", split, tuple(_SHAPES_SPLIT_IDS))
+        return ScenesSource(split, int(data_cfg.get(f"scenes_num_{split}", 0)))
+    if source == "moving_shapes":
+        from mmjax.data.scenes import MovingShapesSource
+
+        _check_split("moving_shapes", split, tuple(_SHAPES_SPLIT_IDS))
+        num_records = int(data_cfg.get(f"moving_shapes_num_{split}", 0))
+        return MovingShapesSource(split, num_records, frames=int(data_cfg.get("video_frames", 4)))
     if source == "array_record":
         return ArrayRecordSource(data_cfg.path, split)
     if source == "tfds":
