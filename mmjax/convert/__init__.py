@@ -17,6 +17,9 @@ LLMs: `config.init_from = dict(format="hf_llm", path=DIR)` puts the LM into the 
 subtree and its tokenizer into `config.data`; `to_hf_llm` writes one back (`python -m
 mmjax.export` for a run's workdir).
 
+Qwen2-VL / Qwen2.5-VL, whole models (vision tower, merger, M-RoPE LM, tokenizer, processor
+constants): `from_hf_qwen2_vl` / `from_hf_qwen2_5_vl` (hf_qwen2_vl.py).
+
 Connectors: `from_hf_blip2` (a BLIP-2 model or a bare Blip2QFormerModel with its query
 tokens) and `from_hf_llava` (a LLaVA model or its LlavaMultiModalProjector with the config)
 return an `ImportedConnector`: `connector` (a `build_connector` config) and `params`.
@@ -29,7 +32,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from mmjax.convert import big_vision, hf_blip2, hf_clip, hf_llava, hf_llm, hf_siglip, open_clip
+from mmjax.convert import (
+    big_vision,
+    hf_blip2,
+    hf_clip,
+    hf_llava,
+    hf_llm,
+    hf_qwen2_vl,
+    hf_siglip,
+    open_clip,
+)
 from mmjax.convert.hf_blip2 import ImportedConnector
 from mmjax.convert.hf_llm import ImportedLM
 from mmjax.convert.imported import Imported, check_vocab
@@ -50,6 +62,8 @@ from_hf_llava = hf_llava.convert
 CONNECTOR_CONVERTERS = {"hf_blip2": from_hf_blip2, "hf_llava": from_hf_llava}
 from_hf_llm = hf_llm.convert
 to_hf_llm = hf_llm.export
+from_hf_qwen2_vl = hf_qwen2_vl.convert_qwen2_vl
+from_hf_qwen2_5_vl = hf_qwen2_vl.convert_qwen2_5_vl
 LM_FORMAT = "hf_llm"  # into the `lm/` subtree of a model holding a CausalLM
 
 
@@ -84,6 +98,8 @@ __all__ = [
     "from_hf_clip",
     "from_hf_llava",
     "from_hf_llm",
+    "from_hf_qwen2_5_vl",
+    "from_hf_qwen2_vl",
     "from_hf_siglip",
     "from_open_clip",
     "load",

@@ -301,32 +301,45 @@ def _to_hf(t: _Tensor, x: np.ndarray, norm_offset: float) -> np.ndarray:
 def convert(model_or_path: Any) -> ImportedLM:
     """Imports an HF causal LM: a `save_pretrained` directory (config.json and safetensors)
     or a `transformers` model instance."""
-    if isinstance(model_or_path, str):
-        config = read_config(model_or_path)
-        fields = lm_fields(config)  # the architecture first: a wrong model fails here
-        tensors: Mapping[str, Any] = Checkpoint(model_or_path)
-        has_tokenizer = any(
-            os.path.exists(os.path.join(model_or_path, f)) for f in TOKENIZER_MODELS
-        )
-        tokenizer_path = model_or_path if has_tokenizer else None
-    else:
-        config = model_or_path.config.to_dict()
-        fields = lm_fields(config)
-        tensors, tokenizer_path = model_or_path.state_dict(), None
+    config, tensors, tokenizer_path = open_checkpoint(model_or_path)
+    fields = lm_fields(config)
     kind = config["model_type"]
-    offset = 1.0 if kind == "gemma2" else 0.0
-    flat = {}
-    for t in _tensors(fields, kind):
-        if t.hf not in tensors:
-            raise UserError(f"{SOURCE} ({kind}) checkpoint has no tensor {t.hf!r}")
-        flat[t.path] = _to_mmjax(t, array(tensors[t.hf]), offset)
-    params = flax.traverse_util.unflatten_dict(flat, sep="/")
+    params = read_lm(fields, kind, tensors)
     module = CausalLM(**fields)
     tokens = jnp.zeros((1, 1), jnp.int32)
     checked = check_against_model(
         params, lambda: module.init(jax.random.key(0), tokens, None, tokens), SOURCE
     )
     return ImportedLM(fields, checked, kind, tokenizer_path)
+
+
+def open_checkpoint(model_or_path: Any) -> tuple[dict[str, Any], Mapping[str, Any], str | None]:
+    """(config dict, tensors by name, tokenizer directory or None) of a `save_pretrained`
+    directory (config.json and safetensors, read lazily) or a `transformers` model."""
+    if not isinstance(model_or_path, str):
+        return model_or_path.config.to_dict(), model_or_path.state_dict(), None
+    config = read_config(model_or_path)
+    has_tokenizer = any(os.path.exists(os.path.join(model_or_path, f)) for f in TOKENIZER_MODELS)
+    return config, Checkpoint(model_or_path), model_or_path if has_tokenizer else None
+
+
+def read_lm(
+    fields: Mapping[str, Any],
+    kind: str,
+    tensors: Mapping[str, Any],
+    rename: Callable[[str], str] = lambda name: name,
+) -> dict[str, Any]:
+    """CausalLM's parameters (nested, not yet checked against the model) from the tensors of
+    an HF `kind` checkpoint; `rename` maps the LM's own tensor names to the checkpoint's (a
+    VLM keeps its LM under another prefix)."""
+    offset = 1.0 if kind == "gemma2" else 0.0
+    flat = {}
+    for t in _tensors(fields, kind):
+        name = rename(t.hf)
+        if name not in tensors:
+            raise UserError(f"{SOURCE} ({kind}) checkpoint has no tensor {name!r}")
+        flat[t.path] = _to_mmjax(t, array(tensors[name]), offset)
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
 def hf_model_type(fields: Mapping[str, Any]) -> str:

@@ -11,6 +11,8 @@ Qwen2 and Gemma-2 are settings of its fields, so their checkpoints import into i
     tie_embeddings=True.
   OPT (Zhang et al., 2022): norm="layer", gated_mlp=False, activation="relu",
     use_bias=True, positions="learned" (max_positions rows), tie_embeddings=True.
+  Qwen2-VL/2.5-VL's LM: Qwen2's, with mrope_sections (M-RoPE, Wang et al., 2024, Sec. 2.1):
+    positions are then [B, 3, L] (temporal, height, width ids; mmjax.data.mrope).
   Gemma-2 (Gemma Team, 2024, Sec. 2): activation="gelu_tanh" (GeGLU), post_norms=True,
     head_dim=256, attention_scale=query_pre_attn_scalar^-1/2, attn_logit_softcap=50,
     final_logit_softcap=30, sliding_window=4096 with global_every=2 (layers alternate local
@@ -32,6 +34,7 @@ from mmjax.nn.axes import ACT
 from mmjax.nn.dense import DenseGeneral, dtypes
 from mmjax.nn.initializers import logical
 from mmjax.nn.norms import make_norm
+from mmjax.nn.rope import rope_angles
 
 BlockHook = Callable[[int, jnp.ndarray], jnp.ndarray]
 POSITIONS = ("rope", "learned")
@@ -84,6 +87,7 @@ class LMFields(nn.Module):
     max_positions: int = 0
     rope_theta: float = 10_000.0
     rope_scaling: Mapping[str, Any] | None = None  # nn.rope.rope_frequencies (Llama 3.1)
+    mrope_sections: tuple[int, ...] | None = None  # M-RoPE (Qwen2-VL): positions [B, 3, L]
     norm_eps: float = 1e-5
     post_norms: bool = False  # Gemma-2: norms after attention and MLP too
     sliding_window: int | None = None  # local attention span (Gemma-2: 4,096)
@@ -107,6 +111,8 @@ class LMFields(nn.Module):
             raise ValueError("positions='learned' needs max_positions, the table's rows")
         if self.rope_scaling is not None:  # hashable, so the model can be a static jit arg
             object.__setattr__(self, "rope_scaling", freeze(dict(self.rope_scaling)))
+        if self.mrope_sections is not None:
+            object.__setattr__(self, "mrope_sections", tuple(self.mrope_sections))
         super().__post_init__()
 
     @nn.nowrap  # unbound when called outside apply: CausalLM(...).apply(params["lm"], ...)
@@ -206,9 +212,26 @@ class CausalLM(LMFields):
         if self.positions == "learned":
             table = self.position_embedding.astype(x.dtype)
             x = x + jnp.take(table, positions, axis=0, mode="clip")
+        angles = None
+        if self.mrope_sections is not None:
+            if positions.ndim != 3 or positions.shape[1] != 3:
+                raise ValueError(
+                    f"an M-RoPE LM takes positions [batch, 3, length], got {positions.shape}"
+                )
+            head_dim = self.head_dim or self.width // self.num_heads
+            ids = jnp.moveaxis(positions, 1, 0)  # [3, B, L]
+            angles = rope_angles(
+                ids, head_dim, self.rope_theta, self.rope_scaling, self.mrope_sections
+            )
         x = nn.with_logical_constraint(x, ACT)
         x = self.decoder(
-            x, segment_ids, span_ids, positions, cache_offset, before_block=before_block
+            x,
+            segment_ids,
+            span_ids,
+            positions,
+            cache_offset,
+            before_block=before_block,
+            rope_angles=angles,
         )
         return self.norm_final(x)
 

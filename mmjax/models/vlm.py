@@ -122,7 +122,7 @@ class VLM(LMFields, kw_only=True):
         out = {} if visual is None else {"visual_tokens": visual}
         before_block = None
         if self.mode == "prefix" and visual is not None:
-            x = jax.vmap(_scatter)(x, batch["visual_positions"], visual)
+            x = jax.vmap(scatter_tokens)(x, batch["visual_positions"], visual)
         elif self.mode == "flamingo":
             before_block = self._gated_layers(self._media(visual), batch["media_ids"])
         out["logits"] = lm.logits(
@@ -237,7 +237,7 @@ class VLM(LMFields, kw_only=True):
         return scanned
 
 
-def _scatter(x: jnp.ndarray, positions: jnp.ndarray, visual: jnp.ndarray) -> jnp.ndarray:
+def scatter_tokens(x: jnp.ndarray, positions: jnp.ndarray, visual: jnp.ndarray) -> jnp.ndarray:
     """One row: writes visual [V, D] into x [L, D] at positions [V] (beyond L: dropped)."""
     return x.at[positions].set(visual.astype(x.dtype), mode="drop")
 

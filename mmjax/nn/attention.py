@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from mmjax import kernels
 from mmjax.nn.dense import DenseGeneral
-from mmjax.nn.rope import apply_rope
+from mmjax.nn.rope import apply_rope, rotate
 
 QKV_AXES = ("batch", "length", "act_heads", "kv")
 
@@ -20,7 +20,9 @@ class MultiHeadAttention(nn.Module):
 
     The mask comes from token metadata (segment/span ids, causal, window) exactly as
     `mmjax.kernels.attention` defines it; `impl` picks the kernel ("auto", "xla", ...).
-    With `rope_theta`, q and k are rotated by the `positions` passed at call time.
+    With `rope_theta`, q and k are rotated by the `positions` passed at call time; a model
+    whose RoPE is not 1D (M-RoPE, a ViT's 2D RoPE) passes the `rope_angles` it computed once
+    (nn.rope) instead, and they are used whatever `rope_theta` is.
     `query_offset` (int [B]) places the queries at positions `query_offset + i` of the keys,
     for the causal mask: how a block computes only the token it is read out at.
 
@@ -69,6 +71,8 @@ class MultiHeadAttention(nn.Module):
         window_on: jnp.ndarray | None = None,
         positions: jnp.ndarray | None = None,
         kv_positions: jnp.ndarray | None = None,
+        rope_angles: jnp.ndarray | None = None,
+        kv_rope_angles: jnp.ndarray | None = None,
         cache_offset: jnp.ndarray | None = None,
         query_offset: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
@@ -93,7 +97,10 @@ class MultiHeadAttention(nn.Module):
         q = project("query", x, self.num_heads)
         k = project("key", kv, kv_heads)
         v = project("value", kv if values is None else values, kv_heads)
-        if self.rope_theta is not None:
+        if rope_angles is not None:
+            q = rotate(q, rope_angles)
+            k = rotate(k, rope_angles if kv_rope_angles is None else kv_rope_angles)
+        elif self.rope_theta is not None:
             if positions is None:
                 raise ValueError("attention with rope_theta needs token positions")
             kv_positions = positions if kv_positions is None else kv_positions

@@ -26,10 +26,11 @@ class TransformerBlock(nn.Module):
     """x + Attn(Norm(x)), then x + MLP(Norm(x)); with `post_norms`, x + Norm(Attn(Norm(x)))
     and x + Norm(MLP(Norm(x))) (Gemma-2's sandwich norms).
 
-    `sliding_window` w: tokens attend to the previous w - 1 and themselves only. Called with a
-    traced `layer` index (inside a scan) and `global_every` N, layers N-1, 2N-1, ... attend
-    globally and the others within the window; unscanned stacks give each block its own
-    static window instead.
+    Local attention: with `sliding_window` w, tokens attend to the previous w - 1 and
+    themselves only; with `local_segment_ids`, within those segments instead of `segment_ids`
+    (Qwen2.5-VL's ViT windows). Called with a traced `layer` index (inside a scan) and
+    `global_every` N, layers N-1, 2N-1, ... attend globally and the others locally; unscanned
+    stacks tell each block statically (`attend_globally`).
     """
 
     num_heads: int
@@ -48,6 +49,7 @@ class TransformerBlock(nn.Module):
     post_norms: bool = False
     sliding_window: int | None = None
     global_every: int = 0  # with a traced layer index: every N-th layer global (0: none)
+    attend_globally: bool = False  # this (unscanned) block ignores the local attention
     attention_scale: float | None = None  # None: 1 / sqrt(head_dim)
     attn_logit_softcap: float | None = None
     decode: bool = False
@@ -63,22 +65,38 @@ class TransformerBlock(nn.Module):
         span_ids: jnp.ndarray | None = None,
         positions: jnp.ndarray | None = None,
         cache_offset: jnp.ndarray | None = None,
+        rope_angles: jnp.ndarray | None = None,
+        local_segment_ids: jnp.ndarray | None = None,
         read_at: jnp.ndarray | None = None,
         layer: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         """x [B, L, width] -> [B, L, width]; with `read_at` (int [B]) only the token at that
         position is computed (its keys and values still come from every token): [B, 1, width].
-        `layer`: this block's index in a scanned stack (traced), for `global_every`."""
+        `rope_angles` [B, L, head_dim/2]: precomputed RoPE (nn.rope), used instead of
+        `positions`. `layer`: this block's index in a scanned stack (traced), for `global_every`."""
         kw = dtypes(self)
-        window_on = None
-        if self.sliding_window is not None and self.global_every and layer is not None:
-            window_on = (layer + 1) % self.global_every != 0
+        local = self._local(layer)
+        window, window_on = self.sliding_window, None
+        if window is not None and local is not True:
+            window, window_on = (None, None) if local is False else (window, local)
+        if local_segment_ids is not None and local is not False:
+            segment_ids = (
+                local_segment_ids
+                if local is True
+                else jnp.where(local, local_segment_ids, segment_ids)
+            )
         y = make_norm(self.norm, name="norm1", epsilon=self.norm_eps, **kw)(x)
-        query = dict(segment_ids=segment_ids, span_ids=span_ids, positions=positions)
+        query = dict(
+            segment_ids=segment_ids, span_ids=span_ids, positions=positions, rope_angles=rope_angles
+        )
         kv = {}
         if read_at is not None:
             kv = dict(
-                kv=y, kv_segment_ids=segment_ids, kv_span_ids=span_ids, kv_positions=positions
+                kv=y,
+                kv_segment_ids=segment_ids,
+                kv_span_ids=span_ids,
+                kv_positions=positions,
+                kv_rope_angles=rope_angles,
             )
             query = {k: _at(v, read_at) for k, v in query.items()}
             x, y = _at(x, read_at), _at(y, read_at)
@@ -99,7 +117,7 @@ class TransformerBlock(nn.Module):
         )(
             y,
             causal=self.causal,
-            window=self.sliding_window,
+            window=window,
             window_on=window_on,
             cache_offset=cache_offset,
             query_offset=read_at,
@@ -121,6 +139,15 @@ class TransformerBlock(nn.Module):
         if self.post_norms:
             y = make_norm(self.norm, name="post_norm2", epsilon=self.norm_eps, **kw)(y)
         return nn.with_logical_constraint(x + y, ACT)
+
+    def _local(self, layer: jnp.ndarray | None) -> bool | jnp.ndarray:
+        """Whether this block attends locally: a bool, or a traced one for a scanned block
+        whose `layer` index decides (every `global_every`-th attends globally)."""
+        if self.attend_globally:
+            return False
+        if self.global_every and layer is not None:
+            return (layer + 1) % self.global_every != 0
+        return True
 
 
 # Named jax.checkpoint policies for a block's backward pass (MaxText's names): "none" keeps
@@ -183,6 +210,8 @@ class Transformer(nn.Module):
         read_at: jnp.ndarray | None = None,
         before_block: Callable[[int, jnp.ndarray], jnp.ndarray] | None = None,
         num_blocks: int | None = None,
+        rope_angles: jnp.ndarray | None = None,
+        local_segment_ids: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         """x [B, L, width] -> [B, L, width]. `read_at` (int [B]): the caller reads only the
         token at that position (CLS or end-of-text pooling), so the last block computes only
@@ -191,12 +220,13 @@ class Transformer(nn.Module):
         cross-attention inside a frozen LM); in a scanned stack `i` is a traced int32 inside
         the scan (the last block's is a Python int), so the hook must be traceable.
         `num_blocks`: only the first blocks run and exist (a tower's intermediate features);
-        a scanned stack can leave out only its last block."""
+        a scanned stack can leave out only its last block. `rope_angles` and
+        `local_segment_ids`: TransformerBlock's."""
         n = self.depth if num_blocks is None else num_blocks
         if not 0 <= n <= self.depth:
             raise ValueError(f"num_blocks {n} is outside [0, {self.depth}]")
         block = self._block_class()
-        args = (segment_ids, span_ids, positions, cache_offset)
+        args = (segment_ids, span_ids, positions, cache_offset, rope_angles, local_segment_ids)
         if not self.scan_layers:
             for i in range(n):
                 if before_block is not None:
@@ -245,10 +275,9 @@ class Transformer(nn.Module):
 
     def _block_fields(self, index: int | None = None) -> dict:
         """The TransformerBlock fields of block `index`; None: of the scanned blocks, whose
-        window the traced layer index switches (TransformerBlock.global_every)."""
-        window = self.sliding_window
-        if index is not None and self.global_every and (index + 1) % self.global_every == 0:
-            window = None
+        local or global attention the traced layer index switches (TransformerBlock)."""
+        every = self.global_every
+        is_global = index is not None and every and (index + 1) % every == 0
         return dict(
             num_heads=self.num_heads,
             mlp_dim=self.mlp_dim,
@@ -264,8 +293,9 @@ class Transformer(nn.Module):
             rope_theta=self.rope_theta,
             rope_scaling=self.rope_scaling,
             post_norms=self.post_norms,
-            sliding_window=window,
-            global_every=self.global_every if index is None else 0,
+            sliding_window=self.sliding_window,
+            global_every=every if index is None else 0,
+            attend_globally=bool(is_global),
             attention_scale=self.attention_scale,
             attn_logit_softcap=self.attn_logit_softcap,
             decode=self.decode,
