@@ -54,3 +54,63 @@ def test_logits_equal_transformers(pair, case):
     model = imported.module(dtype=jnp.float32, attention_impl="xla")
     got = model.apply({"params": imported.params}, _batch(r))["logits"][0]
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+
+
+def test_kv_cached_greedy_decoding_equals_transformers(pair):
+    """16 greedy steps after two images of different sizes with text between: each step's
+    positions continue at the prompt's largest M-RoPE id + 1 (the rope delta)."""
+    from mmjax.sampling.vlm import generate_batch
+
+    kind, hf, imported = pair
+    text, visuals = _cases(kind)["two_images"]
+    r = ref.row(text, visuals, imported.geometry, capacity=256)
+    steps, eos = 16, ref.TEXT["eos_token_id"]
+    with torch.no_grad():
+        out = hf.generate(
+            **ref.hf_inputs(r, visuals, kind),
+            max_new_tokens=steps,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    want = out[0, len(r["tokens"]) :].numpy()
+    assert len(want) == steps and eos not in want  # 16 real tokens to compare
+    decoder = imported.module(dtype=jnp.float32, attention_impl="xla", decode=True)
+    got = generate_batch(
+        decoder,
+        imported.params,
+        {k: v for k, v in _batch(r).items()},
+        eos_id=eos,
+        pad_id=0,
+        max_new_tokens=steps,
+    )
+    np.testing.assert_array_equal(got[0], want)
+
+
+def test_packed_tower_equals_each_image_alone(pair):
+    """Images and a video of different sizes in one row, at exactly their patch count (no
+    padding anywhere), give each one's merged tokens as when it runs alone."""
+    from mmjax.data.native_resolution import pack_row
+
+    kind, _, imported = pair
+    rng = np.random.default_rng(1)
+    grids = [(1, 6, 10), (2, 4, 6), (1, 12, 8), (1, 2, 2)]
+    visuals = [ref.visual(rng, g, video=g[0] > 1) for g in grids]
+    model = imported.module(dtype=jnp.float32, attention_impl="xla")
+    tower = model.vision_tower(name=None)
+    params = {"params": imported.params["vision"]}
+    geometry = imported.geometry
+
+    def run(chosen):
+        n = sum(int(np.prod(v.grid)) for v in chosen)
+        row = pack_row([v.patches for v in chosen], [v.grid for v in chosen], geometry, n)
+        assert (row["patch_segment_ids"] > 0).all()  # every slot a real patch
+        args = [row[k] for k in ("patches", "patch_positions", "patch_segment_ids")]
+        args += [row.get(k) for k in ("patch_window_ids", "patch_order")]
+        args = [None if a is None else jnp.asarray(a)[None] for a in args]
+        return np.asarray(tower.apply(params, *args)[0])
+
+    packed = run(visuals)
+    sizes = [geometry.tokens(v.grid) for v in visuals]
+    for visual, got in zip(visuals, np.split(packed, np.cumsum(sizes)[:-1]), strict=True):
+        np.testing.assert_allclose(got, run([visual]), atol=1e-5, rtol=0)

@@ -23,8 +23,6 @@ from mmjax.errors import UserError
 from mmjax.sampling.transfusion import empty_cache, run_cached
 from mmjax.sampling.unifluid import sample_token
 
-STEP_KEYS = ("positions", "segment_ids", "media_ids")
-
 
 def prompt_batch(
     prompts: Sequence[Sequence[int]], *, mode: str, image_id: int, pad_id: int
@@ -73,13 +71,42 @@ def generate(
     mode, [N, M, H, W, C] in flamingo mode): greedy at temperature 0, else top-p sampling with
     `rng`; each row ends at its first `eos_id` (kept), then `pad_id`. Compiled once per
     decoder, shapes, max_new_tokens and temperature."""
+    batch = prompt_batch(prompts, mode=decoder.mode, image_id=image_id, pad_id=pad_id)
+    batch["images"] = np.asarray(images, np.float32)
+    return generate_batch(
+        decoder,
+        params,
+        batch,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        max_new_tokens=max_new_tokens,
+        rng=rng,
+        temperature=temperature,
+        top_p=top_p,
+    )
+
+
+def generate_batch(
+    decoder: nn.Module,
+    params: Any,
+    batch: dict[str, np.ndarray],
+    *,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    rng: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> np.ndarray:
+    """`generate` for a prompt batch already laid out: left-padded `tokens`, `segment_ids`,
+    `positions` ([N, P], or M-RoPE's [N, 3, P]) and the model's visual inputs (any other
+    keys, fed with the prompt only). Decoded token t sits at the prompt's largest position
+    + 1 + t (M-RoPE: on all three axes, the rope delta)."""
     if not decoder.decode:
         raise UserError("generate needs the model built with decode=True")
     if temperature < 0.0 or not 0.0 < top_p <= 1.0:
         raise UserError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    batch = prompt_batch(prompts, mode=decoder.mode, image_id=image_id, pad_id=pad_id)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    batch["images"] = jnp.asarray(images, jnp.float32)
     knobs = dict(
         eos_id=jnp.int32(eos_id),
         pad_id=jnp.int32(pad_id),
@@ -106,17 +133,19 @@ def _generate(
         return sample_token(jax.random.fold_in(rng, t), logits, temperature, knobs["top_p"])
 
     n, length = prompt["tokens"].shape
-    # Decoded token t sits at slot length + t, one position after the prompt's last token,
-    # in segment 1 and (flamingo) attending to the prompt's last media.
-    step = {
-        "positions": prompt["positions"][:, -1:] + 1 + jnp.arange(steps),
-        "segment_ids": jnp.ones((n, steps), jnp.int32),
-    }
+    # Decoded token t sits at slot length + t, one position after the prompt's largest (the
+    # last token's, or M-RoPE's largest id of any axis), in segment 1 and (flamingo)
+    # attending to the prompt's last media.
+    positions = prompt["positions"]
+    after = positions.reshape(n, -1).max(axis=1)[:, None] + 1 + jnp.arange(steps)
+    if positions.ndim == 3:  # M-RoPE [N, 3, P]: the same id on every axis
+        after = jnp.broadcast_to(after[:, None], (n, positions.shape[1], steps))
+    step = {"positions": after, "segment_ids": jnp.ones((n, steps), jnp.int32)}
     if "media_ids" in prompt:
         step["media_ids"] = jnp.broadcast_to(prompt["media_ids"][:, -1:], (n, steps))
-    full = {k: jnp.concatenate([prompt[k], step[k]], 1) for k in step}
+    full = {k: jnp.concatenate([prompt[k], step[k]], -1) for k in step}
     full["tokens"] = jnp.pad(prompt["tokens"], ((0, 0), (0, steps)))
-    full.update({k: prompt[k] for k in ("images", "visual_positions") if k in prompt})
+    full.update({k: v for k, v in prompt.items() if k not in full})  # the visual inputs
     cache = empty_cache(decoder, {**full, "cache_offset": 0})
     out, cache = run_cached(decoder, params, cache, {**prompt, "cache_offset": 0})
     first = sample(0, out["logits"][:, -1])
@@ -130,7 +159,7 @@ def _generate(
         next_id = jnp.where(done, knobs["pad_id"], next_id).astype(answer.dtype)
         answer = answer.at[:, t].set(next_id)
         done = done | (next_id == knobs["eos_id"])
-        chunk = {k: jax.lax.dynamic_slice_in_dim(step[k], t, 1, 1) for k in step}
+        chunk = {k: jax.lax.dynamic_slice_in_dim(step[k], t, 1, -1) for k in step}
         chunk.update(tokens=next_id[:, None], cache_offset=jnp.full((n,), length + t))
         out, cache = run_cached(decoder, params, cache, chunk)
         return t + 1, answer, cache, sample(t + 1, out["logits"][:, 0]), done
