@@ -157,7 +157,8 @@ def patch_layout(grids: Sequence[Grid], geometry: VisionGeometry) -> dict[str, n
     get_vision_window_index) and `patch_order` [N], the gather that lays the patches out
     window by window (within a window in their own order)."""
     m = geometry.merge_size
-    positions, frames, windows = [], [], []
+    # a text-only row has no grids: empty arrays, not a failed concatenate
+    positions, frames, windows = [np.zeros((0, 2), int)], [np.zeros(0, int)], [np.zeros(0, int)]
     frame_base = window_base = 0
     unit = None if geometry.window_size is None else geometry.window_size // geometry.factor
     for t, h, w in grids:
@@ -256,7 +257,8 @@ def build_row(
     M-RoPE `positions` [3, L], `rope_delta`, the packed patches (pack_row) and
     `visual_positions` [capacity / merge^2] (L for the padding's slots). A placeholder
     without its image, an image without its placeholder or a video where the text has an
-    image (or the reverse) is a UserError."""
+    image (or the reverse) is a UserError, as are two placeholders of one kind with no text
+    between them (M-RoPE could not tell the two apart)."""
     kinds = {placeholders.image: False, placeholders.video: True}
     out, types, count = [], [], 0
     for token in tokens:
@@ -273,9 +275,16 @@ def build_row(
                 f"placeholder {count} of the text is for a{'n' * (what == 'image')} "
                 f"{what}, but visual {count} is not one"
             )
+        kind = 2 if visual.video else 1
+        if types and types[-1] == kind:  # mrope_positions would read both as one block
+            raise UserError(
+                f"placeholders {count - 1} and {count} of the text are adjacent: M-RoPE reads a "
+                "run of visual tokens of one kind as one image or video, so put text between "
+                "them (the chat template's <|vision_end|><|vision_start|>)"
+            )
         n = geometry.tokens(visual.grid)
         out += [int(token)] * n
-        types += [2 if visual.video else 1] * n
+        types += [kind] * n
         count += 1
     if count != len(visuals):
         raise UserError(
