@@ -142,6 +142,21 @@ VLM_BATCH = dict(
     visual_positions=BatchKey((2,), "int", optional=True),
     media_ids=BatchKey((2,), "int", optional=True),
 )
+# A Qwen2-VL row (data/qwen_tasks.py): M-RoPE positions [B, 3, L]; the row's images packed
+# into patches [B, N, D] with per-patch layout, merged tokens at visual_positions [B, N / 4]
+QWEN_VL_BATCH = dict(
+    tokens=INT_TOKENS,
+    segment_ids=INT_TOKENS,
+    positions=BatchKey((3,), "int"),
+    targets=INT_TOKENS,
+    loss_mask=FLOAT_TOKENS,
+    patches=BatchKey((3,), "float"),
+    patch_positions=BatchKey((3,), "int"),
+    patch_segment_ids=INT_TOKENS,
+    patch_window_ids=BatchKey((2,), "int", optional=True),
+    patch_order=BatchKey((2,), "int", optional=True),
+    visual_positions=INT_TOKENS,
+)
 # A Transfusion row: images [B, M, H, W, C] at image_positions [B, M, P]
 TRANSFUSION_BATCH = dict(
     **SEQUENCE,
@@ -161,6 +176,7 @@ for _family in (
     Family("vae", models.vae.Model, ("vae",), dict(image=IMAGE)),
     Family("vlm", models.vlm.Model, ("vlm",), VLM_BATCH, "vlm", ("vlm",)),
     Family("lm", models.lm.Model, ("vlm",), VLM_BATCH, "vlm", ("vlm",)),
+    Family("qwen_vl", models.qwen_vl.Model, ("vlm",), QWEN_VL_BATCH, "qwen_vl"),
     Family(
         "transfusion",
         models.transfusion.Model,

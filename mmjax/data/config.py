@@ -13,7 +13,7 @@ from mmjax.data.image_ops import (
 from mmjax.data.sequences import SEQUENCE_DEFAULTS
 
 DATA_DEFAULTS: dict[str, Any] = dict(
-    source="digits",  # digits | skimage | shapes | array_record | tfds
+    source="digits",  # digits | skimage | shapes | scenes | moving_shapes | array_record | tfds
     path="",  # array_record: directory of shards; tfds: data_dir
     split_train="train",
     image_size=8,
@@ -29,6 +29,11 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     prefetch=2,
     shapes_num_train=10_000,
     shapes_num_test=1_000,
+    scenes_num_train=10_000,  # variable-size scenes (mmjax.data.scenes)
+    scenes_num_test=1_000,
+    moving_shapes_num_train=10_000,  # short videos of a moving shape
+    moving_shapes_num_test=1_000,
+    video_frames=4,
     tfds_name="",
     tfds_image_key="image",
     tfds_text_key="",

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
-from mmjax.data import sequences
+from mmjax.data import qwen_tasks, sequences
 from mmjax.data.sources import Source
 from mmjax.data.tokenizer import (
     Tokenizer,
@@ -167,5 +167,16 @@ register_sequence_kind(
         split_digits=True,
         check_fit=sequences.check_vlm_fit,
         moves_pixels=False,  # Qwen-VL boxes and the spatial questions describe the frame
+    )
+)
+register_sequence_kind(
+    SequenceKind(
+        "qwen_vl",
+        _reads_record(qwen_tasks.qwen_example),
+        lambda seq, image_size: qwen_tasks.check_qwen_config(seq),
+        qwen_tasks.WithQwenTokens,
+        texts=lambda source, name: qwen_tasks.qwen_texts(source, _MAX_TASK_RECORDS),
+        split_digits=True,
+        moves_pixels=False,  # the boxes and the motion describe the frames
     )
 )

@@ -46,7 +46,7 @@ from mmjax.data.vlm_tasks import (
 from mmjax.errors import UserError
 
 SEQUENCE_DEFAULTS: dict[str, Any] = dict(
-    kind="",  # "" (image-caption pairs) | transfusion | unifluid | vlm
+    kind="",  # "" (image-caption pairs) | transfusion | unifluid | vlm | qwen_vl
     max_len=32,
     patch_size=2,
     channels=3,  # 1 keeps the first channel (grey images such as the digits)
@@ -57,6 +57,14 @@ SEQUENCE_DEFAULTS: dict[str, Any] = dict(
     visual_tokens=16,  # vlm prefix: V slots, the connector's output count
     tasks={task: 1.0 for task in TASKS},  # vlm: task mix weights (vlm_tasks.TASKS)
     task_identifiers=False,  # vlm: MiniGPT-v2's "[vqa]"-style token leads each instruction
+    # qwen_vl (mmjax.data.qwen_tasks; patch_size 14 for Qwen's processor):
+    patch_capacity=1024,  # patches of a row's packed images (a multiple of 4)
+    min_pixels=56 * 56,  # the processor's smart-resize bounds
+    max_pixels=28 * 28 * 1280,
+    window_size=0,  # Qwen2.5-VL's ViT windows in pixels (112); 0: Qwen2-VL, no windows
+    box_format="absolute",  # absolute pixels (Qwen2.5-VL) | relative [0, 1000) (Qwen2-VL)
+    tokens_per_second=0.0,  # Qwen2.5-VL's temporal M-RoPE rate (2); 0: one id a temporal patch
+    video_fps=2.0,  # frames a second of the videos
 )
 VLM_MODES = ("prefix", "flamingo")
 _FIT_CHECK_RECORDS = 256  # records whose every task pair must fit max_len before training

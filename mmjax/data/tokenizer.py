@@ -148,19 +148,28 @@ class WithSpecialTokens(Tokenizer):
     between specials through the base; `decode` writes the specials back as their text.
     """
 
-    def __init__(self, base: Tokenizer, specials: Sequence[str]) -> None:
+    def __init__(self, base: Tokenizer, specials: Sequence[str], *, reuse: bool = False) -> None:
+        """`reuse`: a special the base already encodes as one token keeps that id (a
+        checkpoint's tokenizer that has it, e.g. Qwen2-VL's <|image_pad|>); the others get
+        new ids after the vocabulary."""
         if len(set(specials)) != len(specials) or not all(specials):
             raise ValueError(f"special tokens must be distinct and non-empty, got {specials}")
         self.base = base
         self.pad_id, self.bos_id, self.eos_id = base.pad_id, base.bos_id, base.eos_id
-        self.special_ids = {text: base.vocab_size + k for k, text in enumerate(specials)}
+        self.special_ids = {}
+        for text in specials:
+            known = base.encode(text) if reuse else []
+            fresh = base.vocab_size + sum(i >= base.vocab_size for i in self.special_ids.values())
+            self.special_ids[text] = known[0] if len(known) == 1 else fresh
         self._special_texts = {i: text for text, i in self.special_ids.items()}
         longest_first = sorted(specials, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
     @property
     def vocab_size(self) -> int:
-        return self.base.vocab_size + len(self.special_ids)
+        return self.base.vocab_size + sum(
+            i >= self.base.vocab_size for i in self.special_ids.values()
+        )
 
     def encode(self, text: str) -> list[int]:
         ids = []

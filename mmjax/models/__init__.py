@@ -6,7 +6,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models import blip, clip, lm, siglip, transfusion, unifluid, vae, vlm
+from mmjax.models import blip, clip, lm, qwen_vl, siglip, transfusion, unifluid, vae, vlm
 from mmjax.models.causal_lm import LMFields
 
 MODELS = {
@@ -14,6 +14,7 @@ MODELS = {
     "blip2": blip.Blip2,
     "clip": clip.Model,
     "lm": lm.Model,
+    "qwen_vl": qwen_vl.Model,
     "siglip": siglip.Model,
     "transfusion": transfusion.Model,
     "unifluid": unifluid.Model,
