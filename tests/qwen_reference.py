@@ -88,3 +88,45 @@ def hf_inputs(r: dict, visuals: list[Visual], kind: str) -> dict:
     if kind == "qwen2_5_vl" and any(v.video for v in visuals):
         out["second_per_grid_ts"] = torch.tensor([1.0 for v in visuals if v.video])
     return out
+
+
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CORPUS = [
+    "describe the image. a red circle left of a blue square",
+    "locate the green triangle, output its bbox coordinates using JSON format.",
+    '[{"bbox_2d": [10, 24, 124, 38], "label": "yellow circle"}] 0123456789',
+    "which way does the purple square move? left right up down",
+] * 20
+
+
+def save_checkpoint(kind: str, directory: str) -> str:
+    """A tiny random Qwen2-VL / Qwen2.5-VL saved as a transformers checkpoint, with a
+    byte-level BPE tokenizer of its own holding Qwen's specials (their ids in config.json)."""
+    import tokenizers
+    import transformers as tf
+
+    from mmjax.data.qwen_tasks import SPECIAL_TOKENS
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=[*SPECIALS, *SPECIAL_TOKENS],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(CORPUS, trainer)
+    fast = tf.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    fast.save_pretrained(directory)
+    ids = {t: bpe.token_to_id(t) for t in (*SPECIALS, *SPECIAL_TOKENS)}
+    model = hf_model(kind)
+    model.config.image_token_id = ids["<|image_pad|>"]
+    model.config.video_token_id = ids["<|video_pad|>"]
+    model.config.vision_start_token_id = ids["<|vision_start|>"]
+    model.config.vision_end_token_id = ids["<|vision_end|>"]
+    assert bpe.get_vocab_size() <= TEXT["vocab_size"] * 3
+    model.resize_token_embeddings(bpe.get_vocab_size())
+    model.save_pretrained(directory)
+    return directory

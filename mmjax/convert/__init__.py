@@ -18,7 +18,8 @@ subtree and its tokenizer into `config.data`; `to_hf_llm` writes one back (`pyth
 mmjax.export` for a run's workdir).
 
 Qwen2-VL / Qwen2.5-VL, whole models (vision tower, merger, M-RoPE LM, tokenizer, processor
-constants): `from_hf_qwen2_vl` / `from_hf_qwen2_5_vl` (hf_qwen2_vl.py).
+constants): `from_hf_qwen2_vl` / `from_hf_qwen2_5_vl` (hf_qwen2_vl.py); in a run,
+`config.init_from = dict(format="hf_qwen_vl", path=DIR)`.
 
 Connectors: `from_hf_blip2` (a BLIP-2 model or a bare Blip2QFormerModel with its query
 tokens) and `from_hf_llava` (a LLaVA model or its LlavaMultiModalProjector with the config)
@@ -64,6 +65,7 @@ from_hf_llm = hf_llm.convert
 to_hf_llm = hf_llm.export
 from_hf_qwen2_vl = hf_qwen2_vl.convert_qwen2_vl
 from_hf_qwen2_5_vl = hf_qwen2_vl.convert_qwen2_5_vl
+QWEN_VL_FORMAT = "hf_qwen_vl"  # a whole Qwen2-VL / Qwen2.5-VL into a qwen_vl model
 LM_FORMAT = "hf_llm"  # into the `lm/` subtree of a model holding a CausalLM
 
 
@@ -89,6 +91,7 @@ __all__ = [
     "CONNECTOR_CONVERTERS",
     "CONVERTERS",
     "LM_FORMAT",
+    "QWEN_VL_FORMAT",
     "Imported",
     "ImportedConnector",
     "ImportedLM",

@@ -66,16 +66,14 @@ def convert(model_or_path: Any, expected: str | None = None) -> ImportedQwenVL:
         want = [expected] if expected else list(MODEL_TYPES)
         raise UserError(f"expected a {want} checkpoint, got model_type {kind!r}")
     source = f"HF {MODEL_TYPES[kind]}"
-    text, vision = _text_config(config), config["vision_config"]
-    lm = lm_fields(text)
-    lm["mrope_sections"] = _mrope_sections(text, source)
-    tower = _vision_fields(vision, kind, lm["width"], source)
+    model = architecture(config)
+    lm = {k: v for k, v in model.items() if k != "vision"}
+    tower, vision = model["vision"], config["vision_config"]
     tensors = _Canonical(tensors)
     params = {
         "lm": read_lm(lm, "qwen2", tensors, rename=_lm_name),
         "vision": _vision_params(tensors, tower, kind, source),
     }
-    model = {**lm, "vision": tower}
     geometry = _geometry(vision, model_or_path, tower)
     checked = check_against_model(params, lambda: _init(model, geometry), source)
     return ImportedQwenVL(
@@ -86,6 +84,30 @@ def convert(model_or_path: Any, expected: str | None = None) -> ImportedQwenVL:
         tokens={k: int(config[k]) for k in TOKEN_KEYS if config.get(k) is not None},
         tokens_per_second=vision.get("tokens_per_second") if kind == "qwen2_5_vl" else None,
         tokenizer_path=tokenizer_path,
+    )
+
+
+def architecture(config: Mapping[str, Any]) -> dict[str, Any]:
+    """QwenVL's fields (the LM's and `vision`) for a checkpoint's config.json dict."""
+    kind = config.get("model_type")
+    if kind not in MODEL_TYPES:
+        raise UserError(f"expected a {list(MODEL_TYPES)} checkpoint, got model_type {kind!r}")
+    source = f"HF {MODEL_TYPES[kind]}"
+    text = _text_config(config)
+    lm = lm_fields(text)
+    lm["mrope_sections"] = _mrope_sections(text, source)
+    return {**lm, "vision": _vision_fields(config["vision_config"], kind, lm["width"], source)}
+
+
+def sequence_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The data.sequence keys (mmjax.data.qwen_tasks) a checkpoint's architecture fixes:
+    its patch size, ViT windows and temporal M-RoPE rate."""
+    vision = config["vision_config"]
+    qwen25 = config.get("model_type") == "qwen2_5_vl"
+    return dict(
+        patch_size=int(vision.get("patch_size", 14)),
+        window_size=int(vision.get("window_size", 112)) if qwen25 else 0,
+        tokens_per_second=float(vision.get("tokens_per_second", 2)) if qwen25 else 0.0,
     )
 
 

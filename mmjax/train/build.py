@@ -137,6 +137,8 @@ class Bundle:
         (`init_from.format=hf_llm`) replaces the `lm/` subtree of `params` only."""
         if self.config.init_from.format == convert.LM_FORMAT:
             return self._imported_lm(params, shardings)
+        if self.config.init_from.format == convert.QWEN_VL_FORMAT:
+            return self._imported_qwen_vl(params, shardings)
         got = tuple(example_batch["image"].shape[1:])
         want = (*self.imported.image_size, self.imported.channels)
         if got != want:
@@ -172,6 +174,16 @@ class Bundle:
         imported = convert.from_hf_llm(self.config.init_from.path)
         ours = param_paths(params)
         values = _load_subtree(ours, param_paths(imported.params), "lm", "", "init_from", rows=True)
+        return jax.device_put(replace_leaves(params, {**ours, **values}), shardings)
+
+
+    def _imported_qwen_vl(self, params: Any, shardings: Any) -> Any:
+        """`params` replaced by the imported Qwen2-VL's (`vision/` and `lm/`; token rows
+        extended as `_imported_lm`'s)."""
+        imported = convert.hf_qwen2_vl.convert(self.config.init_from.path)
+        ours, theirs = param_paths(params), param_paths(imported.params)
+        values = _load_subtree(ours, theirs, "lm", "lm", "init_from", rows=True)
+        values.update(_load_subtree(ours, theirs, "vision", "vision", "init_from"))
         return jax.device_put(replace_leaves(params, {**ours, **values}), shardings)
 
 
@@ -251,6 +263,8 @@ def build(
     init_from = config.get("init_from", {})
     fmt = init_from.get("format")
     lm_fields = _checkpoint_lm(config) if fmt == convert.LM_FORMAT else None
+    if fmt == convert.QWEN_VL_FORMAT:
+        lm_fields = _checkpoint_qwen_vl(config)
     tokenizer = tokenizer or mmdata.load_or_train_tokenizer(
         config.data, workdir, write=is_main and workdir is not None
     )
@@ -326,14 +340,27 @@ def _checkpoint_lm(config: ml_collections.ConfigDict) -> dict[str, Any]:
             f"init_from.format=hf_llm needs a model holding a causal LM (vlm, lm, unifluid), "
             f"not {config.model.name!r}"
         )
+    path = _checkpoint_dir(config)
+    fields = convert.hf_llm.lm_fields(convert.hf_llm.read_config(path))  # another model: first
+    _use_checkpoint_tokenizer(config, path)
+    return fields
+
+
+def _checkpoint_dir(config: ml_collections.ConfigDict) -> str:
+    """init_from.path, checked to be a directory (an HF checkpoint's)."""
     path = config.init_from.get("path", "")
     if not path or not os.path.exists(path):
         raise UserError(f"init_from.path {path!r} does not exist")
     if not os.path.isdir(path):
         raise UserError(f"init_from.path {path!r} is not a directory (an HF checkpoint's)")
-    fields = convert.hf_llm.lm_fields(convert.hf_llm.read_config(path))  # another model: first
+    return path
+
+
+def _use_checkpoint_tokenizer(config: ml_collections.ConfigDict, path: str) -> None:
+    """The checkpoint's tokenizer becomes the run's (data.tokenizer=hf at `path`), unless the
+    config names a tokenizer file or directory of its own."""
     if config.data.get("tokenizer_path"):
-        return fields
+        return
     files = convert.hf_llm.TOKENIZER_MODELS
     if not any(os.path.exists(os.path.join(path, f)) for f in files):
         raise UserError(
@@ -341,6 +368,22 @@ def _checkpoint_lm(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "data.tokenizer and data.tokenizer_path"
         )
     config.data.tokenizer, config.data.tokenizer_path = "hf", path
+
+
+def _checkpoint_qwen_vl(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """QwenVL's fields of the HF Qwen2-VL / Qwen2.5-VL `init_from` names; its tokenizer and
+    the data.sequence keys its architecture fixes (patch size, windows, temporal rate)
+    become the run's. The run keeps its own pixel bounds and box format."""
+    if config.model.name != "qwen_vl":
+        raise UserError(
+            f"init_from.format={convert.QWEN_VL_FORMAT} needs model.name 'qwen_vl', not "
+            f"{config.model.name!r}"
+        )
+    path = _checkpoint_dir(config)
+    hf = convert.hf_llm.read_config(path)
+    fields = convert.hf_qwen2_vl.architecture(hf)
+    config.data.sequence.update(convert.hf_qwen2_vl.sequence_settings(hf))
+    _use_checkpoint_tokenizer(config, path)
     return fields
 
 
