@@ -114,3 +114,26 @@ def test_packed_tower_equals_each_image_alone(pair):
     sizes = [geometry.tokens(v.grid) for v in visuals]
     for visual, got in zip(visuals, np.split(packed, np.cumsum(sizes)[:-1]), strict=True):
         np.testing.assert_allclose(got, run([visual]), atol=1e-5, rtol=0)
+
+
+def test_bad_batches_are_clear_errors(pair):
+    kind, _, imported = pair
+    text, visuals = _cases(kind)["odd_grid"]
+    batch = _batch(ref.row(text, visuals, imported.geometry, capacity=64))
+    model = imported.module(dtype=jnp.float32, attention_impl="xla")
+
+    def fails(bad: dict, match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            model.apply({"params": imported.params}, bad)
+
+    fails({**batch, "visual_positions": batch["visual_positions"][:, :-1]}, "do not match")
+    fails({k: v for k, v in batch.items() if k != "patch_positions"}, "needs")
+    fails({**batch, "positions": batch["positions"][:, 0]}, "positions")
+    if kind == "qwen2_5_vl":  # window attention without the window layout
+        fails({k: v for k, v in batch.items() if not k.startswith("patch_window")}, "window")
+    else:
+        order = jnp.arange(64, dtype=jnp.int32)[None]
+        fails(
+            {**batch, "patch_window_ids": batch["patch_segment_ids"], "patch_order": order},
+            "window",
+        )
