@@ -176,7 +176,7 @@ for _family in (
     Family("vae", models.vae.Model, ("vae",), dict(image=IMAGE)),
     Family("vlm", models.vlm.Model, ("vlm",), VLM_BATCH, "vlm", ("vlm",)),
     Family("lm", models.lm.Model, ("vlm",), VLM_BATCH, "vlm", ("vlm",)),
-    Family("qwen_vl", models.qwen_vl.Model, ("vlm",), QWEN_VL_BATCH, "qwen_vl"),
+    Family("qwen_vl", models.qwen_vl.Model, ("vlm",), QWEN_VL_BATCH, "qwen_vl", ("qwen_vl",)),
     Family(
         "transfusion",
         models.transfusion.Model,

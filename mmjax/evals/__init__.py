@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 from mmjax.errors import UserError
 from mmjax.evals.features import EvalContext
 from mmjax.evals.linear_probe import LinearProbe
+from mmjax.evals.qwen_vl import QwenVlEval
 from mmjax.evals.retrieval import Retrieval
 from mmjax.evals.transfusion import TransfusionEval
 from mmjax.evals.unifluid import UniFluidEval
@@ -24,6 +25,7 @@ EVALUATORS = {
     "transfusion": TransfusionEval,
     "unifluid": UniFluidEval,
     "vlm": VlmEval,
+    "qwen_vl": QwenVlEval,
 }
 
 Evaluator = Callable[[Any], dict[str, float]]
