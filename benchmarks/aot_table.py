@@ -69,6 +69,22 @@ PRESETS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
         "Flamingo 9B",
         [("data=1,fsdp=-1", []), ("data=1,fsdp=-1,tensor=4", [])],
     ),
+    # The Qwen-VL fine-tuning batch of 128 rows spreads over 128 data-parallel devices at most
+    "qwen2_vl_7b": (
+        "qwen2_vl.py:7B",
+        "Qwen2-VL 7B",
+        [("data=1,fsdp=-1", []), ("data=1,fsdp=-1,tensor=2", [])],
+    ),
+    "qwen2_5_vl_7b": (
+        "qwen2_5_vl.py:7B",
+        "Qwen2.5-VL 7B",
+        [("data=1,fsdp=-1", []), ("data=1,fsdp=-1,tensor=2", [])],
+    ),
+    "qwen2_5_vl_72b": (
+        "qwen2_5_vl.py:72B",
+        "Qwen2.5-VL 72B",
+        [("data=1,fsdp=-1", []), ("data=1,fsdp=-1,tensor=2", []), ("data=1,fsdp=-1,tensor=4", [])],
+    ),
     # ViT-g's width of 1,408 = 11 x 128 splits over 128 fsdp devices at most
     "blip2_stage1": (
         "blip2.py:stage1",

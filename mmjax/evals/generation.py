@@ -453,6 +453,25 @@ def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: 
     return lines
 
 
+def answers_stem(workdir: str, name: str, step: int) -> str:
+    """`workdir/samples/<name>_<step>` (the folder made): where an eval's k-th answers go."""
+    stem = os.path.join(workdir, "samples", f"{name}_{step:03d}")
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    return stem
+
+
+def write_answers(path: str, examples: Sequence[tuple[Any, str, float]]) -> None:
+    """One line per (question, answer, score): the task, record, instruction, answer and
+    reference of a question holding `record` and a `vlm_tasks.TaskPair` `pair`."""
+    lines = [
+        f"[{q.pair.task}] record {q.record}: {q.pair.instruction!r} -> {answer!r} "
+        f"(reference {q.pair.answer!r}, score {score:.2f})"
+        for q, answer, score in examples
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def write_sample_grid(
     path: str | os.PathLike,
     images: Any,

@@ -26,7 +26,6 @@ the resized image, video shows the first and last frames side by side.
 """
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -289,15 +288,8 @@ class QwenVlEval:
         if self.ctx.workdir is None or jax.process_index() != 0 or not examples:
             return
         self.step += 1
-        stem = os.path.join(self.ctx.workdir, "samples", f"{self.cfg.name}_{self.step:03d}")
-        os.makedirs(os.path.dirname(stem), exist_ok=True)
-        lines = [
-            f"[{q.pair.task}] record {q.record}: {q.pair.instruction!r} -> {answer!r} "
-            f"(reference {q.pair.answer!r}, score {score:.2f})"
-            for q, answer, score in examples
-        ]
-        with open(f"{stem}.txt", "w") as f:
-            f.write("\n".join(lines) + "\n")
+        stem = generation.answers_stem(self.ctx.workdir, self.cfg.name, self.step)
+        generation.write_answers(f"{stem}.txt", examples)
         pictures = [self.picture(q, a) for q, a, _ in examples]
         texts = [self.label(q, a) for q, a, _ in examples]
         generation.write_sample_grid(

@@ -21,7 +21,6 @@ the first `num_examples` answers of each task at the k-th evaluation of the run.
 """
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -243,15 +242,8 @@ class VlmEval:
         if self.ctx.workdir is None or jax.process_index() != 0 or not examples:
             return
         self.step += 1
-        stem = os.path.join(self.ctx.workdir, "samples", f"{self.cfg.name}_{self.step:03d}")
-        os.makedirs(os.path.dirname(stem), exist_ok=True)
-        lines = [
-            f"[{q.pair.task}] record {q.record}: {q.pair.instruction!r} -> {answer!r} "
-            f"(reference {q.pair.answer!r}, score {score:.2f})"
-            for q, answer, score in examples
-        ]
-        with open(f"{stem}.txt", "w") as f:
-            f.write("\n".join(lines) + "\n")
+        stem = generation.answers_stem(self.ctx.workdir, self.cfg.name, self.step)
+        generation.write_answers(f"{stem}.txt", examples)
         texts = [
             a if q.pair.task == "caption" else f"{q.pair.instruction} {a}" for q, a, _ in examples
         ]
