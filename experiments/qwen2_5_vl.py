@@ -77,6 +77,7 @@ def video(c: ml_collections.ConfigDict) -> None:
     """The tiny model on 4-frame videos of a moving shape (56 x 84 px, 2 temporal patches of
     24 patches): which way does it move."""
     c.total_steps = 1500
+    c.eval_every = c.total_steps
     c.data.update(source="moving_shapes", video_frames=4)
     c.data.sequence.update(patch_capacity=48, max_len=48, tasks=dict(video=1.0))
     c.evals.qwen_vl.update(tasks=("video",))

@@ -54,10 +54,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 def tiny(c: ml_collections.ConfigDict) -> None:
     """A from-scratch Qwen2-VL on the variable-size scenes: a 4-block ViT of width 64 over
     14-px patches, a 3-block LM of width 128 (GQA 4/2 heads, M-RoPE)."""
-    c.total_steps = 4000
+    c.total_steps = 8000
     c.batch_size = 32
     c.log_every = 100
-    c.eval_every = c.total_steps  # the final eval only
+    c.eval_every = 4000
     c.checkpoint_every = 1000
     c.data = data_config(
         source="scenes",
