@@ -2,7 +2,6 @@
 odd grids, mixed image sizes with text between, videos and partial windows; greedy KV-cached
 decoding; the packed vision tower equals each image alone."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -92,7 +91,7 @@ def test_packed_tower_equals_each_image_alone(pair):
     padding anywhere), give each one's merged tokens as when it runs alone."""
     from mmjax.data.native_resolution import pack_row
 
-    kind, _, imported = pair
+    _, _, imported = pair
     rng = np.random.default_rng(1)
     grids = [(1, 6, 10), (2, 4, 6), (1, 12, 8), (1, 2, 2)]
     visuals = [ref.visual(rng, g, video=g[0] > 1) for g in grids]

@@ -67,5 +67,5 @@ def test_a_run_fine_tunes_the_imported_model_with_the_tower_frozen(checkpoint, t
 def test_a_model_that_is_not_qwen_vl_is_refused(checkpoint):
     config = _config(checkpoint)
     config.model.name = "vlm"
-    with pytest.raises(UserError, match="needs model.name 'qwen_vl'"):
+    with pytest.raises(UserError, match=r"needs model\.name 'qwen_vl'"):
         build(config)
