@@ -156,7 +156,7 @@ def parse_box(text: str, resized: tuple[int, int], box_format: str) -> Box | Non
 
 
 def object_label(obj: Mapping[str, Any]) -> str:
-    """"red circle": an object's colour and shape, as a grounding label."""
+    """ "red circle": an object's colour and shape, as a grounding label."""
     return f"{obj['colour']} {obj['shape']}"
 
 
