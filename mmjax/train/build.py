@@ -176,7 +176,6 @@ class Bundle:
         values = _load_subtree(ours, param_paths(imported.params), "lm", "", "init_from", rows=True)
         return jax.device_put(replace_leaves(params, {**ours, **values}), shardings)
 
-
     def _imported_qwen_vl(self, params: Any, shardings: Any) -> Any:
         """`params` replaced by the imported Qwen2-VL's (`vision/` and `lm/`; token rows
         extended as `_imported_lm`'s)."""
