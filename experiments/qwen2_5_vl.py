@@ -79,5 +79,5 @@ def video(c: ml_collections.ConfigDict) -> None:
     c.total_steps = 1500
     c.eval_every = c.total_steps
     c.data.update(source="moving_shapes", video_frames=4)
-    c.data.sequence.update(patch_capacity=48, max_len=48, tasks=dict(video=1.0))
+    c.data.sequence.update(min_pixels=56 * 56, patch_capacity=48, max_len=48, tasks=dict(video=1.0))
     c.evals.qwen_vl.update(tasks=("video",))
