@@ -33,7 +33,6 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from mmjax.data import qwen_tasks
 from mmjax.data.native_resolution import PlaceholderIds, VisionGeometry, Visual, smart_resize
@@ -42,6 +41,7 @@ from mmjax.data.vlm_tasks import TaskPair, box_iou
 from mmjax.errors import UserError
 from mmjax.evals import generation
 from mmjax.evals.features import EvalContext
+from mmjax.evals.vlm import answer_in_batches
 from mmjax.sampling.qwen_vl import prompt_batch
 from mmjax.sampling.vlm import generate_batch
 
@@ -235,16 +235,12 @@ class QwenVlEval:
         return batch
 
     def answers(self, params: Any, questions: Sequence[Question]) -> list[str]:
-        """Greedy answers to `questions`, in batches of `batch_size` (module docstring)."""
-        tok, size = self.ctx.tokenizer, int(self.cfg.batch_size)
-        order = sorted(range(len(questions)), key=lambda i: questions[i].length)
-        answers: list[str] = [""] * len(questions)
-        starts = range(0, len(order), size)
-        bar = tqdm(starts, desc=f"eval {self.cfg.name}", disable=jax.process_index() != 0)
-        for start in bar:
-            chunk = order[start : start + size]
-            rows = chunk + chunk[-1:] * (size - len(chunk))
-            ids = generate_batch(
+        """Greedy answers to `questions` (evals/vlm.py `answer_in_batches`), prompts of
+        similar length (placeholders expanded) batched together."""
+        tok = self.ctx.tokenizer
+
+        def decode(rows: list[int]) -> np.ndarray:
+            return generate_batch(
                 self.decoder,
                 params,
                 self._batch([questions[i] for i in rows]),
@@ -252,9 +248,9 @@ class QwenVlEval:
                 pad_id=tok.pad_id,
                 max_new_tokens=self.max_new_tokens,
             )
-            for i, row in zip(chunk, ids, strict=False):
-                answers[i] = tok.decode(row.tolist())
-        return answers
+
+        lengths = [q.length for q in questions]
+        return answer_in_batches(lengths, int(self.cfg.batch_size), self.cfg.name, decode, tok)
 
     def __call__(self, params: Any) -> dict[str, float]:
         flat = [q for qs in self.questions.values() for q in qs]

@@ -21,7 +21,7 @@ the first `num_examples` answers of each task at the k-th evaluation of the run.
 """
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -127,6 +127,27 @@ def distractor_metrics(
     }
 
 
+def answer_in_batches(
+    lengths: Sequence[int],
+    size: int,
+    name: str,
+    decode: Callable[[list[int]], np.ndarray],
+    tokenizer: Any,
+) -> list[str]:
+    """The answers to questions 0 .. n-1 decoded in batches of `size` (the last filled up with
+    repeats, so every batch compiles alike), questions of similar `lengths` batched together:
+    `decode(rows)` gives the answer ids [size, T] of those questions, with a progress bar."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    answers = [""] * len(lengths)
+    starts = range(0, len(order), size)
+    for start in tqdm(starts, desc=f"eval {name}", disable=jax.process_index() != 0):
+        chunk = order[start : start + size]
+        rows = chunk + chunk[-1:] * (size - len(chunk))
+        for i, row in zip(chunk, decode(rows), strict=False):
+            answers[i] = tokenizer.decode(row.tolist())
+    return answers
+
+
 class VlmEval:
     """`evals.NAME = dict(type="vlm", split, num_samples, batch_size, tasks, max_new_tokens,
     num_examples)`: `tasks` among TASK_METRICS (default: those the source supports);
@@ -182,21 +203,16 @@ class VlmEval:
         return out
 
     def answers(self, params: Any, questions: Sequence[Question]) -> list[str]:
-        """Greedy answers to `questions`, in batches of `batch_size` (the last one filled up
-        with repeats, so every batch compiles alike); prompts of one length batch together."""
+        """Greedy answers to `questions` (`answer_in_batches`); prompts of one length batch
+        together."""
         decoder = self.ctx.model.clone(decode=True)
-        tok, size = self.ctx.tokenizer, int(self.cfg.batch_size)
-        order = sorted(range(len(questions)), key=lambda i: len(questions[i].prompt_ids))
-        answers: list[str] = [""] * len(questions)
-        starts = range(0, len(order), size)
-        bar = tqdm(starts, desc=f"eval {self.cfg.name}", disable=jax.process_index() != 0)
-        for start in bar:
-            chunk = order[start : start + size]
-            rows = chunk + chunk[-1:] * (size - len(chunk))
+        tok = self.ctx.tokenizer
+
+        def decode(rows: list[int]) -> np.ndarray:
             images = self.pixels[[questions[i].record for i in rows]]
             if decoder.mode == "flamingo":
                 images = images[:, None]  # one media per row
-            ids = generate(
+            return generate(
                 decoder,
                 params,
                 images,
@@ -206,9 +222,9 @@ class VlmEval:
                 pad_id=tok.pad_id,
                 max_new_tokens=self.max_new_tokens,
             )
-            for i, row in zip(chunk, ids, strict=False):
-                answers[i] = tok.decode(row.tolist())
-        return answers
+
+        lengths = [len(q.prompt_ids) for q in questions]
+        return answer_in_batches(lengths, int(self.cfg.batch_size), self.cfg.name, decode, tok)
 
     def __call__(self, params: Any) -> dict[str, float]:
         flat = [q for qs in self.questions.values() for q in qs]
