@@ -1,5 +1,6 @@
 """Data: sources of image-caption records, tokenizers, image ops and grain pipelines."""
 
+from mmjax.data import scenes  # noqa: F401  (registers data.source scenes, moving_shapes)
 from mmjax.data.config import DATA_DEFAULTS, data_config
 from mmjax.data.image_ops import DEFAULT_IMAGE_OPS, IMAGE_OPS, build_image_ops, decode_image
 from mmjax.data.kinds import (

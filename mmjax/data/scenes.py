@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from ml_collections import ConfigDict
 
 from mmjax.data.sources import (
     _SHAPES_SPLIT_IDS,
+    BUILDERS,
     SHAPE_CLASS_NAMES,
     SHAPE_COLOURS,
     SHAPE_KINDS,
@@ -305,3 +307,17 @@ class MovingShapesSource(Source):
             f"MovingShapesSource(split={self.split!r}, len={len(self)}, seed={self.seed}, "
             f"frames={self.frames}, size={self.size})"
         )
+
+
+def _build_scenes(data_cfg: ConfigDict, split: str) -> ScenesSource:
+    _check_split("scenes", split, tuple(_SHAPES_SPLIT_IDS))
+    return ScenesSource(split, int(data_cfg.get(f"scenes_num_{split}", 0)))
+
+
+def _build_moving_shapes(data_cfg: ConfigDict, split: str) -> MovingShapesSource:
+    _check_split("moving_shapes", split, tuple(_SHAPES_SPLIT_IDS))
+    num_records = int(data_cfg.get(f"moving_shapes_num_{split}", 0))
+    return MovingShapesSource(split, num_records, frames=int(data_cfg.get("video_frames", 4)))
+
+
+BUILDERS.update(scenes=_build_scenes, moving_shapes=_build_moving_shapes)

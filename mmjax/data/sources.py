@@ -485,6 +485,11 @@ class TfdsSource(Source):
 # ---------------------------------------------------------------------------------- builder
 
 
+# Sources defined in modules that build on this one (mmjax.data.scenes), registered by them:
+# {data.source: (data config, split) -> Source}
+BUILDERS: dict[str, Callable[[ConfigDict, str], Source]] = {}
+
+
 def build_source(data_cfg: ConfigDict, split: str) -> Source:
     """Builds the source named by `data_cfg.source` for `split`."""
     source = data_cfg.source
@@ -495,17 +500,8 @@ def build_source(data_cfg: ConfigDict, split: str) -> Source:
     if source == "shapes":
         _check_split("shapes", split, tuple(_SHAPES_SPLIT_IDS))
         return ShapesSource(split, int(data_cfg[f"shapes_num_{split}"]))
-    if source == "scenes":
-        from mmjax.data.scenes import ScenesSource  # Lazy: scenes.py builds on this module.
-
-        _check_split("scenes", split, tuple(_SHAPES_SPLIT_IDS))
-        return ScenesSource(split, int(data_cfg.get(f"scenes_num_{split}", 0)))
-    if source == "moving_shapes":
-        from mmjax.data.scenes import MovingShapesSource
-
-        _check_split("moving_shapes", split, tuple(_SHAPES_SPLIT_IDS))
-        num_records = int(data_cfg.get(f"moving_shapes_num_{split}", 0))
-        return MovingShapesSource(split, num_records, frames=int(data_cfg.get("video_frames", 4)))
+    if source in BUILDERS:
+        return BUILDERS[source](data_cfg, split)
     if source == "array_record":
         return ArrayRecordSource(data_cfg.path, split)
     if source == "tfds":
