@@ -25,6 +25,7 @@ import numpy as np
 from mmjax import evals, models, objectives
 from mmjax.data import kinds
 from mmjax.errors import UserError
+from mmjax.sampling import bagel as bagel_sampling
 from mmjax.sampling import transfusion as transfusion_sampling
 from mmjax.sampling import unifluid as unifluid_sampling
 from mmjax.sampling.sampler import Sampler
@@ -168,6 +169,20 @@ TRANSFUSION_BATCH = dict(
     image_first=BatchKey((2,), "float", optional=True),
 )
 
+# A BAGEL row (data/bagel_tasks.py): latents to generate or condition on at image_positions,
+# ViT inputs at vit_positions
+BAGEL_BATCH = dict(
+    **SEQUENCE,
+    span_ids=INT_TOKENS,
+    lm_mask=FLOAT_TOKENS,
+    images=BatchKey((5,), "float"),
+    image_positions=BatchKey((3,), "int"),
+    image_valid=BatchKey((2,), "float"),
+    image_noised=BatchKey((2,), "float"),
+    vit_images=BatchKey((5,), "float"),
+    vit_positions=BatchKey((3,), "int"),
+)
+
 for _family in (
     Family("clip", models.clip.Model, ("clip",), PAIRS, evaluators=CONTRASTIVE_EVALS),
     Family("siglip", models.siglip.Model, ("siglip",), PAIRS, evaluators=CONTRASTIVE_EVALS),
@@ -199,6 +214,15 @@ for _family in (
         "unifluid",
         ("unifluid",),
         unifluid_sampling.SAMPLER,
+    ),
+    Family(
+        "bagel",
+        models.bagel.Model,
+        ("bagel",),
+        BAGEL_BATCH,
+        "bagel",
+        ("bagel",),
+        bagel_sampling.SAMPLER,
     ),
 ):
     register(_family)

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
-from mmjax.data import qwen_tasks, sequences
-from mmjax.data.sources import Source
+from mmjax.data import bagel_tasks, edits, qwen_tasks, sequences
+from mmjax.data.sources import Source, sample_captions
 from mmjax.data.tokenizer import (
     Tokenizer,
     TrainingTexts,
@@ -178,5 +178,18 @@ register_sequence_kind(
         texts=lambda source, name: qwen_tasks.qwen_texts(source, _MAX_TASK_RECORDS),
         split_digits=True,
         moves_pixels=False,  # the boxes and the motion describe the frames
+    )
+)
+register_sequence_kind(
+    SequenceKind(
+        "bagel",
+        _reads_record(bagel_tasks.bagel_example),
+        bagel_tasks.check_bagel_config,
+        WithImageMarkers,
+        texts=lambda source, name: [
+            *sample_captions(source, _MAX_TASK_RECORDS),
+            *(edits.edit_texts(source, _MAX_TASK_RECORDS) if "shapes" in source[0] else []),
+        ],
+        moves_pixels=False,  # the edits move objects and name their relations
     )
 )

@@ -46,7 +46,7 @@ from mmjax.data.vlm_tasks import (
 from mmjax.errors import UserError
 
 SEQUENCE_DEFAULTS: dict[str, Any] = dict(
-    kind="",  # "" (image-caption pairs) | transfusion | unifluid | vlm | qwen_vl
+    kind="",  # "" (image-caption pairs) | transfusion | unifluid | vlm | qwen_vl | bagel
     max_len=32,
     patch_size=2,
     channels=3,  # 1 keeps the first channel (grey images such as the digits)
@@ -65,6 +65,12 @@ SEQUENCE_DEFAULTS: dict[str, Any] = dict(
     box_format="absolute",  # absolute pixels (Qwen2.5-VL) | relative [0, 1000) (Qwen2-VL)
     tokens_per_second=0.0,  # Qwen2.5-VL's temporal M-RoPE rate (2); 0: one id a temporal patch
     video_fps=2.0,  # frames a second of the videos
+    # bagel (mmjax.data.bagel_tasks): task weights, ViT patch pixels, CFG dropout rates
+    bagel_tasks=dict(t2i=1.0, caption=1.0, edit=1.0),
+    vit_patch_size=8,
+    text_drop=0.1,  # BAGEL Sec. 3.3: text 0.1, ViT 0.5, clean VAE 0.1 (official code: 0.3, 0.3)
+    vit_drop=0.5,
+    vae_drop=0.1,
 )
 VLM_MODES = ("prefix", "flamingo")
 _FIT_CHECK_RECORDS = 256  # records whose every task pair must fit max_len before training

@@ -8,6 +8,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from mmjax.errors import UserError
+from mmjax.evals.bagel import BagelEval
 from mmjax.evals.features import EvalContext
 from mmjax.evals.linear_probe import LinearProbe
 from mmjax.evals.qwen_vl import QwenVlEval
@@ -19,6 +20,7 @@ from mmjax.evals.zero_shot import ZeroShotClassifier
 from mmjax.models.vae import LatentSpace
 
 EVALUATORS = {
+    "bagel": BagelEval,
     "zero_shot": ZeroShotClassifier,
     "retrieval": Retrieval,
     "linear_probe": LinearProbe,

@@ -6,10 +6,11 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models import blip, clip, lm, qwen_vl, siglip, transfusion, unifluid, vae, vlm
+from mmjax.models import bagel, blip, clip, lm, qwen_vl, siglip, transfusion, unifluid, vae, vlm
 from mmjax.models.causal_lm import LMFields
 
 MODELS = {
+    "bagel": bagel.Model,
     "blip": blip.Blip,
     "blip2": blip.Blip2,
     "clip": clip.Model,

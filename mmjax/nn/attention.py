@@ -108,8 +108,8 @@ class MultiHeadAttention(nn.Module):
             k = apply_rope(k, kv_positions, self.rope_theta, self.rope_scaling)
         q_offset = 0 if query_offset is None else query_offset
         if self.decode:
-            k, v, kv_segment_ids, kv_span_ids, q_offset = self._cached(
-                k, v, segment_ids, span_ids, cache_offset
+            k, v, kv_segment_ids, kv_span_ids, q_offset = kv_cache(
+                self, k, v, segment_ids, span_ids, cache_offset
             )
         attend = functools.partial(
             kernels.attention,
@@ -141,33 +141,43 @@ class MultiHeadAttention(nn.Module):
             name="out",
         )(out)
 
-    def _cached(self, k, v, segment_ids, span_ids, offset):
-        """Writes this chunk into the cache at `offset`; returns the whole cache to attend to."""
-        batch, chunk = k.shape[:2]
-        ids = jnp.ones((batch, chunk), jnp.int32)
-        segment_ids = ids if segment_ids is None else segment_ids
-        span_ids = jnp.zeros_like(ids) if span_ids is None else span_ids
-        initialised = self.has_variable("cache", "cached_key")
-        entries = {
-            "cached_key": k,
-            "cached_value": v,
-            "cached_segment_ids": segment_ids,
-            "cached_span_ids": span_ids,
-        }
-        cache = {
-            name: self.variable("cache", name, jnp.zeros, x.shape, x.dtype)
-            for name, x in entries.items()
-        }
-        if not initialised:  # the sizing call: attend within the chunk as without a cache
-            return k, v, segment_ids, span_ids, 0
-        if offset is None:
-            raise ValueError("attention with decode=True needs cache_offset")
-        offset = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (batch,))
-        for name, x in entries.items():
-            cache[name].value = jax.vmap(_write)(
-                cache[name].value, x.astype(cache[name].value.dtype), offset
-            )
-        return (*(c.value for c in cache.values()), offset)
+
+def kv_cache(
+    module: nn.Module,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    segment_ids: jnp.ndarray | None,
+    span_ids: jnp.ndarray | None,
+    offset: jnp.ndarray | None,
+) -> tuple:
+    """The KV cache of an attention `module` (its "cache" collection): writes this chunk's
+    keys, values and ids at `offset` and returns (keys, values, segment ids, span ids,
+    query offset) of the whole cache to attend to; the first (sizing) call only creates it."""
+    batch, chunk = k.shape[:2]
+    ids = jnp.ones((batch, chunk), jnp.int32)
+    segment_ids = ids if segment_ids is None else segment_ids
+    span_ids = jnp.zeros_like(ids) if span_ids is None else span_ids
+    initialised = module.has_variable("cache", "cached_key")
+    entries = {
+        "cached_key": k,
+        "cached_value": v,
+        "cached_segment_ids": segment_ids,
+        "cached_span_ids": span_ids,
+    }
+    cache = {
+        name: module.variable("cache", name, jnp.zeros, x.shape, x.dtype)
+        for name, x in entries.items()
+    }
+    if not initialised:  # the sizing call: attend within the chunk as without a cache
+        return k, v, segment_ids, span_ids, 0
+    if offset is None:
+        raise ValueError("attention with decode=True needs cache_offset")
+    offset = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), (batch,))
+    for name, x in entries.items():
+        cache[name].value = jax.vmap(_write)(
+            cache[name].value, x.astype(cache[name].value.dtype), offset
+        )
+    return (*(c.value for c in cache.values()), offset)
 
 
 def _mesh_axes(names: tuple[str, ...]) -> tuple | None:

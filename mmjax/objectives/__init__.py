@@ -6,6 +6,7 @@ from typing import Any
 import jax
 
 from mmjax.objectives.autoencoder import vae_objective
+from mmjax.objectives.bagel import make_bagel_loss
 from mmjax.objectives.blip import make_blip_loss
 from mmjax.objectives.contrastive import (
     clip_loss,
@@ -44,6 +45,7 @@ def _siglip(apply_fn: ApplyFn) -> LossFn:
 
 
 OBJECTIVES: dict[str, Callable[..., LossFn]] = {
+    "bagel": make_bagel_loss,
     "blip": make_blip_loss,
     "clip": _clip,
     "siglip": _siglip,

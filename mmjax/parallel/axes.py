@@ -25,6 +25,7 @@ LOGICAL_AXES = {
     "position": "rows of a learned position embedding",
     "proj": "output width of a projection head",
     "layers": "stacked layers of a scanned stack",
+    "expert": "modality experts of a Mixture-of-Transformers layer (nn.experts)",
 }
 
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -42,6 +43,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("position", None),
     ("proj", "tensor"),
     ("layers", None),  # replicated: FSDP shards the other dimensions
+    ("expert", None),  # two modality experts: FSDP and tensor shard inside each
 )
 
 

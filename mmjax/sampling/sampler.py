@@ -40,8 +40,10 @@ Settings = Mapping[str, Any]
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """A family's sampling: `draw(ctx, prompts, settings)` -> latents [N, H, W, C];
-    `caption(ctx, pixels [N, H, W, C] in [-1, 1], settings)` -> one caption each."""
+    `caption(ctx, pixels [N, H, W, C] in [-1, 1], settings)` -> one caption each; optional
+    `edit(ctx, source pixels [N, H, W, C], instructions, settings)` -> edited latents."""
 
     defaults: Settings
     draw: Callable[[SampleContext, Sequence[str], Settings], np.ndarray]
     caption: Callable[[SampleContext, np.ndarray, Settings], list[str]]
+    edit: Callable[[SampleContext, np.ndarray, Sequence[str], Settings], np.ndarray] | None = None

@@ -165,17 +165,19 @@ def caption_images(
     batch = {k: jnp.broadcast_to(v, (n, *v.shape)) for k, v in row.items()}
     batch["images"] = jnp.asarray(images, jnp.float32)[:, None]
     ids = (start, tokenizer.pad_id, tokenizer.eos_id)
-    tokens = np.asarray(_caption(decoder, ids, params, batch))
+    tokens = np.asarray(decode_greedily(decoder, ids, params, batch))
     return [tokenizer.decode(t[start:]) for t in tokens]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _caption(decoder: nn.Module, ids: tuple[int, int, int], params: Any, batch: dict):
+def decode_greedily(decoder: nn.Module, ids: tuple[int, int, int], params: Any, batch: dict):
+    """Greedy text after a prompt of `start` tokens, `ids` = (start, pad_id, eos_id): `batch`
+    holds full-length rows whose TOKEN_KEYS give the later slots' positions and ids, and the
+    prompt's images (any other keys, passed to the prefill as they are). Returns the tokens."""
     start, pad_id, eos_id = ids
     n, max_len = batch["tokens"].shape
     cache = empty_cache(decoder, {**batch, "cache_offset": 0})
-    prompt = {k: batch[k][:, :start] for k in TOKEN_KEYS}
-    prompt.update(images=batch["images"], image_positions=batch["image_positions"])
+    prompt = {k: batch[k][:, :start] if k in TOKEN_KEYS else v for k, v in batch.items()}
     out, cache = run_cached(decoder, params, cache, {**prompt, "cache_offset": 0})
     tokens = batch["tokens"]
     first = jnp.argmax(out["logits"][:, -1], -1).astype(tokens.dtype)
