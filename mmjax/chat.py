@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from mmjax.data.image_ops import read_image_file
 from mmjax.errors import UserError, run_cli
 
 PROG = "python -m mmjax.chat"
@@ -59,19 +60,6 @@ class Chat:
     fps: float = DEFAULT_FPS  # a video's frame rate when neither it nor --fps says
     mesh: Any = None
     rules: tuple = ()
-
-
-def read_image(path: str) -> np.ndarray:
-    """uint8 RGB [H, W, 3] of an image file of any size."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.isfile(path):
-        raise UserError(f"--image {path!r}: no such file")
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"--image {path!r}: not an image PIL can read ({e})") from None
 
 
 def read_video(path: str, fps: float | None) -> tuple[np.ndarray, float | None]:
@@ -260,7 +248,7 @@ def chat_once(args: argparse.Namespace) -> str:
         raise UserError(
             f"need --temperature >= 0 and 0 < --top_p <= 1, got {args.temperature}, {args.top_p}"
         )
-    images = [read_image(p) for p in args.image or ()]
+    images = [read_image_file(p, "--image") for p in args.image or ()]
     video = read_video(args.video, args.fps) if args.video else None
     if not images and video is None:
         raise UserError("give at least one --image or a --video")

@@ -1,8 +1,12 @@
 """CLI: sample from the latest checkpoint of a workdir whose family has a sampler
-(mmjax/families.py: Transfusion and UniFluid).
+(mmjax/families.py: Transfusion, UniFluid, BAGEL).
 
   python -m mmjax.sample --workdir DIR --prompt "a red circle left of a blue square" --num 16
   python -m mmjax.sample --workdir DIR --caption 16        # caption 16 held-out test images
+  python -m mmjax.sample --workdir DIR --edit scene.png --prompt "make the red circle blue"
+
+`--edit IMAGE` (BAGEL) edits the image (resized to the run's data.image_size) as the prompt
+instructs and writes the source and its `--num` edits to `DIR/samples/edit_<prompt>.png`.
 
 Text -> image writes a PNG grid to `DIR/samples/<prompt>.png`; image -> text prints one
 caption per line and writes the captioned grid to `DIR/samples/captions.png`. Sampler
@@ -65,6 +69,8 @@ def sample(args: argparse.Namespace, overrides: Sequence[str]) -> list[str]:
     )
     out_dir = os.path.join(args.workdir, "samples")
     with jax.set_mesh(bundle.mesh), nn.logical_axis_rules(bundle.rules):
+        if args.edit is not None:
+            return _edit(args, config, sampler, ctx, settings, out_dir)
         if args.prompt is not None:
             images = sampler.draw(ctx, [args.prompt] * args.num, settings)
             return _write(args, config, latents, out_dir, images, None)
@@ -107,6 +113,32 @@ def _write(
     return [path]
 
 
+def _edit(args, config, sampler, ctx, settings, out_dir: str) -> list[str]:
+    """`--edit IMAGE --prompt INSTRUCTION`: the source and `--num` edits, as one grid."""
+    import jax
+    import numpy as np
+
+    from mmjax.data.image_ops import image_preprocessor, read_image_file
+    from mmjax.evals.generation import write_sample_grid
+
+    if sampler.edit is None:
+        raise UserError(
+            f"{args.workdir} holds a run whose family does not edit images (BAGEL does)"
+        )
+    if not args.prompt:
+        raise UserError("--edit needs --prompt: the edit instruction")
+    pixels = image_preprocessor(config.data)(read_image_file(args.edit, "--edit"))
+    pixels = pixels[..., : int(config.data.sequence.channels)]
+    latents = sampler.edit(ctx, np.stack([pixels] * args.num), [args.prompt] * args.num, settings)
+    edited = np.asarray(jax.jit(ctx.latents.decode)(latents))
+    slug = re.sub(r"[^a-z0-9]+", "_", args.prompt.lower()).strip("_")[:60] or "edit"
+    path = os.path.join(out_dir, f"edit_{slug}.png")
+    write_sample_grid(
+        path, np.concatenate([pixels[None], edited]), ["source", *[args.prompt] * args.num]
+    )
+    return [path]
+
+
 def _eval_settings(
     config: ml_collections.ConfigDict, evaluators: Sequence[str], defaults: Mapping[str, Any]
 ) -> dict:
@@ -124,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="text -> image: the caption to draw")
     what.add_argument("--caption", type=int, help="image -> text: caption N test images")
+    parser.add_argument("--edit", metavar="IMAGE", help="BAGEL: edit this image as --prompt says")
     parser.add_argument("--num", type=int, default=16, help="images to generate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampler", choices=("ddim", "ddpm", "euler"))

@@ -5,11 +5,12 @@ latents (clean, as context, or noised: the generation target). Each image sits b
 <BOI> and <EOI>, and the whole block shares one RoPE position (official `prepare_vae_latent`);
 text positions count up. Tasks (`data.sequence.bagel_tasks` weights):
 
-  t2i:      <bos> caption <BOI> [P latents, noised] <EOI> <eos>
+  t2i:      <bos> caption <BOI> [P latents, noised] <EOI>
   caption:  <bos> <BOI> [F ViT tokens] <EOI> caption <eos>           (CE on the caption)
   edit:     <bos> <BOI> [F ViT tokens] <EOI> <BOI> [P latents, clean] <EOI> instruction
-            <BOI> [P latents, noised] <EOI> <eos>
+            <BOI> [P latents, noised] <EOI>
 
+Nothing follows a noised image, so no token reads it (official "noise" attention mode).
 Classifier-free guidance needs the model to see rows without each condition: the caption or
 instruction is dropped with probability `text_drop`, an edit's ViT tokens with `vit_drop` and
 its clean latents with `vae_drop` (Sec. 3.3: 0.1, 0.5, 0.1; the official trainer's defaults are
@@ -29,6 +30,7 @@ from mmjax.errors import UserError
 TASKS = ("t2i", "caption", "edit")
 VAE_SLOTS = 2  # latent images a row holds: an edit's source and target
 VIT_SLOTS = 1
+PART_KINDS = ("text", "vit", "vae")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,8 @@ def bagel_row(parts: Sequence[Part], tokenizer: Any, seq: ConfigDict, image_size
     vae, vit = [], []  # (first slot, part)
     p = 0
     for part in parts:
+        if part.kind not in PART_KINDS:
+            raise ValueError(f"unknown part kind {part.kind!r}; valid: {PART_KINDS}")
         if part.kind == "text":
             ids += part.ids
             pos += range(p, p + len(part.ids))

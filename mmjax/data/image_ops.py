@@ -9,6 +9,7 @@ own preprocessing is three config values (an import writes them: mmjax.convert).
 
 import dataclasses
 import io
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -232,3 +233,15 @@ def image_preprocessor(data_cfg: Mapping[str, Any]) -> ImageOp:
     record's uint8 image to model input (training, evals, sampling)."""
     ops = tuple(data_cfg.get("image_ops", DEFAULT_IMAGE_OPS))
     return build_image_ops(ops, ImageSpec.from_config(data_cfg))
+
+
+def read_image_file(path: str, flag: str) -> np.ndarray:
+    """uint8 RGB [H, W, 3] of an image file of any size; one UserError naming the command-line
+    `flag` when it is missing or unreadable."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path!r}: no such file")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{flag} {path!r}: not an image PIL can read ({e})") from None

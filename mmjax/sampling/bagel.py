@@ -146,6 +146,8 @@ def edit_contexts(
 ) -> list[list[dict]]:
     """Rows of edit prompts (source pixels [N, S, S, C]), without the instruction, and without
     the source image."""
+    if sources is None:
+        raise UserError("an edit needs a source image: pass the image to edit (--edit IMAGE)")
     if len(sources) != len(instructions):
         raise UserError(f"{len(sources)} source images but {len(instructions)} edit instructions")
     size = sources.shape[1]
