@@ -85,6 +85,13 @@ PRESETS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
         "Qwen2.5-VL 72B",
         [("data=1,fsdp=-1", []), ("data=1,fsdp=-1,tensor=2", []), ("data=1,fsdp=-1,tensor=4", [])],
     ),
+    # BAGEL: Qwen2.5-7B with a generation expert (14B parameters, 7B active a token) and
+    # SigLIP2-so400m, whose width of 1,152 splits over 128 fsdp devices at most
+    "bagel_7b": (
+        "bagel.py:7B",
+        "BAGEL 7B-active MoT",
+        [("data=1,fsdp=-1", []), ("data=2,fsdp=-1", []), ("data=2,fsdp=-1,tensor=2", [])],
+    ),
     # ViT-g's width of 1,408 = 11 x 128 splits over 128 fsdp devices at most
     "blip2_stage1": (
         "blip2.py:stage1",

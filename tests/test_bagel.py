@@ -23,7 +23,6 @@ from mmjax.data.sources import ShapesSource
 from mmjax.data.tokenizer import ByteTokenizer, WithImageMarkers
 from mmjax.errors import UserError
 from mmjax.models.bagel import Bagel
-from mmjax.nn.experts import route
 from mmjax.objectives.bagel import make_bagel_loss
 from mmjax.sampling.bagel import FlowSettings, edit_contexts, guide, stack_rows, t2i_contexts
 from mmjax.sampling.transfusion import TOKEN_KEYS, empty_cache, run_cached
@@ -177,15 +176,6 @@ def test_parameter_layouts_duplicate_what_the_variant_says(experts):
     g_attn = block["query"]["kernel"].shape[0]
     g_mlp = block["fc1"]["kernel"].shape[0]
     assert (g_attn, g_mlp) == {"dense": (1, 1), "moe": (1, 2), "mot": (2, 2)}[experts]
-
-
-def test_routing_sorts_and_restores_the_sequence():
-    ids = jnp.asarray([[0, 1, 1, 0, 0], [1, 0, 0, 0, 1]])
-    routing = route(ids, 2)
-    x = jnp.arange(10.0).reshape(2, 5, 1)
-    np.testing.assert_array_equal(routing.group_sizes, [6, 4])
-    np.testing.assert_array_equal(routing.experts, [0] * 6 + [1] * 4)
-    np.testing.assert_array_equal(routing.unsort(routing.sort(x)), x)
 
 
 def test_kv_cached_decoding_equals_the_full_forward_pass():

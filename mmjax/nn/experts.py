@@ -3,12 +3,17 @@
 BAGEL's Mixture-of-Transformers (Deng et al., 2025, Sec. 2.1) gives every token the weights
 of its modality's expert (understanding: text and ViT tokens; generation: VAE latents). The
 routing is known from the layout, not learned, so a `Routing` sorts the [B, L] tokens of a
-batch into expert order once per forward pass; layers then run `jax.lax.ragged_dot`, a
-grouped matmul over the sorted tokens (each group against its expert's kernel), and
-per-expert norms. XLA's TPU cost analysis counts the ragged dot as one dense matmul of the
-active width (benchmarks/mot_flops.py measures it). With one expert, routing is the identity
-and the layers are plain dense ones: the dense baseline of the same code.
+batch into expert order once per forward pass; layers then run `grouped_matmul` over the
+sorted tokens (each group against its expert's kernel) and per-expert norms. Its forward pass
+and input gradient are `jax.lax.ragged_dot`, which XLA's TPU cost analysis counts as one dense
+matmul of the active width; the ragged dot's kernel gradient would cost every expert's full
+matmul, so `grouped_matmul` computes it in `WEIGHT_GRAD_BLOCKS` blocks of sorted tokens
+instead, each through its own expert: (1 + (G - 1) / blocks) times the active FLOPs
+(benchmarks/mot_flops.py measures the step). With one expert, routing is the identity and the
+layers are plain dense ones: the dense baseline of the same code.
 """
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -19,6 +24,7 @@ from mmjax.nn.dense import INITS
 from mmjax.nn.initializers import logical
 
 TOKENS = ("batch", "act_embed")  # sorted tokens [N, width]: N = B * L, split like a batch
+WEIGHT_GRAD_BLOCKS = 16
 
 
 @struct.dataclass
@@ -105,10 +111,8 @@ class ExpertDense(nn.Module):
             size_in *= d
         lhs = x.reshape(-1, size_in).astype(self.dtype)
         rhs = kernel.reshape(self.num_experts, size_in, -1).astype(self.dtype)
-        if self.num_experts == 1:
-            y = lhs @ rhs[0]
-        else:
-            y = jax.lax.ragged_dot(lhs, rhs, routing.group_sizes)
+        one = self.num_experts == 1
+        y = lhs @ rhs[0] if one else grouped_matmul(lhs, rhs, routing.group_sizes)
         y = y.reshape(*x.shape[: x.ndim - n_in], *features)
         if self.use_bias:
             axes = self.kernel_axes[n_in:]
@@ -152,3 +156,53 @@ def per_token(table: jax.Array, routing: Routing, n: int) -> jax.Array:
     if table.shape[0] == 1:
         return jnp.broadcast_to(table[0], (n, *table.shape[1:]))
     return jnp.take(table, routing.experts, axis=0)
+
+
+@jax.custom_vjp
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x [N, K] sorted into groups of `group_sizes` [G] rows, each row times its group's
+    w [G, K, F] -> [N, F]."""
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def _grouped_matmul_fwd(x, w, group_sizes):
+    return grouped_matmul(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _grouped_matmul_bwd(residuals, dy):
+    x, w, group_sizes = residuals
+    dx = jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes)
+    dw = grouped_weight_grad(x, dy, group_sizes, w.shape[0])
+    return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+
+def grouped_weight_grad(
+    x: jax.Array, dy: jax.Array, group_sizes: jax.Array, num_groups: int
+) -> jax.Array:
+    """dw[g] = x_g^T dy_g [G, K, F] for rows sorted into groups, in WEIGHT_GRAD_BLOCKS static
+    blocks of rows: each block's rows of its first row's group through one matmul, then, for
+    each group boundary, the rows of the later group in the block where it starts (G - 1
+    more matmuls of a block)."""
+    n, k = x.shape
+    blocks = min(WEIGHT_GRAD_BLOCKS, n)
+    size = -(-n // blocks)
+    pad = blocks * size - n
+    x = jnp.pad(x, ((0, pad), (0, 0))).reshape(blocks, size, k)
+    dy = jnp.pad(dy, ((0, pad), (0, 0))).reshape(blocks, size, -1)
+    ends = jnp.cumsum(group_sizes)
+    # each row's group; the padding rows get num_groups, which nothing adds into
+    groups = jnp.searchsorted(ends, jnp.arange(blocks * size), side="right").reshape(blocks, size)
+    first = groups[:, 0]
+    dw = jnp.zeros((num_groups + 1, k, dy.shape[-1]), jnp.float32)
+    outer = functools.partial(jnp.einsum, "tk,tf->kf", preferred_element_type=jnp.float32)
+    for b in range(blocks):
+        mine = (groups[b] == first[b])[:, None].astype(dy.dtype)
+        dw = dw.at[first[b]].add(outer(x[b], dy[b] * mine))
+    for j in range(1, num_groups):
+        b = jnp.minimum((ends[j - 1]) // size, blocks - 1)  # the block where group j starts
+        rows = (groups[b] == j) & (first[b] != j)
+        dw = dw.at[j].add(outer(x[b], dy[b] * rows[:, None].astype(dy.dtype)))
+    return dw[:num_groups]
