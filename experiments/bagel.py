@@ -18,7 +18,7 @@ experts, SigLIP2-so400m/14 and 2x2 patches of the 16-channel FLUX VAE's f = 8 la
   python -m mmjax.aot --config experiments/bagel.py:7B --topology v5p:8x8x2
 
 Variants: tiny_shapes, 7B. experiments/ablations/bagel_experts.py compares the dense, MoE and
-MoT decoders at equal active parameters (the paper's Fig. 3).
+MoT decoders at equal active parameters (the paper's comparison).
 """
 
 import ml_collections
@@ -34,7 +34,7 @@ def get_config(arg: str = "tiny_shapes") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown bagel variant {arg!r}; valid: {VARIANTS}")
     # AdamW b2 0.95, eps 1e-15, grad clip 1 (official trainer); constant lr after warm-up
     c = base_config(b2=0.95, eps=1e-15, warmup_steps=2000)
-    # CE + MSE with weights 1 and 1; t = sigmoid(N(0, 1)) with the timestep shift (Sec. 2.2)
+    # CE + MSE with weights 1 and 1; t = sigmoid(N(0, 1)) with the timestep shift (official trainer)
     c.objective = dict(name="bagel", kwargs=dict(timestep_shift=1.0, ce_weight=1.0, mse_weight=1.0))
     c.latents = dict(vae_workdir="", scaling_factor=0.0, sample=False)
     if arg == "tiny_shapes":
@@ -107,7 +107,7 @@ def _paper(c: ml_collections.ConfigDict) -> None:
     """Qwen2.5-7B (28 layers, width 3584, 28 heads, 4 KV heads, SwiGLU 18944, theta 1e6) with a
     generation expert of the same shape; SigLIP2-so400m/14 (26 layers, width 1152) on 448-px
     images (32 x 32 ViT tokens); FLUX VAE latents 56x56x16 in 2x2 patches (784 tokens);
-    lr 1e-4 after 2,000 warm-up steps, EMA 0.9999 in the paper (Sec. 3.3)."""
+    lr 1e-4 after 2,000 warm-up steps, EMA 0.9999 in the official trainer."""
     c.mesh.update(data=1, fsdp=-1)
     c.batch_size = 256
     c.total_steps = 200_000

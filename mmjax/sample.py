@@ -127,6 +127,8 @@ def _edit(args, config, sampler, ctx, settings, out_dir: str) -> list[str]:
         )
     if not args.prompt:
         raise UserError("--edit needs --prompt: the edit instruction")
+    if args.caption is not None:
+        raise UserError("--edit and --caption are two requests: give one")
     pixels = image_preprocessor(config.data)(read_image_file(args.edit, "--edit"))
     pixels = pixels[..., : int(config.data.sequence.channels)]
     latents = sampler.edit(ctx, np.stack([pixels] * args.num), [args.prompt] * args.num, settings)
@@ -153,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m mmjax.sample", description=__doc__)
     parser.add_argument("--workdir", required=True)
-    what = parser.add_mutually_exclusive_group(required=True)
+    what = parser.add_mutually_exclusive_group()
     what.add_argument("--prompt", help="text -> image: the caption to draw")
     what.add_argument("--caption", type=int, help="image -> text: caption N test images")
     parser.add_argument("--edit", metavar="IMAGE", help="BAGEL: edit this image as --prompt says")
@@ -166,8 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, help="UniFluid: per-token noise scale")
     parser.add_argument("--order", choices=("raster", "random"), help="UniFluid: token order")
     parser.add_argument("--top_p", type=float, help="UniFluid: nucleus sampling of captions")
+    parser.add_argument("--text_scale", type=float, help="BAGEL: text guidance scale")
+    parser.add_argument("--image_scale", type=float, help="BAGEL: image guidance scale (edits)")
+    parser.add_argument("--timestep_shift", type=float, help="BAGEL: flow timestep shift")
     overrides = [a[len("--config.") :] for a in argv if a.startswith("--config.")]
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    if args.prompt is None and args.caption is None and args.edit is None:
+        parser.error("one of --prompt, --caption or --edit IMAGE --prompt is required")
     logging.basicConfig(level=logging.WARNING)
     try:
         for path in sample(args, overrides):

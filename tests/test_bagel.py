@@ -1,6 +1,8 @@
 """BAGEL: token routing to modality experts, the interleaved rows, KV-cached decoding, the
 objective and the guided sampler, and clear errors."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax.core import meta
+from helpers import REPO
 
 from mmjax.data.bagel_tasks import (
     Part,
@@ -274,3 +277,36 @@ def test_edit_rows_need_shapes_scenes_in_default_pixels():
 def test_a_part_of_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="kind"):
         bagel_row([Part("audio")], TOK, seq_config(), SIZE)
+
+
+@pytest.mark.slow
+def test_sample_cli_draws_captions_and_edits_with_clear_errors(tmp_path, capsys):
+    """A 2-step pixel-space bagel run, then `python -m mmjax.sample` three ways."""
+    from PIL import Image
+
+    from mmjax.sample import main
+    from mmjax.train import train_and_evaluate
+    from mmjax.train.config_cli import apply_overrides, load_config
+
+    workdir = str(tmp_path / "bagel")
+    config = load_config(os.path.join(REPO, "experiments", "bagel.py") + ":tiny_shapes")
+    apply_overrides(config, [
+        "total_steps=2", "batch_size=8", "model.depth=1", "model.width=32", "model.mlp_dim=64",
+        "model.vision_depth=1", "latents.vae_workdir=", "model.image_shape=(32,32,3)",
+        "model.patch_size=8",
+    ])  # fmt: skip
+    config.evals = {}
+    train_and_evaluate(config, workdir)
+    source = str(tmp_path / "scene.png")
+    Image.fromarray(ShapesSource("test", 1)[0]["image"]).save(source)
+    fast = ["--num", "2", "--num_steps", "3"]
+    assert main(["--workdir", workdir, "--prompt", "a red circle", *fast]) == 0
+    assert main(["--workdir", workdir, "--caption", "2"]) == 0
+    assert main(["--workdir", workdir, "--edit", source, "--prompt", "make it blue", *fast]) == 0
+    assert os.path.isfile(os.path.join(workdir, "samples", "edit_make_it_blue.png"))
+    capsys.readouterr()
+    assert main(["--workdir", workdir, "--edit", str(tmp_path / "none.png"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "--edit" in err and "no such file" in err
+    assert main(["--workdir", workdir, "--edit", source]) == 2
+    assert "--edit needs --prompt" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-r"""BAGEL ablation (Deng et al., 2025, Sec. 2.1, Fig. 3): dense vs MoE vs MoT decoders.
+r"""BAGEL ablation (Deng et al., 2025): dense vs MoE vs MoT decoders.
 
 At equal active parameters (every token runs one width-128, 4-layer Qwen2 path), the dense
 decoder shares all weights between text/ViT and VAE tokens, the MoE duplicates the MLPs (the

@@ -1,4 +1,4 @@
-"""BAGEL's interleaved rows (Deng et al., 2025, Sec. 2-3): generation, understanding, editing.
+"""BAGEL's interleaved rows (Deng et al., 2025): generation, understanding, editing.
 
 A row is a sequence of parts: text, an image to understand (ViT tokens), an image as VAE
 latents (clean, as context, or noised: the generation target). Each image sits between
@@ -13,7 +13,7 @@ text positions count up. Tasks (`data.sequence.bagel_tasks` weights):
 Nothing follows a noised image, so no token reads it (official "noise" attention mode).
 Classifier-free guidance needs the model to see rows without each condition: the caption or
 instruction is dropped with probability `text_drop`, an edit's ViT tokens with `vit_drop` and
-its clean latents with `vae_drop` (Sec. 3.3: 0.1, 0.5, 0.1; the official trainer's defaults are
+its clean latents with `vae_drop` (the paper's 0.1, 0.5, 0.1; the official trainer's defaults are
 0.1, 0.3, 0.3). Edit targets come from mmjax.data.edits on the synthetic shapes.
 """
 

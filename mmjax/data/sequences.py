@@ -68,7 +68,7 @@ SEQUENCE_DEFAULTS: dict[str, Any] = dict(
     # bagel (mmjax.data.bagel_tasks): task weights, ViT patch pixels, CFG dropout rates
     bagel_tasks=dict(t2i=1.0, caption=1.0, edit=1.0),
     vit_patch_size=8,
-    text_drop=0.1,  # BAGEL Sec. 3.3: text 0.1, ViT 0.5, clean VAE 0.1 (official code: 0.3, 0.3)
+    text_drop=0.1,  # BAGEL paper: text 0.1, ViT 0.5, clean VAE 0.1 (official code: 0.3, 0.3)
     vit_drop=0.5,
     vae_drop=0.1,
 )

@@ -1,6 +1,6 @@
 """Hard routing of tokens to modality experts: grouped matmuls that cost one expert's FLOPs.
 
-BAGEL's Mixture-of-Transformers (Deng et al., 2025, Sec. 2.1) gives every token the weights
+BAGEL's Mixture-of-Transformers (Deng et al., 2025) gives every token the weights
 of its modality's expert (understanding: text and ViT tokens; generation: VAE latents). The
 routing is known from the layout, not learned, so a `Routing` sorts the [B, L] tokens of a
 batch into expert order once per forward pass; layers then run `grouped_matmul` over the

@@ -1,11 +1,11 @@
 """Mixture-of-Transformers decoder: modality experts that share one self-attention.
 
-BAGEL (Deng et al., 2025, Sec. 2.1; the official `Qwen2MoTDecoderLayer`) keeps two copies of
+BAGEL (Deng et al., 2025; the official `Qwen2MoTDecoderLayer`) keeps two copies of
 every weight of a Qwen2 block: the understanding expert's (text and ViT tokens) and the
 generation expert's (VAE latent tokens). A token is normed, projected to q, k, v (QK-normed),
 read out by o and passed through the MLP with its own expert's weights, but the attention
 runs once over all tokens, so the modalities read each other. `experts` picks what is
-duplicated, for the paper's comparison (its Fig. 3): "mot" (everything), "moe" (the MLP only,
+duplicated, for the paper's comparison of the three: "mot" (everything), "moe" (the MLP only,
 as the official `Qwen2MoEDecoderLayer`) or "dense" (nothing: a plain Qwen2 block). Tokens stay
 sorted by expert through the whole stack (nn.experts.Routing); only q, k, v and the attention
 output are put back in sequence order for the attention kernel.

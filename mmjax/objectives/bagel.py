@@ -1,4 +1,4 @@
-"""BAGEL's objective (Deng et al., 2025, Sec. 2.2): text CE + rectified flow on VAE latents.
+"""BAGEL's objective (Deng et al., 2025): text CE + rectified flow on VAE latents.
 
 Each latent image a row generates (`image_noised`) gets one flow time t = sigmoid(N(0, 1)),
 shifted as t -> s t / (1 + (s - 1) t) (`timestep_shift` s; official trainer default 1), and is
