@@ -47,6 +47,22 @@ def dtypes(module: nn.Module) -> dict[str, Any]:
 INITS = {"xavier_uniform": ("fan_avg", "uniform"), "lecun_normal": ("fan_in", "truncated_normal")}
 
 
+def kernel_init(init: str, n_in: int, n_out: int, leading: int = 0) -> Any:
+    """The initializer `init` (an INITS name or "zeros") of a kernel [*lead, *in, *out] with
+    `leading` axes of separate kernels (experts) before its `n_in` in and `n_out` out axes."""
+    if init == "zeros":
+        return nn.initializers.zeros_init()
+    mode, distribution = INITS[init]
+    return nn.initializers.variance_scaling(
+        1.0,
+        mode,
+        distribution,
+        in_axis=tuple(range(leading, leading + n_in)),
+        out_axis=tuple(range(leading + n_in, leading + n_in + n_out)),
+        batch_axis=tuple(range(leading)),
+    )
+
+
 class DenseGeneral(nn.Module):
     """Contracts the last `num_in` axes of x with a kernel [*in, *features] (`kernel_axes`)."""
 
@@ -68,17 +84,7 @@ class DenseGeneral(nn.Module):
                 f"{len(in_shape) + len(features)}"
             )
         n_in = len(in_shape)
-        if self.init == "zeros":
-            init = nn.initializers.zeros_init()
-        else:
-            mode, distribution = INITS[self.init]
-            init = nn.initializers.variance_scaling(
-                1.0,
-                mode,
-                distribution,
-                in_axis=tuple(range(n_in)),
-                out_axis=tuple(range(n_in, n_in + len(features))),
-            )
+        init = kernel_init(self.init, n_in, len(features))
         kernel = self.param(
             "kernel", logical(init, *self.kernel_axes), (*in_shape, *features), self.param_dtype
         )

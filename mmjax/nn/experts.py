@@ -14,13 +14,14 @@ layers are plain dense ones: the dense baseline of the same code.
 """
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from mmjax.nn.dense import INITS
+from mmjax.nn.dense import kernel_init, matmul
 from mmjax.nn.initializers import logical
 
 TOKENS = ("batch", "act_embed")  # sorted tokens [N, width]: N = B * L, split like a batch
@@ -88,31 +89,18 @@ class ExpertDense(nn.Module):
     def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
         in_shape, features = x.shape[x.ndim - self.num_in :], tuple(self.features)
         n_in = len(in_shape)
-        if self.init == "zeros":
-            init = nn.initializers.zeros_init()
-        else:
-            mode, distribution = INITS[self.init]
-            init = nn.initializers.variance_scaling(
-                1.0,
-                mode,
-                distribution,
-                in_axis=tuple(range(1, 1 + n_in)),
-                out_axis=tuple(range(1 + n_in, 1 + n_in + len(features))),
-                batch_axis=(0,),
-            )
+        init = kernel_init(self.init, n_in, len(features), leading=1)
         kernel = self.param(
             "kernel",
             logical(init, "expert", *self.kernel_axes),
             (self.num_experts, *in_shape, *features),
             self.param_dtype,
         )
-        size_in = 1
-        for d in in_shape:
-            size_in *= d
+        size_in = math.prod(in_shape)
         lhs = x.reshape(-1, size_in).astype(self.dtype)
         rhs = kernel.reshape(self.num_experts, size_in, -1).astype(self.dtype)
         one = self.num_experts == 1
-        y = lhs @ rhs[0] if one else grouped_matmul(lhs, rhs, routing.group_sizes)
+        y = matmul(lhs, rhs[0]) if one else grouped_matmul(lhs, rhs, routing.group_sizes)
         y = y.reshape(*x.shape[: x.ndim - n_in], *features)
         if self.use_bias:
             axes = self.kernel_axes[n_in:]
