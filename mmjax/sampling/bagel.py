@@ -197,7 +197,8 @@ def caption_images(
     later = last + 1 + np.arange(max_len - start)
     batch["positions"] = batch["positions"].at[:, start:].set(later)
     batch["segment_ids"] = jnp.ones_like(batch["segment_ids"])  # slots still to be decoded
-    del batch["lm_mask"]
+    for key in ("lm_mask", "images", "image_positions", "image_valid", "image_noised"):
+        del batch[key]  # no latent images: the ViT reads the pixels
     tokens = np.asarray(
         decode_greedily(decoder, (start, tokenizer.pad_id, tokenizer.eos_id), params, batch)
     )
