@@ -63,7 +63,7 @@ def test_routing_sorts_by_expert_and_restores_the_sequence():
     ids = jnp.asarray([[0, 1, 1, 0, 0], [1, 0, 0, 0, 1]])
     routing = route(ids, 2)
     x = jnp.arange(10.0).reshape(2, 5, 1)
-    np.testing.assert_array_equal(routing.group_sizes, [6, 4])
+    np.testing.assert_array_equal(routing.group_sizes, [[6, 4]])
     np.testing.assert_array_equal(routing.experts, [0] * 6 + [1] * 4)
     np.testing.assert_array_equal(routing.sort(x)[:, 0], [0, 3, 4, 6, 7, 8, 1, 2, 5, 9])
     np.testing.assert_array_equal(routing.unsort(routing.sort(x)), x)

@@ -150,6 +150,18 @@ def _dividing(axes: tuple[str, ...], sizes: dict[str, int], *dims: int) -> tuple
     return axes
 
 
+def dividing_mesh_axes(entry: str | tuple[str, ...] | None, *dims: int) -> tuple[str, ...]:
+    """The free axes of the active mesh that `entry` (a PartitionSpec entry) names, with more
+    than one device, cut to the longest prefix whose device count divides every one of `dims`;
+    () without a multi-device mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    sizes = dict(mesh.shape)
+    free = [a for a in mesh.axis_names if a not in mesh.manual_axes and sizes[a] > 1]
+    return _dividing(tuple(a for a in _axes(entry) if a in free), sizes, *dims)
+
+
 def attention_on_mesh(
     q: Array, k: Array, v: Array, mask: MaskSpec, *, scale: float | None, impl: str,
     partition: Partition = None, logits_soft_cap: float | None = None,

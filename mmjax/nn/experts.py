@@ -3,7 +3,8 @@
 BAGEL's Mixture-of-Transformers (Deng et al., 2025) gives every token the weights
 of its modality's expert (understanding: text and ViT tokens; generation: VAE latents). The
 routing is known from the layout, not learned, so a `Routing` sorts the [B, L] tokens of a
-batch into expert order once per forward pass; layers then run `grouped_matmul` over the
+batch into expert order once per forward pass, each device's rows among themselves (a global
+sort would gather every token to every device); layers then run `grouped_matmul` over the
 sorted tokens (each group against its expert's kernel) and per-expert norms. Its forward pass
 and input gradient are `jax.lax.ragged_dot`, which XLA's TPU cost analysis counts as one dense
 matmul of the active width; the ragged dot's kernel gradient would cost every expert's full
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from mmjax.kernels.dispatch import dividing_mesh_axes
 from mmjax.nn.dense import kernel_init, matmul
 from mmjax.nn.initializers import logical
 
@@ -30,43 +32,78 @@ WEIGHT_GRAD_BLOCKS = 16
 
 @struct.dataclass
 class Routing:
-    """Where each of a batch's B * L tokens goes: `order` [N] (the flat token index of the
-    k-th token in expert order; None: one expert, identity), `inverse` [N] (where token i lands),
-    `group_sizes` [G] and `experts` [N] (the expert of the k-th sorted token)."""
+    """Where each of a batch's B * L tokens goes. The batch is cut into S blocks of rows, one
+    per device along the mesh axes `axes` that hold the batch (S = 1 without a mesh), and each
+    block's tokens are sorted by expert within the block, so no token leaves its device:
+    `order` [S, n] (n = B * L / S; the block-local index of the k-th token in expert order;
+    None: one expert, identity), `inverse` [S, n] (where token i lands), `group_sizes` [S, G]
+    and `experts` [N] (the expert of the k-th sorted token, N = S * n)."""
 
     order: jax.Array | None
     inverse: jax.Array | None
     group_sizes: jax.Array
     experts: jax.Array
     shape: tuple[int, int] = struct.field(pytree_node=False)
+    axes: tuple[str, ...] = struct.field(pytree_node=False, default=())
 
     @property
     def num_experts(self) -> int:
-        return self.group_sizes.shape[0]
+        return self.group_sizes.shape[-1]
 
     def sort(self, x: jax.Array) -> jax.Array:
-        """[B, L, ...] in sequence order -> [N, ...] in expert order."""
-        flat = x.reshape(-1, *x.shape[2:])
-        return flat if self.order is None else jnp.take(flat, self.order, axis=0)
+        """[B, L, ...] in sequence order -> [N, ...] in expert order (block by block)."""
+        return _permute(x.reshape(-1, *x.shape[2:]), self.order)
 
     def unsort(self, y: jax.Array) -> jax.Array:
         """[N, ...] in expert order -> [B, L, ...] in sequence order."""
-        flat = y if self.inverse is None else jnp.take(y, self.inverse, axis=0)
-        return flat.reshape(*self.shape, *y.shape[1:])
+        return _permute(y, self.inverse).reshape(*self.shape, *y.shape[1:])
+
+
+def _permute(flat: jax.Array, index: jax.Array | None) -> jax.Array:
+    """flat [N, ...] reordered within each of index's S blocks by index [S, n]."""
+    if index is None:
+        return flat
+    blocks = flat.reshape(index.shape[0], -1, *flat.shape[1:])
+    out = jax.vmap(lambda rows, i: jnp.take(rows, i, axis=0))(blocks, index)
+    return out.reshape(flat.shape)
 
 
 def route(expert_ids: jax.Array, num_experts: int) -> Routing:
-    """The Routing of tokens whose expert is `expert_ids` [B, L] (ints in [0, num_experts))."""
+    """The Routing of tokens whose expert is `expert_ids` [B, L] (ints in [0, num_experts)),
+    block-local on the active mesh (the axes the logical "batch" axis maps to)."""
     shape = tuple(expert_ids.shape)
-    n = expert_ids.size
+    axes = dividing_mesh_axes(nn.logical_to_mesh_axes(("batch",))[0], shape[0])
+    blocks = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
+    ids = expert_ids.reshape(blocks, -1).astype(jnp.int32)
     if num_experts == 1:
-        ones = jnp.zeros((n,), jnp.int32)
-        return Routing(None, None, jnp.full((1,), n, jnp.int32), ones, shape)
-    flat = expert_ids.reshape(-1).astype(jnp.int32)
-    order = jnp.argsort(flat, stable=True)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=order.dtype))
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    return Routing(order, inverse, sizes, jnp.take(flat, order), shape)
+        sizes = jnp.full((blocks, 1), ids.shape[1], jnp.int32)
+        return Routing(None, None, sizes, jnp.zeros((ids.size,), jnp.int32), shape, axes)
+    order = jnp.argsort(ids, axis=1, stable=True)
+    inverse = jnp.argsort(order, axis=1)
+    sizes = jax.vmap(lambda i: jnp.bincount(i, length=num_experts))(ids).astype(jnp.int32)
+    experts = jnp.take_along_axis(ids, order, axis=1).reshape(-1)
+    return Routing(order, inverse, sizes, experts, shape, axes)
+
+
+def routed_matmul(x: jax.Array, w: jax.Array, routing: Routing) -> jax.Array:
+    """Sorted tokens x [N, K] times their experts' kernels w [G, K, F]: one `grouped_matmul`
+    per block of the routing, inside `jax.shard_map` over its mesh axes (the kernels enter
+    whole, as FSDP gathers them; their gradient is summed over the blocks)."""
+    if not routing.axes:
+        return grouped_matmul(x, w, routing.group_sizes[0])
+    axes = routing.axes
+
+    def local(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
+        return grouped_matmul(x, jax.lax.pcast(w, axes, to="varying"), sizes[0])
+
+    spec = jax.sharding.PartitionSpec(axes, None)
+    return jax.shard_map(
+        local,
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(spec, jax.sharding.PartitionSpec(), spec),
+        out_specs=spec,
+        axis_names=set(axes),
+    )(x, w, routing.group_sizes)
 
 
 class ExpertDense(nn.Module):
@@ -100,7 +137,7 @@ class ExpertDense(nn.Module):
         lhs = x.reshape(-1, size_in).astype(self.dtype)
         rhs = kernel.reshape(self.num_experts, size_in, -1).astype(self.dtype)
         one = self.num_experts == 1
-        y = matmul(lhs, rhs[0]) if one else grouped_matmul(lhs, rhs, routing.group_sizes)
+        y = matmul(lhs, rhs[0]) if one else routed_matmul(lhs, rhs, routing)
         y = y.reshape(*x.shape[: x.ndim - n_in], *features)
         if self.use_bias:
             axes = self.kernel_axes[n_in:]
@@ -182,7 +219,8 @@ def grouped_weight_grad(
     dy = jnp.pad(dy, ((0, pad), (0, 0))).reshape(blocks, size, -1)
     ends = jnp.cumsum(group_sizes)
     # each row's group; the padding rows get num_groups, which nothing adds into
-    groups = jnp.searchsorted(ends, jnp.arange(blocks * size), side="right").reshape(blocks, size)
+    index = jnp.arange(blocks * size)[:, None]
+    groups = jnp.sum(index >= ends[None, :], axis=1).reshape(blocks, size)
     first = groups[:, 0]
     dw = jnp.zeros((num_groups + 1, k, dy.shape[-1]), jnp.float32)
     outer = functools.partial(jnp.einsum, "tk,tf->kf", preferred_element_type=jnp.float32)
