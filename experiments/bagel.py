@@ -32,7 +32,8 @@ VARIANTS = ("tiny_shapes", "7B")
 def get_config(arg: str = "tiny_shapes") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"unknown bagel variant {arg!r}; valid: {VARIANTS}")
-    # AdamW b2 0.95, eps 1e-15, grad clip 1 (official trainer); constant lr after warm-up
+    # AdamW b2 0.95, eps 1e-15, grad clip 1 (official trainer); the tiny run decays the lr to 0
+    # over its 4,000 steps, the paper preset keeps it constant after warm-up (official default)
     c = base_config(b2=0.95, eps=1e-15, warmup_steps=2000)
     # CE + MSE with weights 1 and 1; t = sigmoid(N(0, 1)) with the timestep shift (official trainer)
     c.objective = dict(name="bagel", kwargs=dict(timestep_shift=1.0, ce_weight=1.0, mse_weight=1.0))
@@ -126,5 +127,5 @@ def _paper(c: ml_collections.ConfigDict) -> None:
     )  # fmt: skip
     c.model.update(remat_policy="full", scan_layers=True)
     c.model.vision_options = dict(remat_policy="full", scan_layers=True)
-    c.optimizer.update(lr=1e-4)
+    c.optimizer.update(lr=1e-4, end_factor=1.0)
     c.evals = {}
