@@ -117,7 +117,10 @@ def _paper(c: ml_collections.ConfigDict) -> None:
     c.checkpoint_every = 2_000
     c.data = data_config(
         source="array_record", image_size=448, vocab_size=152_064, prefetch=4,
-        sequence=dict(kind="bagel", max_len=4096, patch_size=16, vit_patch_size=14, channels=3),
+        # edit rows need scene metadata to draw targets from (the shapes source has it); an
+        # array_record of captioned images trains text -> image and captioning
+        sequence=dict(kind="bagel", max_len=4096, patch_size=16, vit_patch_size=14, channels=3,
+                      bagel_tasks=dict(t2i=1.0, caption=1.0, edit=0.0)),
     )  # fmt: skip
     c.model = _model(
         width=3584, depth=28, num_heads=28, num_kv_heads=4, mlp_dim=18944,
