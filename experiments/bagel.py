@@ -48,7 +48,8 @@ def get_config(arg: str = "tiny_shapes") -> ml_collections.ConfigDict:
 def _model(**fields) -> dict:
     return dict(
         name="bagel", vocab_size=0, experts="mot", qk_norm=True, qkv_bias=True,
-        norm_eps=1e-6, patch_size=2, vision_options={}, remat_policy="none",
+        norm_eps=1e-6, patch_size=2, latent_encoder="linear", unet_channels=32,
+        vision_options={}, remat_policy="none",
         scan_layers=False, attention_impl="auto", **fields,
     )  # fmt: skip
 

@@ -25,7 +25,7 @@ from mmjax.data.sequences import SEQUENCE_DEFAULTS
 from mmjax.data.sources import ShapesSource
 from mmjax.data.tokenizer import ByteTokenizer, WithImageMarkers
 from mmjax.errors import UserError
-from mmjax.models.bagel import Bagel
+from mmjax.models.bagel import LATENT_ENCODERS, Bagel
 from mmjax.objectives.bagel import make_bagel_loss
 from mmjax.sampling.bagel import FlowSettings, edit_contexts, guide, stack_rows, t2i_contexts
 from mmjax.sampling.transfusion import TOKEN_KEYS, empty_cache, run_cached
@@ -149,7 +149,7 @@ def test_a_token_reads_only_its_own_experts_weights_while_attention_mixes_modali
     model = tiny_model(depth=1)
     batch = edit_batch()
     params = meta.unbox(model.init(jax.random.key(0), batch)["params"])
-    run = jax.jit(lambda p: model.apply({"params": p}, batch, method=model.hidden_states))
+    run = jax.jit(lambda p: model.apply({"params": p}, batch, method=model.hidden_states)[0])
     base = np.asarray(run(params))
     gen = np.zeros(batch["tokens"].shape, bool)
     for row, slots in enumerate(np.asarray(batch["image_positions"])):
@@ -208,8 +208,9 @@ def test_sharded_loss_and_gradients_equal_one_devices(experts):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
 
 
-def test_kv_cached_decoding_equals_the_full_forward_pass():
-    model = tiny_model()
+@pytest.mark.parametrize("latent_encoder", LATENT_ENCODERS)
+def test_kv_cached_decoding_equals_the_full_forward_pass(latent_encoder):
+    model = tiny_model(latent_encoder=latent_encoder)
     decoder = model.clone(decode=True)
     batch = edit_batch()
     params = meta.unbox(model.init(jax.random.key(0), batch)["params"])
@@ -237,8 +238,9 @@ def test_kv_cached_decoding_equals_the_full_forward_pass():
         np.testing.assert_allclose(out["logits"][:, 0], full["logits"][:, i], atol=1e-5)
 
 
-def test_training_a_few_steps_lowers_both_losses():
-    model = tiny_model()
+@pytest.mark.parametrize("latent_encoder", LATENT_ENCODERS)
+def test_training_a_few_steps_lowers_both_losses(latent_encoder):
+    model = tiny_model(latent_encoder=latent_encoder)
     seq = seq_config()
     rows = []
     for i in range(8):

@@ -9,7 +9,10 @@ position (official `prepare_vae_latent`). Understanding: a SigLIP-style ViT
 (models/vit.py), a two-layer GELU-tanh MLP connector and fixed 2D sin-cos positions
 (`vit_pos_embed`). Generation: 2x2 patches of VAE latents through `vae2llm`, plus the
 timestep embedding and 2D sin-cos positions (`latent_pos_embed`); the velocity is read out
-by `llm2vae`, initialised to zero (official `_init_weights`).
+by `llm2vae`, initialised to zero (official `_init_weights`). `latent_encoder="unet"` swaps
+the two linear maps for Transfusion's U-Net down/up path around the patch grid
+(models/transfusion.UNetPatches): at a width of 128 a linear map per 2x2 patch is what limits
+the images (README, BAGEL).
 
 Batch (mmjax.data.bagel_tasks): `tokens`, `positions`, `segment_ids`, `span_ids` [B, L];
 `images` [B, M, h, w, c] latents (noised by the objective) at `image_positions` [B, M, P]
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import freeze
 
+from mmjax.models.transfusion import UNetPatches
 from mmjax.models.vit import VisionTransformer
 from mmjax.nn import TimestepEmbed, TokenEmbed
 from mmjax.nn.axes import ACT
@@ -36,6 +40,9 @@ from mmjax.nn.mlp import ACTIVATIONS
 from mmjax.nn.mot import MoTDecoder, expert_counts
 from mmjax.nn.patch_embed import patchify, unpatchify
 from mmjax.nn.sincos import sincos_2d
+
+
+LATENT_ENCODERS = ("linear", "unet")
 
 
 class Bagel(nn.Module):
@@ -60,6 +67,8 @@ class Bagel(nn.Module):
     # What the timestep embedding sees of flow time t in [0, 1]: the official code embeds t
     # itself (1.0); DiT's convention, t x 1000, gives a small model sharper time features.
     timestep_scale: float = 1.0
+    latent_encoder: str = "linear"  # LATENT_ENCODERS: BAGEL's linear maps | Transfusion's U-Net
+    unet_channels: int = 32  # U-Net width (latent_encoder="unet")
     vision_patch: int = 8
     vision_width: int = 64
     vision_depth: int = 2
@@ -98,6 +107,10 @@ class Bagel(nn.Module):
                 f"image_size {self.image_size} is not divisible by vision_patch {self.vision_patch}"
             )
         expert_counts(self.experts)
+        if self.latent_encoder not in LATENT_ENCODERS:
+            raise ValueError(
+                f"unknown latent_encoder {self.latent_encoder!r}; valid: {LATENT_ENCODERS}"
+            )
         kw = dtypes(self)
         self.token_embedding = TokenEmbed(self.vocab_size, self.width, self.param_dtype)
         self.decoder = MoTDecoder(
@@ -116,24 +129,44 @@ class Bagel(nn.Module):
         )  # fmt: skip
         self.connector_fc1 = DenseGeneral((self.width,), (None, "embed"), **kw)
         self.connector_fc2 = DenseGeneral((self.width,), ("mlp", "embed"), **kw)
-        self.vae2llm = DenseGeneral((self.width,), ("patch", "embed"), **kw)
         self.time_embed = TimestepEmbed(self.width, **kw)
-        self.llm2vae = DenseGeneral((p * p * c,), ("embed", "patch"), init="zeros", **kw)
+        if self.latent_encoder == "unet":
+            self.latent_unet = UNetPatches(self.width, p, c, self.unet_channels, **kw)
+        else:
+            self.vae2llm = DenseGeneral((self.width,), ("patch", "embed"), **kw)
+            self.llm2vae = DenseGeneral((p * p * c,), ("embed", "patch"), init="zeros", **kw)
 
-    def embed_latents(self, latents: jnp.ndarray, timesteps: jnp.ndarray) -> jnp.ndarray:
-        """Latents [B, M, h, w, c] at flow times [B, M] -> tokens [B, M, P, width]."""
+    def embed_latents(self, latents: jnp.ndarray, timesteps: jnp.ndarray) -> tuple:
+        """Latents [B, M, h, w, c] at flow times [B, M] -> (tokens [B, M, P, width], what
+        `read_latents` needs: the U-Net's skip activations and timestep embedding)."""
         b, m = latents.shape[:2]
         if tuple(latents.shape[2:]) != tuple(self.image_shape):
             raise ValueError(
                 f"latents have shape {tuple(latents.shape[2:])} but the model was built for "
                 f"image_shape {tuple(self.image_shape)}"
             )
-        patches = patchify(latents.reshape(b * m, *latents.shape[2:]), self.patch_size)
-        t = self.time_embed(timesteps.reshape(b * m) * self.timestep_scale)
+        flat = latents.reshape(b * m, *latents.shape[2:])
+        t = self.time_embed(timesteps.reshape(b * m) * self.timestep_scale).astype(self.dtype)
+        if self.latent_encoder == "unet":
+            x, skips = self.latent_unet.encode(flat, t)
+        else:
+            x, skips = self.vae2llm(patchify(flat, self.patch_size)), ()
         h, w, _ = self.image_shape
         pos = sincos_2d(h // self.patch_size, w // self.patch_size, self.width)
-        x = self.vae2llm(patches) + t[:, None].astype(self.dtype) + pos.astype(self.dtype)
-        return x.reshape(b, m, *x.shape[1:])
+        x = x + t[:, None] + pos.astype(self.dtype)
+        return x.reshape(b, m, *x.shape[1:]), (skips, t)
+
+    def read_latents(self, hidden: jnp.ndarray, context: tuple) -> jnp.ndarray:
+        """Latent-token hidden states [B, M, P, width] -> velocities [B, M, h, w, c] (f32)."""
+        b, m = hidden.shape[:2]
+        flat = hidden.reshape(b * m, *hidden.shape[2:])
+        if self.latent_encoder == "unet":
+            v = self.latent_unet.decode(flat, *context, self.image_shape[0])
+        else:
+            v = unpatchify(
+                self.llm2vae(flat).astype(jnp.float32), self.image_shape[0], self.patch_size
+            )
+        return v.reshape(b, m, *self.image_shape)
 
     def embed_vit(self, images: jnp.ndarray) -> jnp.ndarray:
         """Pixels [B, K, H, W, C] -> connector tokens [B, K, F, width]."""
@@ -144,18 +177,20 @@ class Bagel(nn.Module):
         x = x + sincos_2d(side, side, self.width).astype(self.dtype)
         return x.reshape(b, k, *x.shape[1:])
 
-    def hidden_states(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
-        """The decoder's final (normed) hidden states [B, L, width] of a sequence or chunk."""
+    def hidden_states(self, batch: Mapping[str, jnp.ndarray]) -> tuple[jnp.ndarray, tuple]:
+        """The decoder's final (normed) hidden states [B, L, width] of a sequence or chunk,
+        and the latents' read-out context (`embed_latents`; () without latents)."""
         tokens = batch["tokens"]
         x = self.token_embedding(tokens).astype(self.dtype)
         expert_ids = jnp.zeros(tokens.shape, jnp.int32)
+        context = ()
         if "vit_images" in batch:
             vit = self.embed_vit(batch["vit_images"])
             x = jax.vmap(_scatter)(x, batch["vit_positions"], vit)
         if "images" in batch:
             images = batch["images"]
             t = batch.get("timesteps", jnp.zeros(images.shape[:2], jnp.float32))
-            latents = self.embed_latents(images, t)
+            latents, context = self.embed_latents(images, t)
             x = jax.vmap(_scatter)(x, batch["image_positions"], latents)
             ones = jnp.ones(batch["image_positions"].shape, jnp.int32)
             expert_ids = jax.vmap(_scatter)(expert_ids, batch["image_positions"], ones)
@@ -166,20 +201,17 @@ class Bagel(nn.Module):
             nn.with_logical_constraint(routing.sort(x), TOKENS), routing, *ids,
             batch.get("cache_offset"),
         )  # fmt: skip
-        return nn.with_logical_constraint(routing.unsort(hidden), ACT)
+        return nn.with_logical_constraint(routing.unsort(hidden), ACT), context
 
     def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool = False) -> dict:
         del train  # no dropout
-        x = self.hidden_states(batch)
+        x, context = self.hidden_states(batch)
         at = x if "logit_positions" not in batch else jax.vmap(_gather)(x, batch["logit_positions"])
         out = {"logits": self.lm_head(at).astype(jnp.float32)}
         if "images" in batch:
             b, m, p = batch["image_positions"].shape
             hidden = jax.vmap(_gather)(x, batch["image_positions"].reshape(b, m * p))
-            v = self.llm2vae(hidden.reshape(b * m, p, -1)).astype(jnp.float32)
-            out["velocity"] = unpatchify(v, self.image_shape[0], self.patch_size).reshape(
-                b, m, *self.image_shape
-            )
+            out["velocity"] = self.read_latents(hidden.reshape(b, m, p, -1), context)
         return out
 
 
