@@ -19,6 +19,7 @@ from mmjax.data.bagel_tasks import (
     caption_parts,
     check_bagel_config,
     edit_parts,
+    packed_row,
     t2i_parts,
 )
 from mmjax.data.sequences import SEQUENCE_DEFAULTS
@@ -98,6 +99,52 @@ def test_caption_rows_train_on_the_caption_and_t2i_rows_leave_slots_unused():
     gen = bagel_row(t2i_parts([65], pixels(0), TOK), TOK, seq, SIZE)
     np.testing.assert_array_equal(gen["vit_positions"], np.full((1, 4), 48))
     np.testing.assert_array_equal(gen["image_valid"], [1, 0])
+
+
+def test_a_packed_row_computes_what_its_segments_compute_alone():
+    model = tiny_model()
+    seq = seq_config()
+    caption = caption_parts(pixels(0), [65, 66], TOK)
+    t2i = t2i_parts([67, 68, 69], pixels(1), TOK)
+    packed = stack_rows([packed_row([caption, t2i], TOK, seq, SIZE)])
+    alone = stack_rows([bagel_row(caption, TOK, seq, SIZE), bagel_row(t2i, TOK, seq, SIZE)])
+    # positions restart in the second segment; its ids are 2
+    start = len(caption[0].ids) + 6 + len(caption[2].ids)
+    np.testing.assert_array_equal(packed["positions"][0, start : start + 5], [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(packed["segment_ids"][0, start - 1 : start + 1], [1, 2])
+    for batch in (packed, alone):
+        batch["timesteps"] = batch["image_noised"] * 0.6
+    params = meta.unbox(model.init(jax.random.key(0), packed)["params"])
+    got = model.apply({"params": params}, packed)
+    want = model.apply({"params": params}, alone)
+    np.testing.assert_allclose(got["logits"][0, :start], want["logits"][0, :start], atol=1e-5)
+    n = len(t2i[0].ids) + 6
+    np.testing.assert_allclose(
+        got["logits"][0, start : start + n], want["logits"][1, :n], atol=1e-5
+    )
+    np.testing.assert_allclose(got["velocity"][0, 0], want["velocity"][1, 0], atol=1e-5)
+
+
+def test_packing_fills_rows_with_whole_tasks_on_the_scene():
+    source = ShapesSource("train", 8)
+    seq = seq_config(max_len=128, bagel_tasks=dict(t2i=2.0, caption=1.0, edit=1.0))
+    rng = np.random.default_rng(0)
+    segments = {False: [], True: []}
+    for pack in segments:
+        seq.bagel_pack = pack
+        for i in range(200):
+            record = source[i % 8]
+            image = record["image"].astype(np.float32) / 127.5 - 1.0
+            row = bagel_example(image, record, TOK, seq, rng)
+            segments[pack].append(row["segment_ids"].max())
+            assert row["tokens"].shape == (128,)
+            # every segment whole: its images' slots inside it
+            for slots in (*row["image_positions"][row["image_valid"] > 0], row["vit_positions"]):
+                if slots.min() < 128:
+                    assert len(set(row["segment_ids"][slots.reshape(-1)])) == 1
+    assert max(segments[False]) == 1
+    # byte-level t2i and caption rows of 16 + 16 tokens: most rows take a second task
+    assert np.mean(np.asarray(segments[True]) > 1) > 0.5
 
 
 def test_cfg_dropout_rates_are_the_configs():

@@ -11,6 +11,10 @@ text positions count up. Tasks (`data.sequence.bagel_tasks` weights):
             <BOI> [P latents, noised] <EOI>
 
 Nothing follows a noised image, so no token reads it (official "noise" attention mode).
+With `data.sequence.bagel_pack`, a row packs further tasks on the same scene after the first,
+drawn by the same weights while they fit (max_len, 2 latent and 1 ViT image slots), each its own
+segment: positions restart and attention stays inside it (the official trainer packs samples
+into sequences of `max_num_tokens`).
 Classifier-free guidance needs the model to see rows without each condition: the caption or
 instruction is dropped with probability `text_drop`, an edit's ViT tokens with `vit_drop` and
 its clean latents with `vae_drop` (the paper's 0.1, 0.5, 0.1; the official trainer's defaults are
@@ -79,33 +83,43 @@ def num_vit_tokens(seq: ConfigDict, image_size: int) -> int:
 
 
 def bagel_row(parts: Sequence[Part], tokenizer: Any, seq: ConfigDict, image_size: int) -> dict:
-    """The arrays of one row (module docstring): `tokens`, `positions`, `segment_ids`,
-    `span_ids`, `lm_mask` [L]; `images` [2, S, S, C] at `image_positions` [2, P] with
-    `image_valid` and `image_noised` [2]; `vit_images` [1, S, S, C] at `vit_positions` [1, F].
-    Unused slots sit at position L. `tokenizer` has boi_id/eoi_id (WithImageMarkers)."""
+    """The arrays of a row of one segment (`packed_row`)."""
+    return packed_row([parts], tokenizer, seq, image_size)
+
+
+def packed_row(
+    segments: Sequence[Sequence[Part]], tokenizer: Any, seq: ConfigDict, image_size: int
+) -> dict:
+    """The arrays of one row of `segments` (module docstring): `tokens`, `positions`,
+    `segment_ids` (1, 2, ...), `span_ids`, `lm_mask` [L]; `images` [2, S, S, C] at
+    `image_positions` [2, P] with `image_valid` and `image_noised` [2]; `vit_images`
+    [1, S, S, C] at `vit_positions` [1, F]. Unused slots sit at position L. `tokenizer` has
+    boi_id/eoi_id (WithImageMarkers)."""
     max_len, channels = int(seq.max_len), int(seq.channels)
     num_patches = check_bagel_config(seq, image_size)
     num_features = num_vit_tokens(seq, image_size)
-    ids, pos, span, loss = [], [], [], []
+    ids, pos, seg, span, loss = [], [], [], [], []
     vae, vit = [], []  # (first slot, part)
-    p = 0
-    for part in parts:
-        if part.kind not in PART_KINDS:
-            raise ValueError(f"unknown part kind {part.kind!r}; valid: {PART_KINDS}")
-        if part.kind == "text":
-            ids += part.ids
-            pos += range(p, p + len(part.ids))
-            span += [0] * len(part.ids)
-            loss += [part.loss] * len(part.ids)
-            p += len(part.ids)
-            continue
-        slots = num_features if part.kind == "vit" else num_patches
-        (vit if part.kind == "vit" else vae).append((len(ids) + 1, part))
-        ids += [tokenizer.boi_id, *[tokenizer.pad_id] * slots, tokenizer.eoi_id]
-        pos += [p] * (slots + 2)
-        span += [0, *[len(vit) + len(vae)] * slots, 0]
-        loss += [False] * (slots + 2)
-        p += 1
+    for segment_id, parts in enumerate(segments, 1):
+        p = 0
+        for part in parts:
+            if part.kind not in PART_KINDS:
+                raise ValueError(f"unknown part kind {part.kind!r}; valid: {PART_KINDS}")
+            if part.kind == "text":
+                ids += part.ids
+                pos += range(p, p + len(part.ids))
+                span += [0] * len(part.ids)
+                loss += [part.loss] * len(part.ids)
+                p += len(part.ids)
+            else:
+                slots = num_features if part.kind == "vit" else num_patches
+                (vit if part.kind == "vit" else vae).append((len(ids) + 1, part))
+                ids += [tokenizer.boi_id, *[tokenizer.pad_id] * slots, tokenizer.eoi_id]
+                pos += [p] * (slots + 2)
+                span += [0, *[len(vit) + len(vae)] * slots, 0]
+                loss += [False] * (slots + 2)
+                p += 1
+        seg += [segment_id] * (len(ids) - len(seg))
     n = len(ids)
     if n > max_len:
         raise UserError(f"a bagel row of {n} tokens exceeds data.sequence.max_len {max_len}")
@@ -114,7 +128,7 @@ def bagel_row(parts: Sequence[Part], tokenizer: Any, seq: ConfigDict, image_size
     out = {
         "tokens": _padded(ids, max_len, tokenizer.pad_id),
         "positions": _padded(pos, max_len, 0),
-        "segment_ids": _padded([1] * n, max_len, 0),
+        "segment_ids": _padded(seg, max_len, 0),
         "span_ids": _padded(span, max_len, 0),
         "lm_mask": _padded(loss, max_len, 0).astype(np.float32),
     }
@@ -179,29 +193,55 @@ def bagel_example(
     seq: ConfigDict,
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """One training row: a task drawn by `data.sequence.bagel_tasks`, with the CFG dropouts."""
+    """One training row: a task drawn by `data.sequence.bagel_tasks`, with the CFG dropouts;
+    with `bagel_pack`, more tasks on the scene while they fit (module docstring)."""
+    size = image.shape[0]
+    segments = [task_parts(image, record, tokenizer, seq, rng)]
+    while seq.bagel_pack:
+        more = task_parts(image, record, tokenizer, seq, rng)
+        if not fits([*segments, more], seq, size):
+            break
+        segments.append(more)
+    return packed_row(segments, tokenizer, seq, size)
+
+
+def fits(segments: Sequence[Sequence[Part]], seq: ConfigDict, image_size: int) -> bool:
+    """Whether `packed_row` can hold `segments`: max_len tokens and the image slots."""
+    slots = {"vae": check_bagel_config(seq, image_size), "vit": num_vit_tokens(seq, image_size)}
+    parts = [part for segment in segments for part in segment]
+    length = sum(len(p.ids) if p.kind == "text" else slots[p.kind] + 2 for p in parts)
+    vae = sum(p.kind == "vae" for p in parts)
+    vit = sum(p.kind == "vit" for p in parts)
+    return length <= int(seq.max_len) and vae <= VAE_SLOTS and vit <= VIT_SLOTS
+
+
+def task_parts(
+    image: np.ndarray,
+    record: Mapping[str, Any],
+    tokenizer: Any,
+    seq: ConfigDict,
+    rng: np.random.Generator,
+) -> list[Part]:
+    """The parts of one task on the scene, drawn by `data.sequence.bagel_tasks`, with the CFG
+    dropouts."""
     weights = dict(seq.bagel_tasks)
     p = np.asarray([float(weights.get(t, 0.0)) for t in TASKS])
     task = TASKS[rng.choice(len(TASKS), p=p / p.sum())]
     caption = tokenizer.encode(record["caption"])
     text_kept = rng.random() >= float(seq.text_drop)
     if task == "t2i":
-        parts = t2i_parts(caption if text_kept else [], image, tokenizer)
-    elif task == "caption":
-        parts = caption_parts(image, caption, tokenizer)
-    else:
-        if "shapes" not in record:
-            raise UserError(
-                f"bagel edit rows need data.source 'shapes', not {record.get('source')!r}"
-            )
-        target, edit = edits.edit_pair(record, rng)
-        vit, vae = rng.random() >= float(seq.vit_drop), rng.random() >= float(seq.vae_drop)
-        instruction = tokenizer.encode(edit.instruction) if text_kept else []
-        parts = edit_parts(
-            image, instruction, pixels_like(image, record["image"], target), tokenizer,
-            vit=vit, vae=vae,
-        )  # fmt: skip
-    return bagel_row(parts, tokenizer, seq, image.shape[0])
+        return t2i_parts(caption if text_kept else [], image, tokenizer)
+    if task == "caption":
+        return caption_parts(image, caption, tokenizer)
+    if "shapes" not in record:
+        raise UserError(f"bagel edit rows need data.source 'shapes', not {record.get('source')!r}")
+    target, edit = edits.edit_pair(record, rng)
+    vit, vae = rng.random() >= float(seq.vit_drop), rng.random() >= float(seq.vae_drop)
+    instruction = tokenizer.encode(edit.instruction) if text_kept else []
+    return edit_parts(
+        image, instruction, pixels_like(image, record["image"], target), tokenizer,
+        vit=vit, vae=vae,
+    )  # fmt: skip
 
 
 def pixels_like(image: np.ndarray, image_u8: np.ndarray, target_u8: np.ndarray) -> np.ndarray:

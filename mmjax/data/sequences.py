@@ -71,6 +71,7 @@ SEQUENCE_DEFAULTS: dict[str, Any] = dict(
     text_drop=0.1,  # BAGEL paper: text 0.1, ViT 0.5, clean VAE 0.1 (official code: 0.3, 0.3)
     vit_drop=0.5,
     vae_drop=0.1,
+    bagel_pack=False,  # pack further tasks on the scene into a row while they fit
 )
 VLM_MODES = ("prefix", "flamingo")
 _FIT_CHECK_RECORDS = 256  # records whose every task pair must fit max_len before training

@@ -41,7 +41,6 @@ from mmjax.nn.mot import MoTDecoder, expert_counts
 from mmjax.nn.patch_embed import patchify, unpatchify
 from mmjax.nn.sincos import sincos_2d
 
-
 LATENT_ENCODERS = ("linear", "unet")
 
 
