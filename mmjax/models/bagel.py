@@ -113,7 +113,7 @@ class Bagel(nn.Module):
         kw = dtypes(self)
         self.token_embedding = TokenEmbed(self.vocab_size, self.width, self.param_dtype)
         self.decoder = MoTDecoder(
-            self.depth, self.num_heads, self.mlp_dim, experts=self.experts,
+            self.num_heads, self.mlp_dim, depth=self.depth, experts=self.experts,
             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, qk_norm=self.qk_norm,
             qkv_bias=self.qkv_bias, rope_theta=self.rope_theta, norm_eps=self.norm_eps,
             decode=self.decode, remat_policy=self.remat_policy, scan_layers=self.scan_layers,

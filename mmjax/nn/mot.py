@@ -11,6 +11,7 @@ sorted by expert through the whole stack (nn.experts.Routing); only q, k, v and 
 output are put back in sequence order for the attention kernel.
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -33,9 +34,8 @@ def expert_counts(experts: str) -> tuple[int, int]:
     return (2 if experts == "mot" else 1), (1 if experts == "dense" else 2)
 
 
-class MoTBlock(nn.Module):
-    """One Qwen2 block (RMSNorm, QK-norm, GQA with q/k/v biases, RoPE, SwiGLU) whose weights
-    are per expert; x [N, width] are the batch's tokens in expert order."""
+class MoTSettings(nn.Module):
+    """The fields a MoTBlock is built from, shared by the decoder that stacks them."""
 
     num_heads: int
     mlp_dim: int
@@ -50,6 +50,18 @@ class MoTBlock(nn.Module):
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
+
+    def settings(self) -> dict:
+        """The MoTSettings fields' values."""
+        names = [
+            f.name for f in dataclasses.fields(MoTSettings) if f.name not in ("parent", "name")
+        ]
+        return {name: getattr(self, name) for name in names}
+
+
+class MoTBlock(MoTSettings):
+    """One Qwen2 block (RMSNorm, QK-norm, GQA with q/k/v biases, RoPE, SwiGLU) whose weights
+    are per expert; x [N, width] are the batch's tokens in expert order."""
 
     @nn.compact
     def __call__(
@@ -106,28 +118,15 @@ class MoTBlock(nn.Module):
         return nn.with_logical_constraint(x + down, TOKENS)
 
 
-class MoTDecoder(nn.Module):
+class MoTDecoder(MoTSettings):
     """`depth` MoTBlocks over expert-sorted tokens, then each expert's final RMSNorm.
 
     `scan_layers` runs them as one `nn.scan` (parameters stacked on "layers"); `remat_policy`
     names what the backward pass keeps (nn.transformer.REMAT_POLICIES)."""
 
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    experts: str = "mot"
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    qk_norm: bool = True
-    qkv_bias: bool = True
-    rope_theta: float = 10_000.0
-    norm_eps: float = 1e-6
-    decode: bool = False
+    depth: int = 1
     remat_policy: str = "none"
     scan_layers: bool = False
-    attention_impl: str = "auto"
-    dtype: jnp.dtype = jnp.bfloat16
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, routing: Routing, *ids: jnp.ndarray | None) -> jnp.ndarray:
@@ -142,13 +141,7 @@ class MoTDecoder(nn.Module):
             block = nn.remat(
                 MoTBlock, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers
             )
-        fields = dict(
-            num_heads=self.num_heads, mlp_dim=self.mlp_dim, experts=self.experts,
-            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, qk_norm=self.qk_norm,
-            qkv_bias=self.qkv_bias, rope_theta=self.rope_theta, norm_eps=self.norm_eps,
-            decode=self.decode, attention_impl=self.attention_impl, dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )  # fmt: skip
+        fields = self.settings()
         if self.scan_layers:
             scanned = nn.scan(
                 lambda mdl, carry, *args: (mdl(carry, *args), None),
