@@ -77,3 +77,22 @@ def tree_digest(directory: str) -> dict[str, str]:
             with open(path, "rb") as f:
                 digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
     return digests
+
+
+def random_vae_run(workdir: str, devices) -> str:
+    """A randomly initialised tiny VAE (32x32x3 -> 8x8x4, widths 8/16/32) saved as a run in
+    `workdir`, for models trained on its latents."""
+    from mmjax.train.checkpoint import Checkpointer
+    from mmjax.train.loop import Trainer
+
+    config = load_config(os.path.join(REPO, "experiments", "vae.py") + ":tiny")
+    apply_overrides(config, ["model.channels=8", "model.norm_groups=4", "batch_size=8"])
+    trainer = Trainer(config, workdir, devices=devices)
+    data = trainer.data_iterator()
+    state, _ = trainer.init_state(next(data))
+    ckpt = Checkpointer(workdir, keep=1)
+    ckpt.save(0, state, data, force=True)
+    ckpt.close()
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json())
+    return workdir

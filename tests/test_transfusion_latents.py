@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, random_vae_run
 from PIL import Image
 
 from mmjax.errors import UserError
-from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config_cli import apply_overrides, load_config
 from mmjax.train.latents import _training_images
 from mmjax.train.loop import Trainer
@@ -29,19 +28,7 @@ def rbg_keys():
 
 @pytest.fixture(scope="module")
 def vae_workdir(tmp_path_factory, rbg_keys) -> str:
-    """A randomly initialised tiny VAE (32x32x3 -> 8x8x4, widths 8/16/32) saved as a run."""
-    workdir = str(tmp_path_factory.mktemp("vae"))
-    config = load_config(os.path.join(REPO, "experiments", "vae.py") + ":tiny")
-    apply_overrides(config, ["model.channels=8", "model.norm_groups=4", "batch_size=8"])
-    trainer = Trainer(config, workdir, devices=DEVICES)
-    data = trainer.data_iterator()
-    state, _ = trainer.init_state(next(data))
-    ckpt = Checkpointer(workdir, keep=1)
-    ckpt.save(0, state, data, force=True)
-    ckpt.close()
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json())
-    return workdir
+    return random_vae_run(str(tmp_path_factory.mktemp("vae")), DEVICES)
 
 
 def shapes_config(vae_workdir: str, *overrides: str):
