@@ -12,9 +12,9 @@ text positions count up. Tasks (`data.sequence.bagel_tasks` weights):
 
 Nothing follows a noised image, so no token reads it (official "noise" attention mode).
 With `data.sequence.bagel_pack`, a row packs further tasks on the same scene after the first,
-drawn by the same weights while they fit (max_len, 2 latent and 1 ViT image slots), each its own
-segment: positions restart and attention stays inside it (the official trainer packs samples
-into sequences of `max_num_tokens`).
+drawn by the same weights among the tasks that still fit (max_len, 2 latent and 1 ViT image
+slots), each its own segment: positions restart and attention stays inside it (the official
+trainer packs samples into sequences of `max_num_tokens`).
 Classifier-free guidance needs the model to see rows without each condition: the caption or
 instruction is dropped with probability `text_drop`, an edit's ViT tokens with `vit_drop` and
 its clean latents with `vae_drop` (the paper's 0.1, 0.5, 0.1; the official trainer's defaults are
@@ -194,14 +194,17 @@ def bagel_example(
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
     """One training row: a task drawn by `data.sequence.bagel_tasks`, with the CFG dropouts;
-    with `bagel_pack`, more tasks on the scene while they fit (module docstring)."""
+    with `bagel_pack`, more tasks on the scene, drawn among those that still fit (module
+    docstring)."""
     size = image.shape[0]
-    segments = [task_parts(image, record, tokenizer, seq, rng)]
-    while seq.bagel_pack:
-        more = task_parts(image, record, tokenizer, seq, rng)
-        if not fits([*segments, more], seq, size):
-            break
-        segments.append(more)
+    weights = {t: float(w) for t, w in dict(seq.bagel_tasks).items() if float(w) > 0}
+    segments = [task_parts(image, record, tokenizer, seq, rng, weights)[1]]
+    while seq.bagel_pack and weights:
+        task, more = task_parts(image, record, tokenizer, seq, rng, weights)
+        if fits([*segments, more], seq, size):
+            segments.append(more)
+        else:
+            del weights[task]
     return packed_row(segments, tokenizer, seq, size)
 
 
@@ -221,24 +224,25 @@ def task_parts(
     tokenizer: Any,
     seq: ConfigDict,
     rng: np.random.Generator,
-) -> list[Part]:
-    """The parts of one task on the scene, drawn by `data.sequence.bagel_tasks`, with the CFG
-    dropouts."""
-    weights = dict(seq.bagel_tasks)
-    p = np.asarray([float(weights.get(t, 0.0)) for t in TASKS])
-    task = TASKS[rng.choice(len(TASKS), p=p / p.sum())]
+    weights: Mapping[str, float],
+) -> tuple[str, list[Part]]:
+    """(task, its parts) for one task on the scene, drawn by `weights` (task: weight), with
+    the CFG dropouts."""
+    names = [t for t in TASKS if t in weights]
+    p = np.asarray([weights[t] for t in names])
+    task = names[rng.choice(len(names), p=p / p.sum())]
     caption = tokenizer.encode(record["caption"])
     text_kept = rng.random() >= float(seq.text_drop)
     if task == "t2i":
-        return t2i_parts(caption if text_kept else [], image, tokenizer)
+        return task, t2i_parts(caption if text_kept else [], image, tokenizer)
     if task == "caption":
-        return caption_parts(image, caption, tokenizer)
+        return task, caption_parts(image, caption, tokenizer)
     if "shapes" not in record:
         raise UserError(f"bagel edit rows need data.source 'shapes', not {record.get('source')!r}")
     target, edit = edits.edit_pair(record, rng)
     vit, vae = rng.random() >= float(seq.vit_drop), rng.random() >= float(seq.vae_drop)
     instruction = tokenizer.encode(edit.instruction) if text_kept else []
-    return edit_parts(
+    return task, edit_parts(
         image, instruction, pixels_like(image, record["image"], target), tokenizer,
         vit=vit, vae=vae,
     )  # fmt: skip
