@@ -21,6 +21,7 @@ from mmjax.data.bagel_tasks import (
     edit_parts,
     packed_row,
     t2i_parts,
+    text_parts,
 )
 from mmjax.data.sequences import SEQUENCE_DEFAULTS
 from mmjax.data.sources import ShapesSource
@@ -90,7 +91,7 @@ def test_an_edit_row_lays_out_one_position_per_image_block():
     assert row["segment_ids"].sum() == n
 
 
-def test_caption_rows_train_on_the_caption_and_t2i_rows_leave_slots_unused():
+def test_caption_and_text_rows_train_on_the_text_and_t2i_rows_leave_slots_unused():
     seq = seq_config()
     cap = bagel_row(caption_parts(pixels(0), [65, 66], TOK), TOK, seq, SIZE)
     # <bos> <BOI> 4 slots <EOI> 65 66 <eos>: CE on 65, 66, <eos>
@@ -99,6 +100,10 @@ def test_caption_rows_train_on_the_caption_and_t2i_rows_leave_slots_unused():
     gen = bagel_row(t2i_parts([65], pixels(0), TOK), TOK, seq, SIZE)
     np.testing.assert_array_equal(gen["vit_positions"], np.full((1, 4), 48))
     np.testing.assert_array_equal(gen["image_valid"], [1, 0])
+    text = bagel_row(text_parts([65, 66], TOK), TOK, seq, SIZE)
+    # <bos> 65 66 <eos>: CE on all but <bos>, no image
+    np.testing.assert_array_equal(np.nonzero(text["lm_mask"])[0], [1, 2, 3])
+    np.testing.assert_array_equal(text["image_valid"], [0, 0])
 
 
 def test_a_packed_row_computes_what_its_segments_compute_alone():

@@ -9,6 +9,7 @@ text positions count up. Tasks (`data.sequence.bagel_tasks` weights):
   caption:  <bos> <BOI> [F ViT tokens] <EOI> caption <eos>           (CE on the caption)
   edit:     <bos> <BOI> [F ViT tokens] <EOI> <BOI> [P latents, clean] <EOI> instruction
             <BOI> [P latents, noised] <EOI>
+  text:     <bos> caption <eos>                                      (CE: the mix's pure text)
 
 Nothing follows a noised image, so no token reads it (official "noise" attention mode).
 With `data.sequence.bagel_pack`, a row packs further tasks on the same scene after the first,
@@ -31,7 +32,7 @@ from ml_collections import ConfigDict
 from mmjax.data import edits
 from mmjax.errors import UserError
 
-TASKS = ("t2i", "caption", "edit")
+TASKS = ("t2i", "caption", "edit", "text")
 VAE_SLOTS = 2  # latent images a row holds: an edit's source and target
 VIT_SLOTS = 1
 PART_KINDS = ("text", "vit", "vae")
@@ -167,6 +168,11 @@ def caption_parts(pixels: np.ndarray, caption_ids: Sequence[int], tokenizer: Any
     return [Part("text", (tokenizer.bos_id,)), Part("vit", pixels=pixels), Part("text", text, True)]
 
 
+def text_parts(ids: Sequence[int], tokenizer: Any) -> list[Part]:
+    """<bos>, then the text and <eos> as targets: language modelling alone."""
+    return [Part("text", (tokenizer.bos_id,)), Part("text", (*ids, tokenizer.eos_id), True)]
+
+
 def edit_parts(
     source: np.ndarray | None,
     instruction_ids: Sequence[int],
@@ -237,6 +243,8 @@ def task_parts(
         return task, t2i_parts(caption if text_kept else [], image, tokenizer)
     if task == "caption":
         return task, caption_parts(image, caption, tokenizer)
+    if task == "text":
+        return task, text_parts(caption, tokenizer)
     if "shapes" not in record:
         raise UserError(f"bagel edit rows need data.source 'shapes', not {record.get('source')!r}")
     target, edit = edits.edit_pair(record, rng)
