@@ -4,7 +4,8 @@ At equal active parameters (every token runs one width-128, 4-layer Qwen2 path),
 decoder shares all weights between text/ViT and VAE tokens, the MoE duplicates the MLPs (the
 official `Qwen2MoEDecoderLayer`) and the MoT every weight of the block (`Qwen2MoTDecoderLayer`);
 the paper finds MoT's generation (MSE) and understanding (CE) losses lowest. Tiny scale, on the
-shapes through the frozen tiny VAE (experiments/bagel.py:tiny_shapes):
+shapes through the frozen tiny VAE (experiments/bagel.py:tiny_shapes with BAGEL's own linear
+latent maps and one task a row, the setting the README's table was measured in):
 
   python -m mmjax.ablate --config experiments/ablations/bagel_experts.py \
       --workdir /tmp/bagel_experts
@@ -25,4 +26,7 @@ def get_config(arg: str = "mot") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown variant {arg!r}; valid: {VARIANTS}")
     c = load_config("../bagel.py:tiny_shapes", relative_to=__file__)
     c.model.experts = arg
+    c.model.latent_encoder = "linear"
+    c.data.sequence.bagel_pack = False
+    c.data.sequence.bagel_tasks = dict(t2i=2.0, caption=1.0, edit=1.0)
     return c
