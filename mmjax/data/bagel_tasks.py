@@ -13,8 +13,8 @@ text positions count up. Tasks (`data.sequence.bagel_tasks` weights):
 
 Nothing follows a noised image, so no token reads it (official "noise" attention mode).
 With `data.sequence.bagel_pack`, a row packs further tasks on the same scene after the first,
-drawn by the same weights among the tasks that still fit (max_len, 2 latent and 1 ViT image
-slots), each its own segment: positions restart and attention stays inside it (the official
+drawn by the same weights, until one does not fit (max_len, 2 latent and 1 ViT image slots);
+each is its own segment: positions restart and attention stays inside it (the official
 trainer packs samples into sequences of `max_num_tokens`).
 Classifier-free guidance needs the model to see rows without each condition: the caption or
 instruction is dropped with probability `text_drop`, an edit's ViT tokens with `vit_drop` and
@@ -200,17 +200,15 @@ def bagel_example(
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
     """One training row: a task drawn by `data.sequence.bagel_tasks`, with the CFG dropouts;
-    with `bagel_pack`, more tasks on the scene, drawn among those that still fit (module
-    docstring)."""
+    with `bagel_pack`, more tasks on the scene while they fit (module docstring)."""
     size = image.shape[0]
     weights = {t: float(w) for t, w in dict(seq.bagel_tasks).items() if float(w) > 0}
     segments = [task_parts(image, record, tokenizer, seq, rng, weights)[1]]
-    while seq.bagel_pack and weights:
-        task, more = task_parts(image, record, tokenizer, seq, rng, weights)
-        if fits([*segments, more], seq, size):
-            segments.append(more)
-        else:
-            del weights[task]
+    while seq.bagel_pack:
+        _, more = task_parts(image, record, tokenizer, seq, rng, weights)
+        if not fits([*segments, more], seq, size):
+            break
+        segments.append(more)
     return packed_row(segments, tokenizer, seq, size)
 
 
