@@ -203,9 +203,9 @@ def bagel_example(
     with `bagel_pack`, more tasks on the scene while they fit (module docstring)."""
     size = image.shape[0]
     weights = {t: float(w) for t, w in dict(seq.bagel_tasks).items() if float(w) > 0}
-    segments = [task_parts(image, record, tokenizer, seq, rng, weights)[1]]
+    segments = [task_parts(image, record, tokenizer, seq, rng, weights)]
     while seq.bagel_pack:
-        _, more = task_parts(image, record, tokenizer, seq, rng, weights)
+        more = task_parts(image, record, tokenizer, seq, rng, weights)
         if not fits([*segments, more], seq, size):
             break
         segments.append(more)
@@ -229,26 +229,26 @@ def task_parts(
     seq: ConfigDict,
     rng: np.random.Generator,
     weights: Mapping[str, float],
-) -> tuple[str, list[Part]]:
-    """(task, its parts) for one task on the scene, drawn by `weights` (task: weight), with
-    the CFG dropouts."""
+) -> list[Part]:
+    """The parts of one task on the scene, drawn by `weights` (task: weight), with the CFG
+    dropouts."""
     names = [t for t in TASKS if t in weights]
     p = np.asarray([weights[t] for t in names])
     task = names[rng.choice(len(names), p=p / p.sum())]
     caption = tokenizer.encode(record["caption"])
     text_kept = rng.random() >= float(seq.text_drop)
     if task == "t2i":
-        return task, t2i_parts(caption if text_kept else [], image, tokenizer)
+        return t2i_parts(caption if text_kept else [], image, tokenizer)
     if task == "caption":
-        return task, caption_parts(image, caption, tokenizer)
+        return caption_parts(image, caption, tokenizer)
     if task == "text":
-        return task, text_parts(caption, tokenizer)
+        return text_parts(caption, tokenizer)
     if "shapes" not in record:
         raise UserError(f"bagel edit rows need data.source 'shapes', not {record.get('source')!r}")
     target, edit = edits.edit_pair(record, rng)
     vit, vae = rng.random() >= float(seq.vit_drop), rng.random() >= float(seq.vae_drop)
     instruction = tokenizer.encode(edit.instruction) if text_kept else []
-    return task, edit_parts(
+    return edit_parts(
         image, instruction, pixels_like(image, record["image"], target), tokenizer,
         vit=vit, vae=vae,
     )  # fmt: skip
