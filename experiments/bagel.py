@@ -52,6 +52,7 @@ def _model(**fields) -> dict:
     defaults = dict(
         name="bagel", vocab_size=0, experts="mot", qk_norm=True, qkv_bias=True,
         norm_eps=1e-6, patch_size=2, latent_encoder="linear", unet_channels=32,
+        latent_positions="sincos",
         vision_options={}, remat_policy="none", scan_layers=False, attention_impl="auto",
     )  # fmt: skip
     return defaults | fields

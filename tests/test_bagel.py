@@ -28,6 +28,7 @@ from mmjax.data.sources import ShapesSource
 from mmjax.data.tokenizer import ByteTokenizer, WithImageMarkers
 from mmjax.errors import UserError
 from mmjax.models.bagel import LATENT_ENCODERS, Bagel
+from mmjax.nn.sincos import sincos_2d
 from mmjax.objectives.bagel import make_bagel_loss
 from mmjax.sampling.bagel import FlowSettings, edit_contexts, guide, stack_rows, t2i_contexts
 from mmjax.sampling.transfusion import TOKEN_KEYS, empty_cache, run_cached
@@ -288,6 +289,27 @@ def test_kv_cached_decoding_equals_the_full_forward_pass(latent_encoder):
             decoder, params, cache, {**chunk, "cache_offset": jnp.full((2,), i)}
         )
         np.testing.assert_allclose(out["logits"][:, 0], full["logits"][:, i], atol=1e-5)
+
+
+def test_learned_latent_positions_start_at_the_sin_cos_table_and_train():
+    batch = edit_batch()
+    fixed = tiny_model()
+    params = meta.unbox(fixed.init(jax.random.key(0), batch)["params"])
+    learned = tiny_model(latent_positions="learned")
+    lparams = meta.unbox(learned.init(jax.random.key(0), batch)["params"])
+    np.testing.assert_array_equal(lparams["latent_pos_embed"], sincos_2d(2, 2, 32))
+    assert "latent_pos_embed" not in params
+    want = fixed.apply({"params": params}, batch)["velocity"]
+    got = learned.apply({"params": params | {"latent_pos_embed": sincos_2d(2, 2, 32)}}, batch)
+    np.testing.assert_allclose(got["velocity"], want, atol=1e-6)
+    loss_fn = make_bagel_loss(lambda p, b, rng: learned.apply({"params": p}, b))
+    # The zero-initialised read-out passes no gradient: give it weights first
+    readout = jax.random.normal(jax.random.key(2), lparams["llm2vae"]["kernel"].shape)
+    lparams["llm2vae"] = lparams["llm2vae"] | {"kernel": readout}
+    grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(1))[0])(lparams)
+    assert np.abs(np.asarray(grads["latent_pos_embed"])).max() > 0
+    with pytest.raises(ValueError, match="unknown latent_positions 'rope'"):
+        tiny_model(latent_positions="rope").init(jax.random.key(0), batch)
 
 
 @pytest.mark.parametrize("latent_encoder", LATENT_ENCODERS)

@@ -36,12 +36,14 @@ from mmjax.nn import TimestepEmbed, TokenEmbed
 from mmjax.nn.axes import ACT
 from mmjax.nn.dense import DenseGeneral, dtypes
 from mmjax.nn.experts import TOKENS, route
+from mmjax.nn.initializers import logical
 from mmjax.nn.mlp import ACTIVATIONS
 from mmjax.nn.mot import MoTDecoder, expert_counts
 from mmjax.nn.patch_embed import patchify, unpatchify
 from mmjax.nn.sincos import sincos_2d
 
 LATENT_ENCODERS = ("linear", "unet")
+LATENT_POSITIONS = ("sincos", "learned")
 
 
 class Bagel(nn.Module):
@@ -68,6 +70,9 @@ class Bagel(nn.Module):
     timestep_scale: float = 1.0
     latent_encoder: str = "linear"  # LATENT_ENCODERS: BAGEL's linear maps | Transfusion's U-Net
     unet_channels: int = 32  # U-Net width (latent_encoder="unet")
+    # LATENT_POSITIONS: the official fixed 2D sin-cos table | a trainable table started from it
+    # (on a 4x4 latent grid the sin-cos table varies by a tenth of a token's norm)
+    latent_positions: str = "sincos"
     vision_patch: int = 8
     vision_width: int = 64
     vision_depth: int = 2
@@ -110,6 +115,10 @@ class Bagel(nn.Module):
             raise ValueError(
                 f"unknown latent_encoder {self.latent_encoder!r}; valid: {LATENT_ENCODERS}"
             )
+        if self.latent_positions not in LATENT_POSITIONS:
+            raise ValueError(
+                f"unknown latent_positions {self.latent_positions!r}; valid: {LATENT_POSITIONS}"
+            )
         kw = dtypes(self)
         self.token_embedding = TokenEmbed(self.vocab_size, self.width, self.param_dtype)
         self.decoder = MoTDecoder(
@@ -134,6 +143,15 @@ class Bagel(nn.Module):
         else:
             self.vae2llm = DenseGeneral((self.width,), ("patch", "embed"), **kw)
             self.llm2vae = DenseGeneral((p * p * c,), ("embed", "patch"), init="zeros", **kw)
+        table = sincos_2d(h // p, w // p, self.width)
+        if self.latent_positions == "learned":
+            table = self.param(
+                "latent_pos_embed",
+                logical(lambda *_: table, "position", "embed"),
+                table.shape,
+                self.param_dtype,
+            )
+        self.latent_pos_table = table
 
     def embed_latents(self, latents: jnp.ndarray, timesteps: jnp.ndarray) -> tuple:
         """Latents [B, M, h, w, c] at flow times [B, M] -> (tokens [B, M, P, width], what
@@ -150,9 +168,7 @@ class Bagel(nn.Module):
             x, skips = self.latent_unet.encode(flat, t)
         else:
             x, skips = self.vae2llm(patchify(flat, self.patch_size)), ()
-        h, w, _ = self.image_shape
-        pos = sincos_2d(h // self.patch_size, w // self.patch_size, self.width)
-        x = x + t[:, None] + pos.astype(self.dtype)
+        x = x + t[:, None] + jnp.asarray(self.latent_pos_table, self.dtype)
         return x.reshape(b, m, *x.shape[1:]), (skips, t)
 
     def read_latents(self, hidden: jnp.ndarray, context: tuple) -> jnp.ndarray:
