@@ -9,23 +9,15 @@ output projection zero-initialised, so the first prediction is 0).
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mmjax.nn.dense import DenseGeneral, dtypes
+from mmjax.nn.norms import plain_layer_norm
 from mmjax.nn.timestep import TimestepEmbed
 
 
 def _modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
     return x * (1.0 + scale) + shift
-
-
-def _plain_norm(x: jnp.ndarray, eps: float) -> jnp.ndarray:
-    """LayerNorm without affine parameters, statistics in f32 (AdaLN supplies the affine)."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.var(x32, axis=-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 class AdaLNResBlock(nn.Module):
@@ -72,7 +64,7 @@ class DiffusionHead(nn.Module):
             x = AdaLNResBlock(self.width, self.norm_eps, name=f"block{i}", **kw)(x, c)
         mod = DenseGeneral((2, self.width), ("mlp", None, None), init="zeros", name="ada_out", **kw)
         shift, scale = jnp.moveaxis(mod(nn.silu(c)), -2, 0)
-        x = _modulate(_plain_norm(x, self.norm_eps), shift, scale)
+        x = _modulate(plain_layer_norm(x, self.norm_eps), shift, scale)
         out = DenseGeneral(
             (self.token_dim,), ("mlp", "patch"), init="zeros", name="proj_out", **kw
         )(x)

@@ -22,7 +22,7 @@ from mmjax.nn.attention import QKV_AXES, _mesh_axes, kv_cache
 from mmjax.nn.dense import dtypes
 from mmjax.nn.experts import TOKENS, ExpertDense, ExpertRMSNorm, Routing
 from mmjax.nn.rope import apply_rope
-from mmjax.nn.transformer import REMAT_POLICIES
+from mmjax.nn.transformer import remat_block, run_blocks
 
 EXPERT_LAYOUTS = ("dense", "moe", "mot")
 
@@ -132,28 +132,7 @@ class MoTDecoder(MoTSettings):
     def __call__(self, x: jnp.ndarray, routing: Routing, *ids: jnp.ndarray | None) -> jnp.ndarray:
         """x [N, width] sorted by `routing`; `ids`: segment_ids, span_ids, positions [B, L]
         and cache_offset (int [B] or None) in sequence order."""
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"unknown remat_policy {self.remat_policy!r}; valid: {sorted(REMAT_POLICIES)}"
-            )
-        block = MoTBlock
-        if REMAT_POLICIES[self.remat_policy] is not None:
-            block = nn.remat(
-                MoTBlock, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers
-            )
-        fields = self.settings()
-        if self.scan_layers:
-            scanned = nn.scan(
-                lambda mdl, carry, *args: (mdl(carry, *args), None),
-                variable_axes={"params": 0, "cache": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * (1 + len(ids)),
-                length=self.depth,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x, _ = scanned(block(**fields, name="layers"), x, routing, *ids)
-        else:
-            for i in range(self.depth):
-                x = block(**fields, name=f"block{i}")(x, routing, *ids)
+        block = remat_block(MoTBlock, self.remat_policy, self.scan_layers)
+        x = run_blocks(block, self.settings(), self.depth, self.scan_layers, x, routing, *ids)
         g_attn, _ = expert_counts(self.experts)
         return ExpertRMSNorm(g_attn, self.norm_eps, **dtypes(self), name="norm_final")(x, routing)

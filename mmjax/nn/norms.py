@@ -1,6 +1,7 @@
 """Normalisation layers with logically partitioned parameters."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax.nn.initializers import logical
@@ -39,6 +40,15 @@ class RMSNorm(nn.Module):
             param_dtype=self.param_dtype,
             scale_init=logical(nn.initializers.ones_init(), "embed"),
         )(x)
+
+
+def plain_layer_norm(x: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """LayerNorm without affine parameters (an adaptive layer supplies them), statistics in
+    f32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.var(x32, axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 NORMS = {"layer": LayerNorm, "rms": RMSNorm}

@@ -162,6 +162,39 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 }
 
 
+def remat_block(block: type[nn.Module], policy: str, scanned: bool) -> type[nn.Module]:
+    """`block` rematerialised with the REMAT_POLICIES entry `policy` (`block` itself for
+    "none"); inside a scan the loop already keeps XLA from merging the recomputation away."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {policy!r}; valid: {sorted(REMAT_POLICIES)}")
+    if REMAT_POLICIES[policy] is None:
+        return block
+    return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=not scanned)
+
+
+def run_blocks(
+    block: type[nn.Module], fields: Mapping[str, Any], depth: int, scan_layers: bool,
+    x: jnp.ndarray, *args: Any,
+) -> jnp.ndarray:  # fmt: skip
+    """`depth` blocks `block(**fields)` on x, each called as block(x, *args) -> x, inside the
+    calling module: one `nn.scan` named `layers` (parameters stacked on a leading "layers"
+    axis) or blocks `block0` ... `block{depth - 1}`."""
+    if not scan_layers:
+        for i in range(depth):
+            x = block(**fields, name=f"block{i}")(x, *args)
+        return x
+    scanned = nn.scan(
+        lambda mdl, carry, *a: (mdl(carry, *a), None),
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * len(args),
+        length=depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    x, _ = scanned(block(**fields, name="layers"), x, *args)
+    return x
+
+
 class Transformer(nn.Module):
     """`depth` TransformerBlocks; `remat_policy` (a REMAT_POLICIES name) says what each block's
     backward pass keeps of its forward activations and recomputes.
@@ -260,18 +293,7 @@ class Transformer(nn.Module):
 
     def _block_class(self) -> type[TransformerBlock]:
         """TransformerBlock, rematerialised with the named policy (not for "none")."""
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"unknown remat_policy {self.remat_policy!r}; valid: {sorted(REMAT_POLICIES)}"
-            )
-        if REMAT_POLICIES[self.remat_policy] is None:
-            return TransformerBlock
-        # Inside a scan the loop already keeps XLA from merging the recomputation away
-        return nn.remat(
-            TransformerBlock,
-            policy=REMAT_POLICIES[self.remat_policy],
-            prevent_cse=not self.scan_layers,
-        )
+        return remat_block(TransformerBlock, self.remat_policy, self.scan_layers)
 
     def _block_fields(self, index: int | None = None) -> dict:
         """The TransformerBlock fields of block `index`; None: of the scanned blocks, whose
