@@ -52,7 +52,14 @@ class NextDiTBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cond, cond_mask, temb, angles):
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        cond: jnp.ndarray,
+        cond_mask: jnp.ndarray,
+        temb: jnp.ndarray,
+        angles: jnp.ndarray,
+    ) -> jnp.ndarray:
         kw = dtypes(self)
         width = x.shape[-1]
         head_dim = width // self.num_heads
