@@ -109,6 +109,9 @@ def _tiny_shapes(c: ml_collections.ConfigDict) -> None:
         vision_width=64, vision_depth=2, vision_heads=4, vision_mlp_dim=128, dtype="float32",
     )  # fmt: skip
     c.optimizer.update(lr=1e-3, warmup_steps=100)
+    # the flow loss weighted 5 as Transfusion's lambda at this budget (official: 1): composition
+    # 0.565 against 0.545, captioning 0.71 against 0.685 (README)
+    c.objective.kwargs.mse_weight = 5.0
     c.latents.vae_workdir = "/tmp/vae_tiny"
     c.evals = _evals(c.objective.kwargs)
 

@@ -90,6 +90,12 @@ def test_an_edit_row_lays_out_one_position_per_image_block():
     np.testing.assert_array_equal(row["image_valid"], [1, 1])
     assert row["lm_mask"].sum() == 0  # edits train the flow only
     assert row["segment_ids"].sum() == n
+    raster = bagel_row(
+        edit_parts(pixels(0), [65, 66], pixels(1), TOK), TOK, seq_config(bagel_image_rope="raster"),
+        SIZE,
+    )  # fmt: skip
+    np.testing.assert_array_equal(raster["positions"][:n], np.arange(n))
+    np.testing.assert_array_equal(raster["tokens"], row["tokens"])
 
 
 def test_caption_and_text_rows_train_on_the_text_and_t2i_rows_leave_slots_unused():
@@ -179,6 +185,8 @@ def test_bad_sequence_configs_and_long_rows_give_one_clear_error():
         check_bagel_config(seq_config(bagel_tasks=dict(paint=1.0)), SIZE)
     with pytest.raises(UserError, match="vit_patch_size"):
         check_bagel_config(seq_config(vit_patch_size=5), SIZE)
+    with pytest.raises(UserError, match="bagel_image_rope 'xy' is not one of"):
+        check_bagel_config(seq_config(bagel_image_rope="xy"), SIZE)
     with pytest.raises(UserError, match="vae_drop"):
         check_bagel_config(seq_config(vae_drop=1.5), SIZE)
     with pytest.raises(UserError, match=r"exceeds data\.sequence\.max_len 48"):

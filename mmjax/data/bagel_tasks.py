@@ -3,7 +3,9 @@
 A row is a sequence of parts: text, an image to understand (ViT tokens), an image as VAE
 latents (clean, as context, or noised: the generation target). Each image sits between
 <BOI> and <EOI>, and the whole block shares one RoPE position (official `prepare_vae_latent`);
-text positions count up. Tasks (`data.sequence.bagel_tasks` weights):
+text positions count up. `data.sequence.bagel_image_rope="raster"` instead counts positions up
+through the block too, one a token in raster order (Transfusion's layout), for the ablation.
+Tasks (`data.sequence.bagel_tasks` weights):
 
   t2i:      <bos> caption <BOI> [P latents, noised] <EOI>
   caption:  <bos> <BOI> [F ViT tokens] <EOI> caption <eos>           (CE on the caption)
@@ -36,6 +38,7 @@ TASKS = ("t2i", "caption", "edit", "text")
 VAE_SLOTS = 2  # latent images a row holds: an edit's source and target
 VIT_SLOTS = 1
 PART_KINDS = ("text", "vit", "vae")
+IMAGE_ROPE = ("shared", "raster")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,10 @@ def check_bagel_config(seq: ConfigDict, image_size: int) -> int:
     if unknown or not any(float(w) > 0 for w in weights.values()):
         raise UserError(
             f"data.sequence.bagel_tasks {weights} must weight some of {TASKS} (unknown: {unknown})"
+        )
+    if seq.bagel_image_rope not in IMAGE_ROPE:
+        raise UserError(
+            f"data.sequence.bagel_image_rope {seq.bagel_image_rope!r} is not one of {IMAGE_ROPE}"
         )
     for key in ("text_drop", "vit_drop", "vae_drop"):
         if not 0.0 <= float(seq[key]) <= 1.0:
@@ -99,6 +106,7 @@ def packed_row(
     max_len, channels = int(seq.max_len), int(seq.channels)
     num_patches = check_bagel_config(seq, image_size)
     num_features = num_vit_tokens(seq, image_size)
+    raster = seq.bagel_image_rope == "raster"
     ids, pos, seg, span, loss = [], [], [], [], []
     vae, vit = [], []  # (first slot, part)
     for segment_id, parts in enumerate(segments, 1):
@@ -116,10 +124,10 @@ def packed_row(
                 slots = num_features if part.kind == "vit" else num_patches
                 (vit if part.kind == "vit" else vae).append((len(ids) + 1, part))
                 ids += [tokenizer.boi_id, *[tokenizer.pad_id] * slots, tokenizer.eoi_id]
-                pos += [p] * (slots + 2)
+                pos += range(p, p + slots + 2) if raster else [p] * (slots + 2)
                 span += [0, *[len(vit) + len(vae)] * slots, 0]
                 loss += [False] * (slots + 2)
-                p += 1
+                p += slots + 2 if raster else 1
         seg += [segment_id] * (len(ids) - len(seg))
     n = len(ids)
     if n > max_len:
