@@ -183,6 +183,9 @@ BAGEL_BATCH = dict(
     vit_positions=BatchKey((3,), "int"),
 )
 
+# A BLIP3-o row (data/blip3o_rows.py): the prompt with query slots, the target image
+BLIP3O_BATCH = dict(**SEQUENCE, query_positions=INT_TOKENS, images=BatchKey((5,), "float"))
+
 for _family in (
     Family("clip", models.clip.Model, ("clip",), PAIRS, evaluators=CONTRASTIVE_EVALS),
     Family("siglip", models.siglip.Model, ("siglip",), PAIRS, evaluators=CONTRASTIVE_EVALS),
@@ -215,6 +218,7 @@ for _family in (
         ("unifluid",),
         unifluid_sampling.SAMPLER,
     ),
+    Family("blip3o", models.blip3o.Model, ("blip3o",), BLIP3O_BATCH, "blip3o"),
     Family(
         "bagel",
         models.bagel.Model,

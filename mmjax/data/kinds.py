@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
-from mmjax.data import bagel_tasks, edits, qwen_tasks, sequences
+from mmjax.data import bagel_tasks, blip3o_rows, edits, qwen_tasks, sequences
 from mmjax.data.sources import Source, sample_captions
 from mmjax.data.tokenizer import (
     Tokenizer,
@@ -191,5 +191,15 @@ register_sequence_kind(
             *(edits.edit_texts(source, _MAX_TASK_RECORDS) if "shapes" in source[0] else []),
         ],
         moves_pixels=False,  # the edits move objects and name their relations
+    )
+)
+register_sequence_kind(
+    SequenceKind(
+        "blip3o",
+        _reads_caption(blip3o_rows.blip3o_example),
+        blip3o_rows.check_blip3o_config,
+        WithVlmTokens,  # the backbone VLM's tokenizer: its specials and training texts
+        texts=lambda source, name: task_texts(source, name, _MAX_TASK_RECORDS),
+        split_digits=True,
     )
 )

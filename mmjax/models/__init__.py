@@ -6,13 +6,26 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models import bagel, blip, clip, lm, qwen_vl, siglip, transfusion, unifluid, vae, vlm
+from mmjax.models import (
+    bagel,
+    blip,
+    blip3o,
+    clip,
+    lm,
+    qwen_vl,
+    siglip,
+    transfusion,
+    unifluid,
+    vae,
+    vlm,
+)
 from mmjax.models.causal_lm import LMFields
 
 MODELS = {
     "bagel": bagel.Model,
     "blip": blip.Blip,
     "blip2": blip.Blip2,
+    "blip3o": blip3o.Model,
     "clip": clip.Model,
     "lm": lm.Model,
     "qwen_vl": qwen_vl.Model,

@@ -114,10 +114,22 @@ class VLM(LMFields, kw_only=True):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool = False) -> dict:
-        self._check(batch)
+    def __call__(
+        self,
+        batch: Mapping[str, jnp.ndarray],
+        *,
+        train: bool = False,
+        queries: jnp.ndarray | None = None,
+        hidden: bool = False,
+    ) -> dict:
+        """`queries` [B, Q, width] replace the token embeddings at `query_positions` [B, Q]
+        (BLIP3-o's learnable queries; a row may then have no image); `hidden` returns the LM's
+        final normed hidden states [B, L, width] as "hidden" instead of "logits"."""
+        self._check(batch, queries is not None)
         lm = self.language_model(name="lm")
         x = lm.embed(batch["tokens"])
+        if queries is not None:
+            x = jax.vmap(scatter_tokens)(x, batch["query_positions"], queries)
         visual = self._visual_tokens(batch, train) if "images" in batch else None
         out = {} if visual is None else {"visual_tokens": visual}
         before_block = None
@@ -125,12 +137,15 @@ class VLM(LMFields, kw_only=True):
             x = jax.vmap(scatter_tokens)(x, batch["visual_positions"], visual)
         elif self.mode == "flamingo":
             before_block = self._gated_layers(self._media(visual), batch["media_ids"])
-        out["logits"] = lm.logits(
+        h = lm.hidden(
             x, batch["segment_ids"], batch["positions"], batch.get("cache_offset"), before_block
         )
+        if hidden and self.is_initializing():
+            lm.head(h[:, :1])  # the head exists: a trained VLM's whole LM loads into this one
+        out["hidden" if hidden else "logits"] = h if hidden else lm.head(h)
         return out
 
-    def _check(self, batch: Mapping[str, jnp.ndarray]) -> None:
+    def _check(self, batch: Mapping[str, jnp.ndarray], has_queries: bool) -> None:
         """Clear errors for a bad config or batch, before they fail deep inside."""
         if self.mode not in MODES:
             raise ValueError(f"unknown VLM mode {self.mode!r}; valid: {MODES}")
@@ -138,9 +153,10 @@ class VLM(LMFields, kw_only=True):
             raise ValueError(
                 f"cross_attention_every must be >= 1, got {self.cross_attention_every}"
             )
-        if "images" not in batch and not self.decode:
+        if "images" not in batch and not (self.decode or has_queries):
             raise ValueError(
-                "a VLM batch needs images (decoding chunks after the prompt omit them)"
+                "a VLM batch needs images (decoding chunks after the prompt and rows of "
+                "queries omit them)"
             )
         needed = "visual_positions" if self.mode == "prefix" else "media_ids"
         if needed not in batch and (self.mode == "flamingo" or "images" in batch):

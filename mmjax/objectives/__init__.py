@@ -8,6 +8,7 @@ import jax
 from mmjax.objectives.autoencoder import vae_objective
 from mmjax.objectives.bagel import make_bagel_loss
 from mmjax.objectives.blip import make_blip_loss
+from mmjax.objectives.blip3o import make_blip3o_loss
 from mmjax.objectives.contrastive import (
     clip_loss,
     clip_loss_sharded,
@@ -47,6 +48,7 @@ def _siglip(apply_fn: ApplyFn) -> LossFn:
 OBJECTIVES: dict[str, Callable[..., LossFn]] = {
     "bagel": make_bagel_loss,
     "blip": make_blip_loss,
+    "blip3o": make_blip3o_loss,
     "clip": _clip,
     "siglip": _siglip,
     "vae": vae_objective,

@@ -139,7 +139,7 @@ def _check_shapes(config: ml_collections.ConfigDict, vae: VAE, vae_size: int, wh
             f"{where}: the VAE maps {size}x{size} images to latents of shape {latent}, but "
             f"model.image_shape is {tuple(config.model.image_shape)}"
         )
-    if int(seq.patch_size) != int(config.model.patch_size) * f:
+    if "patch_size" in config.model and int(seq.patch_size) != int(config.model.patch_size) * f:
         raise UserError(
             f"{where}: data.sequence.patch_size counts pixels: with model.patch_size "
             f"{config.model.patch_size} on latents downsampled {f}x it must be "

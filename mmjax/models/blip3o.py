@@ -1,0 +1,92 @@
+"""BLIP3-o (Chen et al., 2025; official JiuhaiChen/BLIP3o): a frozen autoregressive VLM
+conditions a diffusion transformer that generates an image's CLIP features.
+
+The backbone (`backbone`: a models/vlm.py VLM, its parameters under `backbone/`, loaded from a
+trained VLM's workdir and frozen by `optimizer.frozen`) reads the prompt with `num_queries`
+learnable query embeddings in its query slots (data/blip3o_rows.py; official `latent_queries`,
+drawn from N(0, 1)). Its last-layer normed hidden states at the queries, unprojected (the
+official `down_projector` is the identity), are the condition of a NextDiT (`dit`:
+nn/nextdit.py fields) that predicts on the target grid `image_shape` (CLIP features pooled to
+a grid, or VAE latents: the feature space of `config.latents`).
+
+`__call__(batch)` -> {"prediction" [B, 1, h, w, c]}: `images` [B, 1, h, w, c] are the noised
+targets, `timesteps` [B, 1] their noise levels sigma, `cond_keep` [B] (optional) zeroes the
+condition of the rows with 0 (the official `mask_drop`, for classifier-free guidance).
+Sampling runs `condition` once and `predict` at every step.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax.core import freeze
+
+from mmjax.models.vlm import VLM
+from mmjax.nn.dense import dtypes
+from mmjax.nn.initializers import logical
+from mmjax.nn.nextdit import NextDiT
+
+
+class Blip3o(nn.Module):
+    """The model of the module docstring."""
+
+    backbone: Mapping[str, Any]  # the VLM's config.model (its `name` is ignored)
+    dit: Mapping[str, Any]  # NextDiT fields but the dtypes
+    image_shape: Sequence[int]  # the generated grid (h, w, c)
+    num_queries: int = 64
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        # Frozen (hashable) configs, so that the model can be a static argument of jax.jit
+        object.__setattr__(self, "backbone", freeze(dict(self.backbone)))
+        object.__setattr__(self, "dit", freeze(dict(self.dit)))
+        super().__post_init__()
+
+    def setup(self) -> None:
+        fields = {k: v for k, v in self.backbone.items() if k != "name"}
+        for key, default in dtypes(self).items():  # the backbone's own, else the model's
+            fields[key] = jnp.dtype(fields.get(key, default))
+        self.vlm = VLM(**fields, name="backbone")
+        self.queries = self.param(
+            "queries",
+            logical(nn.initializers.normal(1.0), None, "embed"),
+            (self.num_queries, self.vlm.width),
+            self.param_dtype,
+        )
+        self.generator = NextDiT(**self.dit, **dtypes(self), name="dit")
+
+    def condition(self, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+        """The backbone's last hidden states at the query slots, [B, Q, backbone width]."""
+        slots = batch["query_positions"]
+        if slots.shape[-1] != self.num_queries:
+            raise ValueError(
+                f"query_positions has {slots.shape[-1]} slots but the model has "
+                f"{self.num_queries} queries (data.sequence.num_queries, model.num_queries)"
+            )
+        prompt = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "query_positions")}
+        queries = jnp.broadcast_to(self.queries, (slots.shape[0], *self.queries.shape))
+        hidden = self.vlm(prompt, queries=queries.astype(self.dtype), hidden=True)["hidden"]
+        return jnp.take_along_axis(hidden, slots[..., None], axis=1)
+
+    def predict(self, x: jnp.ndarray, sigma: jnp.ndarray, cond: jnp.ndarray) -> jnp.ndarray:
+        """Noised grids [N, h, w, c] at noise levels sigma [N] -> the DiT's output (f32)."""
+        if tuple(x.shape[1:]) != tuple(self.image_shape):
+            raise ValueError(
+                f"targets of shape {tuple(x.shape[1:])} but the model generates "
+                f"{tuple(self.image_shape)} (model.image_shape: the feature space's grid)"
+            )
+        return self.generator(x, sigma, cond)
+
+    def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool = False) -> dict:
+        del train  # no dropout
+        cond = self.condition(batch)
+        if "cond_keep" in batch:
+            cond = cond * batch["cond_keep"][:, None, None].astype(cond.dtype)
+        x = batch["images"][:, 0]
+        out = self.predict(x, batch["timesteps"][:, 0], cond)
+        return {"prediction": out[:, None]}
+
+
+Model = Blip3o

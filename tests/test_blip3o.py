@@ -1,0 +1,148 @@
+"""BLIP3-o: the prompt rows, the frozen backbone's condition at the queries, the flow and MSE
+objectives training the generator while the backbone stays bit-identical, clear errors."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax.core import meta
+
+from mmjax.data.blip3o_rows import blip3o_example, blip3o_prompt, check_blip3o_config
+from mmjax.data.sequences import SEQUENCE_DEFAULTS
+from mmjax.data.tokenizer import ByteTokenizer, WithVlmTokens
+from mmjax.errors import UserError
+from mmjax.models.blip3o import Blip3o
+from mmjax.models.causal_lm import CausalLM
+from mmjax.models.vlm import VLM
+from mmjax.objectives.blip3o import make_blip3o_loss
+from mmjax.train.config_cli import base_config
+from mmjax.train.optimizer import make_optimizer
+from mmjax.train.stages import stop_frozen_gradients
+
+TOK = WithVlmTokens(ByteTokenizer())
+SIZE, QUERIES = 8, 4
+BACKBONE = dict(
+    name="vlm", vocab_size=TOK.vocab_size, width=32, depth=2, num_heads=2, mlp_dim=64,
+    vision=dict(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32),
+    connector=dict(type="linear"), dtype="float32",
+)  # fmt: skip
+DIT = dict(width=32, depth=2, num_heads=2, mlp_dim=64, time_width=32)
+
+
+def seq_config(**overrides) -> ml_collections.ConfigDict:
+    values = dict(kind="blip3o", max_len=32, num_queries=QUERIES, channels=3)
+    return ml_collections.ConfigDict({**SEQUENCE_DEFAULTS, **values, **overrides})
+
+
+def model(**kw) -> Blip3o:
+    fields = dict(backbone=BACKBONE, dit=DIT, image_shape=(SIZE, SIZE, 3), num_queries=QUERIES)
+    return Blip3o(**(fields | kw), dtype=jnp.float32)
+
+
+def batch_of(captions, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    rows = [
+        blip3o_example(rng.uniform(-1, 1, (SIZE, SIZE, 3)), TOK.encode(c), TOK, seq_config(), rng)
+        for c in captions
+    ]
+    return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+
+def test_a_row_is_the_prompt_then_the_query_slots():
+    row = blip3o_example(np.zeros((SIZE, SIZE, 4)), [70, 71, 72], TOK, seq_config(), None)
+    want = [TOK.bos_id, 70, 71, 72, TOK.image_id, *[TOK.pad_id] * QUERIES]
+    np.testing.assert_array_equal(row["tokens"][: len(want)], want)
+    np.testing.assert_array_equal(row["query_positions"], [5, 6, 7, 8])
+    np.testing.assert_array_equal(row["segment_ids"], [1] * 9 + [0] * 23)
+    assert row["images"].shape == (1, SIZE, SIZE, 3)  # the channels data.sequence keeps
+
+
+def test_bad_rows_give_one_clear_error():
+    with pytest.raises(UserError, match="num_queries must be an integer >= 1"):
+        check_blip3o_config(seq_config(num_queries=0), SIZE)
+    with pytest.raises(UserError, match="max_len 6 cannot hold"):
+        check_blip3o_config(seq_config(max_len=6), SIZE)
+    with pytest.raises(UserError, match="a prompt of 30 tokens with 4 queries takes 36"):
+        blip3o_prompt(list(range(65, 95)), TOK, seq_config())
+    batch = batch_of(["a red circle"])
+    m = model(num_queries=3)
+    with pytest.raises(ValueError, match="query_positions has 4 slots but the model has 3"):
+        m.init(jax.random.key(0), batch)
+
+
+def test_the_condition_is_the_backbones_last_hidden_states_at_the_queries():
+    batch = batch_of(["a red circle", "two blue squares"]) | {"timesteps": jnp.ones((2, 1))}
+    m = model()
+    params = meta.unbox(m.init(jax.random.key(0), batch)["params"])
+    cond = m.apply({"params": params}, batch, method=Blip3o.condition)
+    vlm = VLM(**{k: v for k, v in BACKBONE.items() if k != "name"})
+    lm, lm_params = vlm.language_model(), {"params": params["backbone"]["lm"]}
+    embeds = lm.apply(lm_params, batch["tokens"], method=CausalLM.embed)
+    queries = jnp.broadcast_to(params["queries"], (2, QUERIES, 32))
+    rows = jnp.arange(2)[:, None]
+    x = embeds.at[rows, batch["query_positions"]].set(queries)
+    # the same LM with the queries written as inputs: its hidden states at those slots
+    hidden = lm.apply(
+        lm_params, x, batch["segment_ids"], batch["positions"], method=CausalLM.hidden
+    )
+    np.testing.assert_allclose(cond, hidden[rows, batch["query_positions"]], atol=1e-6)
+    # and the VLM's logits with queries are its head on those hidden states
+    prompt = {k: v for k, v in batch.items() if k not in ("images", "timesteps")}
+    logits = vlm.apply({"params": params["backbone"]}, prompt, queries=queries)["logits"]
+    head = lm.apply(lm_params, hidden, method=CausalLM.head)
+    np.testing.assert_allclose(logits, head, atol=1e-5)
+
+
+def test_a_dropped_condition_ignores_the_prompt():
+    a, b = batch_of(["a red circle"]), batch_of(["two green triangles"])
+    m = model()
+    params = meta.unbox(m.init(jax.random.key(0), a | {"timesteps": jnp.ones((1, 1))}))
+    params = params["params"]
+    # the cross-attention gates start at 0: open them so the condition reaches every token
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, p: p + 1.0 if "gate" in jax.tree_util.keystr(path) else p, params
+    )
+    x = {"images": a["images"], "timesteps": jnp.full((1, 1), 0.5)}
+
+    def predict(batch, keep):
+        out = m.apply({"params": params}, batch | x | {"cond_keep": jnp.asarray([keep])})
+        return np.asarray(out["prediction"])
+
+    assert np.abs(predict(a, 1.0) - predict(b, 1.0)).max() > 1e-3
+    np.testing.assert_array_equal(predict(a, 0.0), predict(b, 0.0))
+
+
+@pytest.mark.parametrize("target", ["flow", "mse"])
+def test_training_lowers_the_loss_and_leaves_the_frozen_backbone_bit_identical(target):
+    batch = batch_of(["a red circle", "two blue squares", "a green triangle", "one circle"])
+    m = model()
+    params = meta.unbox(m.init(jax.random.key(0), batch | {"timesteps": jnp.ones((4, 1))}))
+    params = params["params"]
+    cfg = base_config().optimizer
+    cfg.update(lr=3e-3, warmup_steps=1, frozen=("backbone/**",))
+    tx, _ = make_optimizer(cfg, 40)
+    loss = make_blip3o_loss(lambda p, b, r: m.apply({"params": p}, b), target=target, cond_drop=0.1)
+    loss = stop_frozen_gradients(loss, cfg.frozen)
+
+    @jax.jit
+    def step(params, state, rng):
+        (value, _), grads = jax.value_and_grad(loss, has_aux=True)(params, batch, rng)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    state, trained, losses = tx.init(params), params, []
+    for i in range(40):
+        trained, state, value = step(trained, state, jax.random.key(i))
+        losses.append(float(value))
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    jax.tree.map(np.testing.assert_array_equal, trained["backbone"], params["backbone"])
+    assert not np.array_equal(trained["queries"], params["queries"])  # the queries train
+
+
+def test_unknown_objective_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown blip3o objective target 'l1'"):
+        make_blip3o_loss(lambda *a: None, target="l1")
+    with pytest.raises(ValueError, match=r"cond_drop 1\.0 is not a probability"):
+        make_blip3o_loss(lambda *a: None, cond_drop=1.0)
