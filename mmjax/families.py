@@ -26,6 +26,7 @@ from mmjax import evals, models, objectives
 from mmjax.data import kinds
 from mmjax.errors import UserError
 from mmjax.sampling import bagel as bagel_sampling
+from mmjax.sampling import blip3o as blip3o_sampling
 from mmjax.sampling import transfusion as transfusion_sampling
 from mmjax.sampling import unifluid as unifluid_sampling
 from mmjax.sampling.sampler import Sampler
@@ -192,6 +193,7 @@ for _family in (
     Family("blip", models.blip.Blip, ("blip",), PAIRS),
     Family("blip2", models.blip.Blip2, ("blip",), PAIRS),
     Family("vae", models.vae.Model, ("vae",), dict(image=IMAGE)),
+    Family("clip_decoder", models.clip_decoder.Model, ("clip_decoder",), dict(image=IMAGE)),
     Family("vlm", models.vlm.Model, ("vlm",), VLM_BATCH, "vlm", ("vlm",)),
     Family("lm", models.lm.Model, ("vlm",), VLM_BATCH, "vlm", ("vlm",)),
     Family("qwen_vl", models.qwen_vl.Model, ("vlm",), QWEN_VL_BATCH, "qwen_vl", ("qwen_vl",)),
@@ -218,7 +220,15 @@ for _family in (
         ("unifluid",),
         unifluid_sampling.SAMPLER,
     ),
-    Family("blip3o", models.blip3o.Model, ("blip3o",), BLIP3O_BATCH, "blip3o"),
+    Family(
+        "blip3o",
+        models.blip3o.Model,
+        ("blip3o",),
+        BLIP3O_BATCH,
+        "blip3o",
+        ("blip3o",),
+        blip3o_sampling.SAMPLER,
+    ),
     Family(
         "bagel",
         models.bagel.Model,

@@ -9,6 +9,7 @@ from jax.sharding import Mesh
 
 from mmjax.errors import UserError
 from mmjax.evals.bagel import BagelEval
+from mmjax.evals.blip3o import Blip3oEval
 from mmjax.evals.features import EvalContext
 from mmjax.evals.linear_probe import LinearProbe
 from mmjax.evals.qwen_vl import QwenVlEval
@@ -21,6 +22,7 @@ from mmjax.models.vae import LatentSpace
 
 EVALUATORS = {
     "bagel": BagelEval,
+    "blip3o": Blip3oEval,
     "zero_shot": ZeroShotClassifier,
     "retrieval": Retrieval,
     "linear_probe": LinearProbe,

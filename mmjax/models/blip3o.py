@@ -12,6 +12,7 @@ a grid, or VAE latents: the feature space of `config.latents`).
 `__call__(batch)` -> {"prediction" [B, 1, h, w, c]}: `images` [B, 1, h, w, c] are the noised
 targets, `timesteps` [B, 1] their noise levels sigma, `cond_keep` [B] (optional) zeroes the
 condition of the rows with 0 (the official `mask_drop`, for classifier-free guidance).
+Without `timesteps` (initialising from a data batch) sigma is 1.
 Sampling runs `condition` once and `predict` at every step.
 """
 
@@ -35,6 +36,12 @@ class Blip3o(nn.Module):
     dit: Mapping[str, Any]  # NextDiT fields but the dtypes
     image_shape: Sequence[int]  # the generated grid (h, w, c)
     num_queries: int = 64
+    # The backbone's images (size, channels) and visual tokens: initialising runs it once on
+    # a blank image so its vision tower and connector exist, the whole trained VLM loads into
+    # `backbone` and it still captions. 0: text only (its LM alone).
+    backbone_image: tuple[int, int] = (0, 3)
+    backbone_visual_tokens: int = 0
+    decode: bool = False  # `backbone_model`'s KV cache (captioning); generation needs none
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
 
@@ -44,11 +51,18 @@ class Blip3o(nn.Module):
         object.__setattr__(self, "dit", freeze(dict(self.dit)))
         super().__post_init__()
 
-    def setup(self) -> None:
+    def _backbone_fields(self) -> dict[str, Any]:
         fields = {k: v for k, v in self.backbone.items() if k != "name"}
         for key, default in dtypes(self).items():  # the backbone's own, else the model's
             fields[key] = jnp.dtype(fields.get(key, default))
-        self.vlm = VLM(**fields, name="backbone")
+        return fields
+
+    def backbone_model(self, decode: bool = False) -> VLM:
+        """The backbone as a stand-alone VLM: `params["backbone"]` are its parameters."""
+        return VLM(**self._backbone_fields(), decode=decode, parent=None)
+
+    def setup(self) -> None:
+        self.vlm = VLM(**self._backbone_fields(), name="backbone")
         self.queries = self.param(
             "queries",
             logical(nn.initializers.normal(1.0), None, "embed"),
@@ -65,10 +79,20 @@ class Blip3o(nn.Module):
                 f"query_positions has {slots.shape[-1]} slots but the model has "
                 f"{self.num_queries} queries (data.sequence.num_queries, model.num_queries)"
             )
+        if self.is_initializing() and self.backbone_image[0]:
+            self._build_backbone_vision()
         prompt = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "query_positions")}
         queries = jnp.broadcast_to(self.queries, (slots.shape[0], *self.queries.shape))
         hidden = self.vlm(prompt, queries=queries.astype(self.dtype), hidden=True)["hidden"]
         return jnp.take_along_axis(hidden, slots[..., None], axis=1)
+
+    def _build_backbone_vision(self) -> None:
+        size, channels = self.backbone_image
+        slots = jnp.arange(self.backbone_visual_tokens)[None]
+        blank = jnp.zeros((1, size, size, channels), self.dtype)
+        ones = jnp.ones_like(slots)
+        self.vlm({"tokens": 0 * slots, "positions": slots, "segment_ids": ones,
+                  "visual_positions": slots, "images": blank})  # fmt: skip
 
     def predict(self, x: jnp.ndarray, sigma: jnp.ndarray, cond: jnp.ndarray) -> jnp.ndarray:
         """Noised grids [N, h, w, c] at noise levels sigma [N] -> the DiT's output (f32)."""
@@ -85,7 +109,8 @@ class Blip3o(nn.Module):
         if "cond_keep" in batch:
             cond = cond * batch["cond_keep"][:, None, None].astype(cond.dtype)
         x = batch["images"][:, 0]
-        out = self.predict(x, batch["timesteps"][:, 0], cond)
+        sigma = batch.get("timesteps", jnp.ones(x.shape[:1]))  # absent when initialising
+        out = self.predict(x, sigma.reshape(-1), cond)
         return {"prediction": out[:, None]}
 
 

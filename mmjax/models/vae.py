@@ -229,14 +229,15 @@ def _check_channels(x: jnp.ndarray, what: str, channels: int) -> None:
 
 
 def estimate_scaling_factor(
-    model: VAE, params, images: np.ndarray | jnp.ndarray, *, batch_size: int = 256
+    model: nn.Module, params, images: np.ndarray | jnp.ndarray, *, batch_size: int = 256
 ) -> float:
     """1 / std of the posterior means of `images` over every latent element (as SD's 0.18215
     was chosen: latents times it have unit variance). Pass a few thousand training images."""
     images = np.asarray(images)
     if len(images) < 2:
         raise ValueError("estimate_scaling_factor needs at least 2 images")
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VAE.encode)[0])
+    unscaled = model.clone(scaling_factor=1.0)  # its images_to_latents: the posterior means
+    encode = jax.jit(lambda p, x: unscaled.apply({"params": p}, x, method="images_to_latents"))
     means = [
         np.asarray(encode(params, images[i : i + batch_size]), np.float64)
         for i in range(0, len(images), batch_size)
@@ -251,13 +252,14 @@ def estimate_scaling_factor(
 class LatentSpace:
     """Images <-> the scaled latents a diffusion model works in, through a frozen autoencoder.
 
-    `autoencoder` is a `VAE` (with its `scaling_factor`) or `Pixels`, `params` its parameters
+    `autoencoder` is a `VAE` (with its `scaling_factor`), `Pixels` or a models/clip_decoder.py
+    `ClipDecoder` (CLIP features: the same methods and fields), `params` its parameters
     (never trained: no gradient flows into them). `sample` encodes to posterior samples
     instead of means and needs an rng. Images and latents may have any leading axes (e.g.
     [B, M, H, W, C]). Jitted callers close over `params`, so they are constants of the program.
     """
 
-    autoencoder: VAE | Pixels
+    autoencoder: nn.Module  # VAE | Pixels | ClipDecoder
     params: Any
     sample: bool = False
 

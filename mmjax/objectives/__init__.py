@@ -5,7 +5,7 @@ from typing import Any
 
 import jax
 
-from mmjax.objectives.autoencoder import vae_objective
+from mmjax.objectives.autoencoder import decoder_objective, vae_objective
 from mmjax.objectives.bagel import make_bagel_loss
 from mmjax.objectives.blip import make_blip_loss
 from mmjax.objectives.blip3o import make_blip3o_loss
@@ -50,6 +50,7 @@ OBJECTIVES: dict[str, Callable[..., LossFn]] = {
     "blip": make_blip_loss,
     "blip3o": make_blip3o_loss,
     "clip": _clip,
+    "clip_decoder": decoder_objective,
     "siglip": _siglip,
     "vae": vae_objective,
     "transfusion": make_transfusion_loss,

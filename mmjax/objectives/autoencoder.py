@@ -109,3 +109,25 @@ def vae_objective(
         )
 
     return loss_fn
+
+
+def decoder_objective(
+    apply_fn: Callable[[Any, Mapping[str, jax.Array], jax.Array], Mapping[str, jax.Array]],
+    *,
+    reconstruction_loss: str = "l1",
+) -> Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]:
+    """The pixel reconstruction error (L1 or L2 per pixel value) of a decoder from frozen
+    features (models/clip_decoder.py), as (params, batch, rng) -> (loss, {loss, psnr})."""
+    if reconstruction_loss not in RECONSTRUCTIONS:
+        raise ValueError(
+            f"unknown reconstruction_loss {reconstruction_loss!r}; valid: {RECONSTRUCTIONS}"
+        )
+
+    def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array):
+        images = batch["image"].astype(jnp.float32)
+        reconstruction = apply_fn(params, batch, rng)["reconstruction"].astype(jnp.float32)
+        diff = reconstruction - images
+        loss = jnp.mean(jnp.abs(diff) if reconstruction_loss == "l1" else jnp.square(diff))
+        return loss, {"loss": loss, "psnr": jnp.mean(psnr(images, reconstruction))}
+
+    return loss_fn

@@ -3,7 +3,9 @@
   c.latents = dict(vae_workdir="", scaling_factor=0.0, sample=False)
 
 `vae_workdir` "" keeps the model in pixel space. Otherwise it names the workdir of a trained
-`vae` run (experiments/vae.py): its newest checkpoint is restored and never trained further.
+autoencoder: a `vae` run (experiments/vae.py) or a `clip_decoder` run (a frozen CLIP tower's
+features and their pixel decoder, models/clip_decoder.py: BLIP3-o's feature space). Its
+newest checkpoint is restored and never trained further.
 The pipeline's pixel images [-1, 1] are encoded to its scaled latents inside the jitted train
 step (objectives.on_latents) and in the evals; generated latents are decoded to pixels for the
 judges and the sample grids. `scaling_factor` 0 estimates 1 / std of the latents from the
@@ -18,6 +20,8 @@ The data side stays in pixels: `data.sequence.patch_size` counts pixels, so it m
 
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,10 +32,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mmjax import models
 from mmjax.data.sources import build_source
 from mmjax.errors import UserError
-from mmjax.models.vae import VAE, LatentSpace, estimate_scaling_factor
+from mmjax.models.vae import LatentSpace, estimate_scaling_factor
 from mmjax.train.workdir import read_params
 
 SCALING_IMAGES = 2048
+AUTOENCODERS = ("vae", "clip_decoder")  # the model.name values a latent space is read from
 
 
 def load_latent_space(config: ml_collections.ConfigDict, mesh: Mesh) -> LatentSpace | None:
@@ -45,21 +50,9 @@ def load_latent_space(config: ml_collections.ConfigDict, mesh: Mesh) -> LatentSp
         return None
     workdir = os.path.abspath(latents.vae_workdir)
     where = f"latents.vae_workdir {latents.vae_workdir!r}"
-    vae_config = _vae_config(workdir, where)
-    vae = models.build_model(vae_config.model)
-    vae_size = int(vae_config.data.image_size)
-    _check_shapes(config, vae, vae_size, where)
-    image = jax.ShapeDtypeStruct((1, vae_size, vae_size, vae.in_channels), np.float32)
-    shapes = jax.eval_shape(lambda x: vae.init(jax.random.key(0), {"image": x})["params"], image)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        nn.meta.unbox(shapes),
+    vae, params, step = read_autoencoder(
+        workdir, where, mesh, lambda vae, size: _check_shapes(config, vae, size, where)
     )
-    try:
-        step, params = read_params(workdir, abstract)
-    except UserError as e:
-        raise UserError(f"{where} holds no trained VAE: {e}") from None
     factor = float(latents.get("scaling_factor", 0.0))
     how = "given"
     if factor <= 0:
@@ -79,6 +72,31 @@ def load_latent_space(config: ml_collections.ConfigDict, mesh: Mesh) -> LatentSp
     return space
 
 
+def read_autoencoder(
+    workdir: str, where: str, mesh: Mesh, check: Callable[[nn.Module, int], None] | None = None
+) -> tuple[nn.Module, Any, int]:
+    """(model, params replicated on `mesh`, step) of the trained autoencoder in
+    `workdir` (a vae or clip_decoder run); `check(model, image size)` runs before any
+    parameter is read. Errors start with `where`."""
+    vae_config = _vae_config(workdir, where)
+    vae = models.build_model(vae_config.model)
+    vae_size = int(vae_config.data.image_size)
+    if check is not None:
+        check(vae, vae_size)
+    image = jax.ShapeDtypeStruct((1, vae_size, vae_size, vae.in_channels), np.float32)
+    shapes = jax.eval_shape(lambda x: vae.init(jax.random.key(0), {"image": x})["params"], image)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        nn.meta.unbox(shapes),
+    )
+    try:
+        step, params = read_params(workdir, abstract)
+    except UserError as e:
+        raise UserError(f"{where} holds no trained VAE: {e}") from None
+    return vae, params, step
+
+
 def resolved_latents(latents: ml_collections.ConfigDict, space: LatentSpace) -> dict:
     """`config.latents` as the run used it: the VAE's absolute workdir and the scaling factor
     (estimated when given as 0), so config.json records what was used."""
@@ -96,8 +114,10 @@ def _vae_config(workdir: str, where: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         vae_config = ml_collections.ConfigDict(json.load(f))
     name = vae_config.get("model", {}).get("name")
-    if name != "vae":
-        raise UserError(f"{where} holds no trained VAE: its model is {name!r}, not 'vae'")
+    if name not in AUTOENCODERS:
+        raise UserError(
+            f"{where} holds no trained VAE: its model is {name!r}, not one of {AUTOENCODERS}"
+        )
     return vae_config
 
 
@@ -122,7 +142,9 @@ def _check_pixel_space(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _check_shapes(config: ml_collections.ConfigDict, vae: VAE, vae_size: int, where: str) -> None:
+def _check_shapes(
+    config: ml_collections.ConfigDict, vae: nn.Module, vae_size: int, where: str
+) -> None:
     """The VAE's images are the data's, its latents the model's images, patches agree."""
     size, seq = int(config.data.image_size), config.data.sequence
     channels = int(seq.channels)
