@@ -57,7 +57,9 @@ def _tiny_decoder() -> ml_collections.ConfigDict:
         dtype="float32",
     )
     c.objective = dict(name="clip_decoder", kwargs=dict(reconstruction_loss="l1"))
-    c.init_from.update(format="workdir", path=CLIP_WORKDIR, load={"image_tower": "image_tower"})
+    c.init_from.update(
+        format="workdir", path=CLIP_WORKDIR, load={"image_tower": "image_tower"}, family="clip"
+    )
     return c
 
 
@@ -91,11 +93,11 @@ def _tiny_shapes() -> ml_collections.ConfigDict:
         dtype="float32",
     )
     c.objective = dict(name="blip3o", kwargs=dict(target="flow", cond_drop=0.1))
-    c.init_from.update(format="workdir", path=BACKBONE_WORKDIR, load={"backbone": ""})
+    c.init_from.update(format="workdir", path=BACKBONE_WORKDIR, load={"backbone": ""}, family="vlm")
     c.latents = dict(vae_workdir=DECODER_WORKDIR, scaling_factor=1.0, sample=False)
     c.evals = dict(
         generation=dict(
-            type="blip3o", split="test", num_samples=200, num_steps=30, guidance_scale=3.0,
+            type="blip3o", split="test", num_samples=200, num_steps=30, cfg_scale=3.0,
             loss=c.objective.kwargs,
         )
     )  # fmt: skip

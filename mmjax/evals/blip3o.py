@@ -1,6 +1,6 @@
 """Generation and understanding evals of a BLIP3-o model on held-out shapes.
 
-`evals.NAME = dict(type="blip3o", split, num_samples, loss, num_steps, guidance_scale,
+`evals.NAME = dict(type="blip3o", split, num_samples, loss, num_steps, cfg_scale,
 clip_workdir)`, `loss` being the objective's kwargs. Reports `compositional_accuracy` (and
 its parts) of the images drawn for the first `num_samples` held-out captions (generated
 features or latents, rendered by the feature space's decoder), `clip_cosine`: the mean

@@ -27,7 +27,7 @@ class FlowSettings(NamedTuple):
     """The official defaults: 30 Euler steps, guidance 3; `target` the objective's."""
 
     num_steps: int = 30
-    guidance_scale: float = 3.0
+    cfg_scale: float = 3.0
     target: str = "flow"
 
 
@@ -61,7 +61,7 @@ def _generate(model: Blip3o, s: FlowSettings, params: Any, prompts: dict, rng: j
         sigma = jnp.full((2 * n,), sigmas[i])
         v = model.apply(variables, jnp.concatenate([x, x]), sigma, both, method=Blip3o.predict)
         v_c, v_u = v[:n], v[n:]
-        return x + (sigmas[i + 1] - sigmas[i]) * (v_u + s.guidance_scale * (v_c - v_u))
+        return x + (sigmas[i + 1] - sigmas[i]) * (v_u + s.cfg_scale * (v_c - v_u))
 
     return jax.lax.fori_loop(0, s.num_steps, step, jax.random.normal(rng, shape, jnp.float32))
 

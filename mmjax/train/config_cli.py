@@ -43,10 +43,11 @@ def base_config(**optimizer: Any) -> ml_collections.ConfigDict:
     # Pretrained weights (mmjax.convert): format hf_clip | hf_siglip | open_clip, a local path,
     # and for open_clip the model name; their architecture replaces c.model's. Or format
     # workdir: an earlier run's workdir, its checkpoint `step` (-1: latest) and `load`
-    # {dst param prefix: src param prefix} (None: all) copied into this model's fresh params;
+    # {dst param prefix: src param prefix} (None: all) copied into this model's fresh params,
+    # `family` (a model.name) the earlier run must be of ("": any);
     # `more` {name: dict(path, step, load)}: further earlier workdirs, read the same way
     # (mmjax/train/stages.py).
-    c.init_from = dict(format="", path="", name="", step=-1, load=None, more={})
+    c.init_from = dict(format="", path="", name="", step=-1, load=None, family="", more={})
     adamw = dict(
         lr=3e-4,
         b1=0.9,

@@ -10,6 +10,7 @@ after this run's own initialisation, each subtree `dst` of its params is replace
 `load` copies the whole tree. Both subtrees must hold the same paths and shapes (dtypes are cast
 to this run's), or the same transformer stacks scanned on one side and unscanned on the other
 (converted by mmjax.parallel.layout, through host memory). The earlier workdir is only read.
+A source's `family` (a model.name, e.g. "vlm") refuses an earlier run of another family.
 Resuming this run's own workdir takes precedence: a run initialises from `init_from` only when
 it has no checkpoint yet (`initial_params`).
 
@@ -60,7 +61,7 @@ from mmjax.train.stages import is_box, param_paths, replace_leaves, top_level
 WORKDIR_FORMAT = "workdir"
 MAX_LISTED = 3  # mismatches named in one error line
 FIRST = "init_from"  # the name of the first source in errors; the others: init_from.more.NAME
-SOURCE_KEYS = ("path", "step", "load")
+SOURCE_KEYS = ("path", "step", "load", "family")
 IMPORT_KEYS = ("format", "name")  # a `more` source of converted weights: mmjax.convert
 VOCAB_AXIS = "vocab"  # a parameter with this logical axis needs the same tokenizer
 # The data settings a tokenizer depends on, named in a vocabulary mismatch
@@ -394,6 +395,12 @@ class _EarlierRun(StoredRun):
     def __init__(self, source: Mapping[str, Any], label: str = FIRST):
         super().__init__(source["path"], int(source.get("step", -1)), label, f"{label}.path")
         self.load = dict(source.get("load") or {"": ""})
+        family = source.get("family", "")
+        if family and self.model != family:
+            raise UserError(
+                f"{label}.path {self.workdir} holds a {self.model!r} run, but {label}.family "
+                f"asks for a {family!r} run to load from"
+            )
 
     def check_vocabulary(
         self,
