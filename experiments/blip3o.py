@@ -14,7 +14,9 @@ tower, then the generator (the backbone frozen: the paper's sequential schedule)
   python -m mmjax.sample --workdir /tmp/blip3o_shapes --prompt "a red circle left of a blue square"
 
 The design comparison (CLIP + flow, CLIP + MSE, VAE + flow) is
-experiments/ablations/blip3o_design.py. Variants: tiny_decoder, tiny_shapes.
+experiments/ablations/blip3o_design.py, the schedules (sequential: the backbone frozen; joint:
+trained on its own understanding rows too) experiments/ablations/blip3o_schedule.py.
+Variants: tiny_decoder, tiny_shapes.
 """
 
 import ml_collections
@@ -99,6 +101,8 @@ def _tiny_shapes() -> ml_collections.ConfigDict:
         generation=dict(
             type="blip3o", split="test", num_samples=200, num_steps=30, cfg_scale=3.0,
             loss=c.objective.kwargs,
+            # the backbone judged as llava.py:tiny's own vlm eval judges it
+            backbone_sequence=llava.data.sequence.to_dict(), backbone_tasks=("caption", "vqa"),
         )
     )  # fmt: skip
     return c

@@ -185,7 +185,17 @@ BAGEL_BATCH = dict(
 )
 
 # A BLIP3-o row (data/blip3o_rows.py): the prompt with query slots, the target image
-BLIP3O_BATCH = dict(**SEQUENCE, query_positions=INT_TOKENS, images=BatchKey((5,), "float"))
+# (joint training: also a VLM row of the backbone, its keys prefixed und_)
+BLIP3O_BATCH = dict(
+    **SEQUENCE,
+    query_positions=INT_TOKENS,
+    images=BatchKey((5,), "float"),
+    **{
+        f"und_{k}": dataclasses.replace(v, optional=True)
+        for k, v in VLM_BATCH.items()
+        if k != "media_ids"
+    },
+)
 
 for _family in (
     Family("clip", models.clip.Model, ("clip",), PAIRS, evaluators=CONTRASTIVE_EVALS),

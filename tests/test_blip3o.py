@@ -9,8 +9,14 @@ import optax
 import pytest
 from flax.core import meta
 
-from mmjax.data.blip3o_rows import blip3o_example, blip3o_prompt, check_blip3o_config
-from mmjax.data.sequences import SEQUENCE_DEFAULTS
+from mmjax.data.blip3o_rows import (
+    blip3o_example,
+    blip3o_prompt,
+    check_blip3o_config,
+    understanding_sequence,
+)
+from mmjax.data.sequences import SEQUENCE_DEFAULTS, vlm_example
+from mmjax.data.sources import ShapesSource
 from mmjax.data.tokenizer import ByteTokenizer, WithVlmTokens
 from mmjax.errors import UserError
 from mmjax.models.blip3o import Blip3o
@@ -146,3 +152,26 @@ def test_unknown_objective_settings_are_refused():
         make_blip3o_loss(lambda *a: None, target="l1")
     with pytest.raises(ValueError, match=r"cond_drop 1\.0 is not a probability"):
         make_blip3o_loss(lambda *a: None, cond_drop=1.0)
+
+
+def test_joint_rows_add_the_backbones_own_task_and_its_answer_loss():
+    und = dict(mode="prefix", visual_tokens=64, max_len=160, tasks=dict(caption=1.0))
+    seq = seq_config(understanding=und)
+    record = ShapesSource("train", 1)[0] | {"source": "shapes"}
+    image = np.asarray(record["image"], np.float32) / 127.5 - 1.0  # 32x32
+    ids = TOK.encode("a red circle")
+    row = blip3o_example(image, ids, TOK, seq, np.random.default_rng(0), record)
+    want = vlm_example(image, record, TOK, understanding_sequence(seq), np.random.default_rng(0))
+    for key, value in want.items():
+        np.testing.assert_array_equal(row[f"und_{key}"], value)
+    batch = {k: jnp.asarray(v)[None] for k, v in row.items()}
+    batch["images"] = batch["images"][:, :, :SIZE, :SIZE]  # the grid `model` generates
+    m = model(backbone_image=(32, 3), backbone_visual_tokens=64)
+    params = meta.unbox(m.init(jax.random.key(0), batch))["params"]
+    apply_fn = lambda p, b, r: m.apply({"params": p}, b)  # noqa: E731
+    rng = jax.random.key(1)
+    _, joint = make_blip3o_loss(apply_fn, lm_weight=1.0)(params, batch, rng)
+    sequential = {k: v for k, v in batch.items() if not k.startswith("und_")}
+    _, alone = make_blip3o_loss(apply_fn)(params, sequential, rng)
+    assert "lm_loss" not in alone and float(joint["lm_loss"]) > 0
+    np.testing.assert_allclose(joint["loss"], alone["loss"] + joint["lm_loss"], rtol=1e-6)

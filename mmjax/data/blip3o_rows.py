@@ -9,14 +9,21 @@ transformer, which generates `images` [1, H, W, C] (the row's target, encoded by
 feature space: CLIP features or VAE latents). The tokenizer is the backbone VLM's (the same
 specials as kind "vlm", trained on the same texts), so the backbone's embeddings read it.
 Classifier-free guidance drops the condition in the objective (the official `mask_drop`).
+
+Joint training (the paper's other schedule, Sec. 3.3: the backbone trained on understanding
+and generation together): `data.sequence.understanding` holds the backbone's own VLM sequence
+settings (kind "vlm": mode, visual_tokens, max_len, tasks), and each row also carries one of
+its understanding rows on the same record, its keys prefixed `und_` (data/sequences.py
+`vlm_example`). Empty (the default): generation rows only, the sequential schedule.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from ml_collections import ConfigDict
 
+from mmjax.data.sequences import SEQUENCE_DEFAULTS, check_vlm_config, vlm_example
 from mmjax.errors import UserError
 
 
@@ -31,6 +38,9 @@ def check_blip3o_config(seq: ConfigDict, image_size: int) -> int:
             f"data.sequence.max_len {seq.max_len} cannot hold <bos>, a caption, <image> and "
             f"{q} query slots"
         )
+    und = understanding_sequence(seq)
+    if und is not None:
+        check_vlm_config(und)
     return q
 
 
@@ -40,13 +50,31 @@ def blip3o_example(
     tokenizer: Any,
     seq: ConfigDict,
     rng: np.random.Generator,
+    record: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """One row (module docstring): `tokens`, `positions`, `segment_ids` [L], `query_positions`
-    [Q] and `images` [1, H, W, C]."""
-    del rng  # nothing random in the layout: CFG drops the condition in the objective
-    return blip3o_prompt(caption_ids, tokenizer, seq) | {
+    [Q] and `images` [1, H, W, C]; with `seq.understanding`, an understanding row of `record`
+    as `und_*` keys."""
+    out = blip3o_prompt(caption_ids, tokenizer, seq) | {
         "images": image[None, ..., : int(seq.channels)].astype(np.float32)
     }
+    und = understanding_sequence(seq)
+    if und is None:
+        return out
+    if record is None:
+        raise ValueError("joint blip3o rows lay out an understanding task: pass `record`")
+    row = vlm_example(image, record, tokenizer, und, rng)
+    return out | {f"und_{k}": v for k, v in row.items()}
+
+
+def understanding_sequence(seq: ConfigDict) -> ConfigDict | None:
+    """The backbone's VLM `data.sequence` of joint training (module docstring); None when
+    `seq.understanding` is empty."""
+    und = seq.get("understanding") or {}
+    if not und:
+        return None
+    values = {**SEQUENCE_DEFAULTS, **dict(und), "kind": "vlm", "channels": seq.channels}
+    return ConfigDict(values)
 
 
 def blip3o_prompt(

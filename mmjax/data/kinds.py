@@ -196,7 +196,7 @@ register_sequence_kind(
 register_sequence_kind(
     SequenceKind(
         "blip3o",
-        _reads_caption(blip3o_rows.blip3o_example),
+        blip3o_rows.blip3o_example,  # the record too: joint rows add an understanding task
         blip3o_rows.check_blip3o_config,
         WithVlmTokens,  # the backbone VLM's tokenizer: its specials and training texts
         texts=lambda source, name: task_texts(source, name, _MAX_TASK_RECORDS),

@@ -72,9 +72,10 @@ SEQUENCE_DEFAULTS: dict[str, Any] = dict(
     vit_drop=0.5,
     vae_drop=0.1,
     bagel_pack=False,  # pack further tasks on the scene into a row while they fit
-    bagel_image_rope="shared",
+    bagel_image_rope="shared",  # one RoPE position an image block (official) | raster
     # blip3o (mmjax.data.blip3o_rows): the learnable query slots after the prompt (paper: 64)
-    num_queries=64,  # one RoPE position an image block (official) | raster (Transfusion)
+    num_queries=64,
+    understanding={},  # joint training: the backbone's VLM sequence settings (blip3o_rows)
 )
 VLM_MODES = ("prefix", "flamingo")
 _FIT_CHECK_RECORDS = 256  # records whose every task pair must fit max_len before training

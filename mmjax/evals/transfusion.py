@@ -58,22 +58,25 @@ class JudgedEval:
         self.records = records
         self.step = 0
 
-    def judge(self, generated: np.ndarray, captions: list[str]) -> dict[str, float]:
+    def judge(self, generated: np.ndarray, captions: list[str] | None) -> dict[str, float]:
         """Metrics of generated latents [N, h, w, c] (decoded to pixels for the judge and the
-        grid) for the records' captions, and of the `captions` written for their images."""
+        grid) for the records' captions, and of the `captions` written for their images (None:
+        a model that does not caption here)."""
         generated = np.asarray(self.decode(generated))  # pixels
         if self.ctx.data_cfg.source == "digits":
             labels = [r["label"] for r in self.records]
             correct = generation.digit_judge().predict(generated) == np.asarray(labels)
-            metrics = {
-                "generation_accuracy": float(np.mean(correct)),
-                "caption_accuracy": generation.caption_accuracy(captions, labels),
-            }
+            metrics = {"generation_accuracy": float(np.mean(correct))}
+            if captions is not None:
+                metrics["caption_accuracy"] = generation.caption_accuracy(captions, labels)
         else:
             verdicts = generation.compositional_verdicts(generated, self.captions)
             correct = np.asarray([v["all"] for v in verdicts])
             metrics = generation.compositional_metrics(generated, self.captions)
-            metrics["caption_accuracy"] = generation.shapes_caption_accuracy(captions, self.records)
+            if captions is not None:
+                metrics["caption_accuracy"] = generation.shapes_caption_accuracy(
+                    captions, self.records
+                )
         self._write_grid(generated, correct)
         return metrics
 

@@ -13,7 +13,9 @@ a grid, or VAE latents: the feature space of `config.latents`).
 targets, `timesteps` [B, 1] their noise levels sigma, `cond_keep` [B] (optional) zeroes the
 condition of the rows with 0 (the official `mask_drop`, for classifier-free guidance).
 Without `timesteps` (initialising from a data batch) sigma is 1.
-Sampling runs `condition` once and `predict` at every step.
+Sampling runs `condition` once and `predict` at every step. Joint training's batches also
+hold an understanding row of the backbone (`und_*` keys, data/blip3o_rows.py): its logits are
+"und_logits".
 """
 
 from collections.abc import Mapping, Sequence
@@ -27,6 +29,8 @@ from mmjax.models.vlm import VLM
 from mmjax.nn.dense import dtypes
 from mmjax.nn.initializers import logical
 from mmjax.nn.nextdit import NextDiT
+
+UND = "und_"  # the prefix of a joint row's understanding keys
 
 
 class Blip3o(nn.Module):
@@ -104,14 +108,16 @@ class Blip3o(nn.Module):
         return self.generator(x, sigma, cond)
 
     def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool = False) -> dict:
-        del train  # no dropout
         cond = self.condition(batch)
         if "cond_keep" in batch:
             cond = cond * batch["cond_keep"][:, None, None].astype(cond.dtype)
         x = batch["images"][:, 0]
         sigma = batch.get("timesteps", jnp.ones(x.shape[:1]))  # absent when initialising
-        out = self.predict(x, sigma.reshape(-1), cond)
-        return {"prediction": out[:, None]}
+        out = {"prediction": self.predict(x, sigma.reshape(-1), cond)[:, None]}
+        if "und_tokens" in batch:  # joint training: the backbone's own understanding rows
+            und = {k[len(UND) :]: v for k, v in batch.items() if k.startswith(UND)}
+            out["und_logits"] = self.vlm(und, train=train)["logits"]
+        return out
 
 
 Model = Blip3o

@@ -15,6 +15,8 @@ Nothing is zero-initialised but the per-head cross-attention gates (official cod
 init the grid sees its condition only through the pooled temb.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -40,9 +42,8 @@ def grid_rope_angles(height: int, width: int, head_dim: int, theta: float) -> jn
     return axial_rope_angles(positions, head_dim, theta)[None]
 
 
-class NextDiTBlock(nn.Module):
-    """One Lumina-Next block (module docstring): x [B, S, width], the condition [B, N, width]
-    and its mask [B, N] (1 valid, 0 padding), temb [B, T], RoPE angles [1, S, head_dim/2]."""
+class NextDiTSettings(nn.Module):
+    """The fields a NextDiTBlock is built from, shared by the NextDiT that stacks them."""
 
     num_heads: int
     mlp_dim: int
@@ -50,6 +51,16 @@ class NextDiTBlock(nn.Module):
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.float32
+
+    def block_settings(self) -> dict:
+        """The NextDiTSettings fields' values."""
+        names = [f.name for f in dataclasses.fields(NextDiTSettings)]
+        return {n: getattr(self, n) for n in names if n not in ("parent", "name")}
+
+
+class NextDiTBlock(NextDiTSettings):
+    """One Lumina-Next block (module docstring): x [B, S, width], the condition [B, N, width]
+    and its mask [B, N] (1 valid, 0 padding), temb [B, T], RoPE angles [1, S, head_dim/2]."""
 
     @nn.compact
     def __call__(
@@ -107,7 +118,7 @@ class NextDiTBlock(nn.Module):
         return nn.with_logical_constraint(x, ACT)
 
 
-class NextDiT(nn.Module):
+class NextDiT(NextDiTSettings, kw_only=True):
     """`__call__(x [B, H, W, C], t [B], cond [B, N, D], cond_mask [B, N] | None)` -> the
     prediction [B, H, W, C] (f32): patches of `patch_size` embedded linearly, `depth`
     NextDiTBlocks, the adaptive final layer. `timestep_scale` multiplies t before the
@@ -115,18 +126,12 @@ class NextDiT(nn.Module):
 
     width: int
     depth: int
-    num_heads: int
-    mlp_dim: int
     patch_size: int = 1
     time_width: int = 1024  # min(width, 1024), as Lumina-Next sizes its temb
     timestep_scale: float = 1000.0
-    norm_eps: float = 1e-5
     rope_theta: float = 10_000.0
     remat_policy: str = "none"
     scan_layers: bool = False
-    attention_impl: str = "auto"
-    dtype: jnp.dtype = jnp.bfloat16
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -166,10 +171,7 @@ class NextDiT(nn.Module):
             height // p, width_px // p, self.width // self.num_heads, self.rope_theta
         )
         block = remat_block(NextDiTBlock, self.remat_policy, self.scan_layers)
-        fields = dict(
-            num_heads=self.num_heads, mlp_dim=self.mlp_dim, norm_eps=self.norm_eps,
-            attention_impl=self.attention_impl, **kw,
-        )  # fmt: skip
+        fields = self.block_settings()
         h = run_blocks(block, fields, self.depth, self.scan_layers, h, c, cond_mask, temb, angles)
         scale = DenseGeneral((self.width,), (None, "embed"), name="final_modulation", **kw)(
             nn.silu(temb)

@@ -8,7 +8,9 @@ feature space already encoded (objectives.on_latents: CLIP features or VAE laten
   "mse":  regression (the paper's "CLIP + MSE" design): the DiT reads no noise (zeros, at
           sigma 1) and predicts x0 from the condition alone.
 The condition of a row is zeroed with probability `cond_drop` (official `mask_drop`, 0.1) so
-that sampling can guide with the unconditional prediction.
+that sampling can guide with the unconditional prediction. Joint training's rows also hold an
+understanding task of the backbone (`und_*`): `lm_weight` x its answer cross-entropy (the
+VLM objective's) joins the loss.
 """
 
 from collections.abc import Callable, Mapping
@@ -23,12 +25,13 @@ from mmjax.objectives.diffusion import (
     flow_sample,
     sample_flow_times,
 )
+from mmjax.objectives.transfusion import masked_token_ce
 
 TARGETS = ("flow", "mse")
 
 
 def make_blip3o_loss(
-    apply_fn: Callable, *, target: str = "flow", cond_drop: float = 0.1
+    apply_fn: Callable, *, target: str = "flow", cond_drop: float = 0.1, lm_weight: float = 1.0
 ) -> Callable:
     """(params, batch, rng) -> (loss, metrics) for rows from mmjax.data.blip3o_rows."""
     if target not in TARGETS:
@@ -49,7 +52,16 @@ def make_blip3o_loss(
         keep = cfg_keep_mask(drop_rng, (b,), cond_drop).astype(jnp.float32)
         inputs = {**batch, "images": x, "timesteps": sigma, "cond_keep": keep}
         out = apply_fn(params, inputs, model_rng)
-        loss, _ = diffusion_loss(out["prediction"], want)
-        return loss, {"loss": loss, "diffusion_loss": loss}
+        mse, _ = diffusion_loss(out["prediction"], want)
+        metrics = {"diffusion_loss": mse}
+        loss = mse
+        if "und_logits" in out:
+            weights = batch["und_loss_mask"].astype(jnp.float32)
+            ce = masked_token_ce(
+                out["und_logits"].astype(jnp.float32), batch["und_targets"], weights
+            )
+            loss = loss + lm_weight * ce
+            metrics["lm_loss"] = ce
+        return loss, metrics | {"loss": loss}
 
     return loss_fn
