@@ -143,5 +143,7 @@ def test_a_workdir_without_a_trained_vae_is_named(vae_workdir, tmp_path, trained
     not_a_vae = trained[2]  # the Transfusion run's own workdir
     with open(os.path.join(not_a_vae, "config.json"), "w") as f:
         f.write(trained[0].config.to_json())
-    with pytest.raises(UserError, match="its model is 'transfusion', not 'vae'"):
+    with pytest.raises(
+        UserError, match=r"its model is 'transfusion', not one of \('vae', 'clip_decoder'\)"
+    ):
         Trainer(shapes_config(not_a_vae), None, devices=DEVICES)
