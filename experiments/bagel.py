@@ -6,8 +6,10 @@ patches: 16 tokens an image, embedded and read out by Transfusion's U-Net patch 
 Transfusion's run; a 2-layer ViT on 8x8-pixel patches: 16 tokens), at Transfusion's
 `tiny_shapes` budget (width 128, 4 layers, 4 heads, MLP 384 per expert; 4,000 steps of batch
 64; a word a token). Rows of 64 tokens are packed: a row holds on average 0.91 text -> image,
-0.37 captioning and 0.25 editing tasks (45 of its 64 tokens). The final eval draws 200
-held-out captions, captions their images and edits 200 held-out scenes:
+0.37 captioning and 0.25 editing tasks (45 of its 64 tokens). Unlike the official layout each
+image token has its own RoPE position, and the flow loss weighs 5 (docs/bagel.md). The final
+eval draws 200 held-out captions, captions their images and edits 200 held-out scenes
+(measured: compositional accuracy 0.96, caption accuracy 0.815, edit accuracy 0.625):
 
   python -m mmjax.train --config experiments/vae.py:tiny --workdir /tmp/vae_tiny
   python -m mmjax.train --config experiments/bagel.py:tiny_shapes --workdir /tmp/bagel_shapes
@@ -98,6 +100,9 @@ def _tiny_shapes(c: ml_collections.ConfigDict) -> None:
             # 0.405 against 0.685, the captions learnt as text alone (README)
             bagel_tasks=dict(t2i=2.0, caption=1.0, edit=1.0),
             bagel_pack=True,
+            # a RoPE position a token through each image block (Transfusion's layout), not the
+            # official one a block: relations 0.955 against 0.455, edits 0.625 against 0.335
+            bagel_image_rope="raster",
             text_drop=0.1,
             vit_drop=0.5,
             vae_drop=0.1,

@@ -26,8 +26,10 @@ def get_config(arg: str = "mot") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown variant {arg!r}; valid: {VARIANTS}")
     c = load_config("../bagel.py:tiny_shapes", relative_to=__file__)
     c.model.experts = arg
-    c.objective.kwargs.mse_weight = 1.0  # the official weight, as the README's table was measured
+    # the official flow weight and image positions, as the README's table was measured
+    c.objective.kwargs.mse_weight = 1.0
     c.evals.generation.loss.mse_weight = 1.0
+    c.data.sequence.bagel_image_rope = "shared"
     c.model.latent_encoder = "linear"
     c.data.sequence.bagel_pack = False
     c.data.sequence.bagel_tasks = dict(t2i=2.0, caption=1.0, edit=1.0)
