@@ -71,10 +71,10 @@ def caption_with_backbone(
 ) -> list[str]:
     """The backbone VLM's greedy answers to `prompt` about each image [N, H, W, C] (prefix
     mode: the image's visual tokens lead, as it was trained)."""
+    if not model.backbone_visual_tokens:
+        raise UserError("this model's backbone was built text-only: it has no vision to caption")
     decoder = model.backbone_model(decode=True)
-    visual = decoder.vision["patch_size"]
-    slots = (pixels.shape[1] // visual) ** 2
-    ids = [tokenizer.image_id] * slots + tokenizer.encode(prompt)
+    ids = [tokenizer.image_id] * model.backbone_visual_tokens + tokenizer.encode(prompt)
     out = vlm_generate(
         decoder, params["backbone"], pixels, [ids] * len(pixels), image_id=tokenizer.image_id,
         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_new_tokens=max_new,
