@@ -16,7 +16,18 @@ tower, then the generator (the backbone frozen: the paper's sequential schedule)
 The design comparison (CLIP + flow, CLIP + MSE, VAE + flow) is
 experiments/ablations/blip3o_design.py, the schedules (sequential: the backbone frozen; joint:
 trained on its own understanding rows too) experiments/ablations/blip3o_schedule.py.
-Variants: tiny_decoder, tiny_shapes.
+The paper's models (Sec. 4.1; official run.sh): `4B` and `8B` train the generator on the frozen
+Qwen2.5-VL-3B / -7B-Instruct (a qwen2_5_vl.py:3B / :7B workdir holding the released weights),
+the pixel decoder being a clip_decoder run on EVA-CLIP-E-14-plus. Their sharded train step
+compiles for a TPU pod without one:
+
+  python -m mmjax.aot --config experiments/blip3o.py:8B --topology v5p:4x4x4
+  python -m mmjax.train --config experiments/blip3o.py:8B --workdir /gcs/bucket/blip3o_8b \
+      --config.init_from.path=/gcs/bucket/qwen25vl7b --config.data.path=/data/blip3o_pretrain \
+      --config.data.tokenizer_path=/models/Qwen2.5-VL-7B-Instruct \
+      --config.latents.vae_workdir=/gcs/bucket/eva_clip_decoder
+
+Variants: tiny_decoder, tiny_shapes, 4B, 8B.
 """
 
 import ml_collections
@@ -24,7 +35,9 @@ import ml_collections
 from mmjax.data import data_config
 from mmjax.train.config_cli import base_config, load_config
 
-VARIANTS = ("tiny_decoder", "tiny_shapes")
+# BLIP3-o's sizes -> their backbone, a qwen2_5_vl.py variant (Sec. 4.1)
+PAPER_BACKBONES = {"4B": "3B", "8B": "7B"}
+VARIANTS = ("tiny_decoder", "tiny_shapes", *PAPER_BACKBONES)
 CLIP_WORKDIR = "/tmp/clip_tiny_shapes"
 BACKBONE_WORKDIR = "/tmp/llava_tiny"
 DECODER_WORKDIR = "/tmp/blip3o_decoder"
@@ -35,6 +48,8 @@ def get_config(arg: str = "tiny_shapes") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown blip3o variant {arg!r}; valid: {VARIANTS}")
     if arg == "tiny_decoder":
         return _tiny_decoder()
+    if arg in PAPER_BACKBONES:
+        return _paper(PAPER_BACKBONES[arg])
     return _tiny_shapes()
 
 
@@ -105,4 +120,44 @@ def _tiny_shapes() -> ml_collections.ConfigDict:
             backbone_sequence=llava.data.sequence.to_dict(), backbone_tasks=("caption", "vqa"),
         )
     )  # fmt: skip
+    return c
+
+
+def _paper(backbone: str) -> ml_collections.ConfigDict:
+    """BLIP3-o-4B/8B's generator (official run.sh and NextDiTCrossAttnConfig): 64 queries on the
+    frozen Qwen2.5-VL; a NextDiT of 24 blocks of width 1792 (28 heads, SwiGLU 4864: Lumina's
+    2/3 * 4 * 1792 rounded up to 256) generating EVA-CLIP-E-14-plus features of 448-px images
+    (32x32x1792 average-pooled 4x4 to 8x8: gen_pooling early_pool2d_4); AdamW lr 1e-4, no weight
+    decay, cosine to 1e-5 after 0.3% warm-up, batch 128 (16 x 8 GPUs), 512 tokens, bf16."""
+    c = base_config(lr=1e-4, warmup_steps=600, end_factor=0.1, frozen=("backbone/**",))
+    c.mesh.update(data=1, fsdp=-1)
+    c.total_steps = 200_000  # one epoch of ~25M open pre-training images (Sec. 4.1)
+    c.batch_size = 128
+    c.log_every = 10
+    c.eval_every = c.total_steps
+    c.checkpoint_every = 1000
+    qwen = load_config(f"qwen2_5_vl.py:{backbone}", relative_to=__file__)
+    queries = 64
+    c.data = data_config(
+        source="array_record",  # captioned images
+        image_size=448,
+        tokenizer="hf",  # Qwen's: data.tokenizer_path names the released checkpoint
+        vocab_size=qwen.data.vocab_size,
+        prefetch=4,
+        sequence=dict(kind="blip3o", max_len=512, num_queries=queries, channels=3),
+    )
+    c.model = dict(
+        name="blip3o",
+        backbone=qwen.model.to_dict(),
+        dit=dict(width=1792, depth=24, num_heads=28, mlp_dim=4864, patch_size=1,
+                 remat_policy="full", scan_layers=True),
+        image_shape=(8, 8, 1792),
+        num_queries=queries,
+        backbone_image=(qwen.data.sequence.patch_size, 3),
+        dtype="bfloat16",
+    )  # fmt: skip
+    c.objective = dict(name="blip3o", kwargs=dict(target="flow", cond_drop=0.1))
+    c.init_from.update(format="workdir", path="", load={"backbone": ""}, family="qwen_vl")
+    c.latents = dict(vae_workdir="", scaling_factor=1.0, sample=False)
+    c.evals = {}
     return c

@@ -101,6 +101,45 @@ def test_the_condition_is_the_backbones_last_hidden_states_at_the_queries():
     np.testing.assert_allclose(logits, head, atol=1e-5)
 
 
+QWEN_BACKBONE = dict(
+    name="qwen_vl", vocab_size=TOK.vocab_size, width=32, depth=2, num_heads=2, num_kv_heads=1,
+    mlp_dim=64, qkv_bias=True, mrope_sections=(2, 3, 3), dtype="float32",
+    vision=dict(width=16, depth=2, num_heads=2, mlp_dim=32, norm="rms", gated_mlp=True,
+                global_every=2),
+)  # fmt: skip
+
+
+def test_a_qwen_vl_backbone_reads_the_prompt_with_text_mrope_and_keeps_its_vision():
+    batch = batch_of(["a red circle", "two blue squares"]) | {"timesteps": jnp.ones((2, 1))}
+    m = model(backbone=QWEN_BACKBONE, backbone_image=(14, 3))
+    params = meta.unbox(m.init(jax.random.key(0), batch)["params"])
+    # the whole Qwen-VL exists under backbone/: a trained one's tree loads into it
+    qwen = m.backbone_model()
+    one = jnp.ones((1, 1), jnp.int32)
+    blank = {
+        "tokens": one, "positions": jnp.zeros((1, 3, 1), jnp.int32), "segment_ids": one,
+        "visual_positions": 0 * one, "patches": jnp.zeros((1, 4, 3 * 2 * 14 * 14)),
+        "patch_positions": jnp.array([[[0, 0], [0, 1], [1, 0], [1, 1]]]),
+        "patch_segment_ids": jnp.ones((1, 4), jnp.int32),
+        "patch_window_ids": jnp.ones((1, 4), jnp.int32), "patch_order": jnp.arange(4)[None],
+    }  # fmt: skip
+    own = meta.unbox(qwen.init(jax.random.key(1), blank)["params"])
+    shapes = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
+    assert shapes(params["backbone"]) == shapes(own)
+    # text-only M-RoPE (all 3 ids the token's position) is plain RoPE: the condition is the
+    # hidden states of the LM fed [B, 3, L] ids
+    cond = m.apply({"params": params}, batch, method=Blip3o.condition)
+    queries = jnp.broadcast_to(params["queries"], (2, QUERIES, 32))
+    prompt = {k: batch[k] for k in ("tokens", "segment_ids", "query_positions")}
+    prompt["positions"] = jnp.repeat(batch["positions"][:, None], 3, axis=1)
+    hidden = qwen.apply({"params": params["backbone"]}, prompt, queries=queries, hidden=True)
+    rows = jnp.arange(2)[:, None]
+    np.testing.assert_allclose(cond, hidden["hidden"][rows, batch["query_positions"]], atol=1e-6)
+    assert not np.allclose(cond[0], cond[1], atol=1e-3)  # the prompts differ
+    with pytest.raises(ValueError, match=r"backbone\.name 'clip' cannot be BLIP3-o"):
+        model(backbone={**QWEN_BACKBONE, "name": "clip"}).init(jax.random.key(0), batch)
+
+
 def test_a_dropped_condition_ignores_the_prompt():
     a, b = batch_of(["a red circle"]), batch_of(["two green triangles"])
     m = model()

@@ -82,7 +82,8 @@ def blip3o_prompt(
 ) -> dict[str, np.ndarray]:
     """The token arrays of a prompt (no target image): what sampling feeds the backbone."""
     q, max_len = check_blip3o_config(seq, 0), int(seq.max_len)
-    ids = [tokenizer.bos_id, *caption_ids, tokenizer.image_id]
+    bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []  # Qwen's tokenizer has none
+    ids = [*bos, *caption_ids, tokenizer.image_id]
     n = len(ids) + q
     if n > max_len:
         raise UserError(

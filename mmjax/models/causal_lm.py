@@ -244,6 +244,15 @@ class CausalLM(LMFields):
             logits = cap * jnp.tanh(logits / cap)
         return logits
 
+    def readout(self, h: jnp.ndarray, hidden: bool) -> dict[str, jnp.ndarray]:
+        """{"hidden": h} (BLIP3-o's condition) or {"logits": head(h)}. Initialising with
+        `hidden` still builds the head, so a trained model's whole LM loads into this one."""
+        if not hidden:
+            return {"logits": self.head(h)}
+        if self.is_initializing():
+            self.head(h[:, :1])
+        return {"hidden": h}
+
     def logits(
         self,
         x: jnp.ndarray,

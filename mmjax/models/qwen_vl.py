@@ -25,7 +25,7 @@ from flax.core import freeze
 
 from mmjax.models.causal_lm import LMFields
 from mmjax.models.qwen_vision import QwenVisionTower
-from mmjax.models.vlm import scatter_tokens
+from mmjax.models.vlm import scatter_tokens, with_queries
 from mmjax.nn.dense import dtypes
 
 PATCH_KEYS = ("patch_positions", "patch_segment_ids", "visual_positions")
@@ -43,9 +43,17 @@ class QwenVL(LMFields, kw_only=True):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool = False) -> dict:
+    def __call__(
+        self,
+        batch: Mapping[str, jnp.ndarray],
+        *,
+        train: bool = False,
+        queries: jnp.ndarray | None = None,
+        hidden: bool = False,
+    ) -> dict:
+        """`queries` and `hidden` as models/vlm.py's VLM: BLIP3-o's backbone (models/blip3o.py)."""
         lm = self.language_model(name="lm")
-        x = lm.embed(batch["tokens"])
+        x = with_queries(lm.embed(batch["tokens"]), batch, queries)
         out = {}
         if "patches" in batch:
             missing = [k for k in PATCH_KEYS if k not in batch]
@@ -64,10 +72,8 @@ class QwenVL(LMFields, kw_only=True):
                     f"visual_positions {slots} do not match the {visual.shape[:2]} merged tokens"
                 )
             x = jax.vmap(scatter_tokens)(x, batch["visual_positions"], visual)
-        out["logits"] = lm.logits(
-            x, batch["segment_ids"], batch["positions"], batch.get("cache_offset")
-        )
-        return out
+        h = lm.hidden(x, batch["segment_ids"], batch["positions"], batch.get("cache_offset"))
+        return out | lm.readout(h, hidden)
 
     @nn.nowrap
     def vision_tower(self, **kw: Any) -> QwenVisionTower:

@@ -128,8 +128,7 @@ class VLM(LMFields, kw_only=True):
         self._check(batch, queries is not None)
         lm = self.language_model(name="lm")
         x = lm.embed(batch["tokens"])
-        if queries is not None:
-            x = jax.vmap(scatter_tokens)(x, batch["query_positions"], queries)
+        x = with_queries(x, batch, queries)
         visual = self._visual_tokens(batch, train) if "images" in batch else None
         out = {} if visual is None else {"visual_tokens": visual}
         before_block = None
@@ -140,10 +139,7 @@ class VLM(LMFields, kw_only=True):
         h = lm.hidden(
             x, batch["segment_ids"], batch["positions"], batch.get("cache_offset"), before_block
         )
-        if hidden and self.is_initializing():
-            lm.head(h[:, :1])  # the head exists: a trained VLM's whole LM loads into this one
-        out["hidden" if hidden else "logits"] = h if hidden else lm.head(h)
-        return out
+        return out | lm.readout(h, hidden)
 
     def _check(self, batch: Mapping[str, jnp.ndarray], has_queries: bool) -> None:
         """Clear errors for a bad config or batch, before they fail deep inside."""
@@ -251,6 +247,18 @@ class VLM(LMFields, kw_only=True):
             return jax.lax.cond((i + 1) % every == 0, run, lambda g, x: x, i // every, x)
 
         return scanned
+
+
+def with_queries(
+    x: jnp.ndarray, batch: Mapping[str, jnp.ndarray], queries: jnp.ndarray | None
+) -> jnp.ndarray:
+    """Embeddings x [B, L, D] with `queries` [B, Q, D] (BLIP3-o's learnable queries) written at
+    the batch's `query_positions` [B, Q]; x itself without queries."""
+    if queries is None:
+        return x
+    if "query_positions" not in batch:
+        raise ValueError("queries need the batch's query_positions, their slots in the row")
+    return jax.vmap(scatter_tokens)(x, batch["query_positions"], queries)
 
 
 def scatter_tokens(x: jnp.ndarray, positions: jnp.ndarray, visual: jnp.ndarray) -> jnp.ndarray:

@@ -71,6 +71,11 @@ def caption_with_backbone(
 ) -> list[str]:
     """The backbone VLM's greedy answers to `prompt` about each image [N, H, W, C] (prefix
     mode: the image's visual tokens lead, as it was trained)."""
+    if model.backbone.get("name", "vlm") != "vlm":
+        raise UserError(
+            f"captioning runs a vlm backbone; this one is {model.backbone['name']!r}: caption "
+            "with its own workdir (init_from.path) through python -m mmjax.chat"
+        )
     if not model.backbone_visual_tokens:
         raise UserError("this model's backbone was built text-only: it has no vision to caption")
     decoder = model.backbone_model(decode=True)
