@@ -144,7 +144,9 @@ def _paper(backbone: str) -> ml_collections.ConfigDict:
         tokenizer="hf",  # Qwen's: data.tokenizer_path names the released checkpoint
         vocab_size=qwen.data.vocab_size,
         prefetch=4,
-        sequence=dict(kind="blip3o", max_len=512, num_queries=queries, channels=3),
+        sequence=dict(
+            kind="blip3o", max_len=512, num_queries=queries, channels=3, chat_template=True
+        ),
     )
     c.model = dict(
         name="blip3o",

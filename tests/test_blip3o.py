@@ -65,6 +65,20 @@ def test_a_row_is_the_prompt_then_the_query_slots():
     assert row["images"].shape == (1, SIZE, SIZE, 3)  # the channels data.sequence keeps
 
 
+def test_a_chat_template_row_wraps_the_caption_as_the_official_qwen_prompt():
+    from mmjax.chat import CHAT_PREFIX, CHAT_SUFFIX
+
+    tok = WithVlmTokens(ByteTokenizer())
+    tok.bos_id = -1  # Qwen's tokenizer has no BOS: none is written
+    seq = seq_config(max_len=256, chat_template=True)
+    row = blip3o_prompt([70, 71], tok, seq)
+    instruction = "Please generate image based on the following caption: "
+    want = [*tok.encode(CHAT_PREFIX + instruction), 70, 71, *tok.encode(CHAT_SUFFIX), tok.image_id]
+    np.testing.assert_array_equal(row["tokens"][: len(want)], want)
+    np.testing.assert_array_equal(row["query_positions"], len(want) + np.arange(QUERIES))
+    assert tok.decode(row["tokens"][: len(want) - 1]).endswith("<|im_start|>assistant\n")
+
+
 def test_bad_rows_give_one_clear_error():
     with pytest.raises(UserError, match="num_queries must be an integer >= 1"):
         check_blip3o_config(seq_config(num_queries=0), SIZE)

@@ -2,6 +2,11 @@
 
   <bos> caption <image> q_1 ... q_Q pad ...
 
+With `data.sequence.chat_template` (the paper's Qwen2.5-VL backbones), the caption is the user
+turn of Qwen's chat template, as the official `preprocess_qwen` and `generate_image` build it:
+system prompt, "Please generate image based on the following caption: {caption}", then the
+assistant's turn opens and the queries follow the image marker.
+
 The frozen backbone reads the caption and an <image> marker (the official code's [IMG]
 token), then Q query slots whose embeddings the model replaces by its learnable queries
 (`query_positions`); the backbone's last hidden states there condition the diffusion
@@ -25,6 +30,8 @@ from ml_collections import ConfigDict
 
 from mmjax.data.sequences import SEQUENCE_DEFAULTS, check_vlm_config, vlm_example
 from mmjax.errors import UserError
+
+GENERATION_INSTRUCTION = "Please generate image based on the following caption: "  # train.py
 
 
 def check_blip3o_config(seq: ConfigDict, image_size: int) -> int:
@@ -83,6 +90,11 @@ def blip3o_prompt(
     """The token arrays of a prompt (no target image): what sampling feeds the backbone."""
     q, max_len = check_blip3o_config(seq, 0), int(seq.max_len)
     bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []  # Qwen's tokenizer has none
+    if seq.get("chat_template"):
+        from mmjax.chat import CHAT_PREFIX, CHAT_SUFFIX
+
+        head = tokenizer.encode(CHAT_PREFIX + GENERATION_INSTRUCTION)
+        caption_ids = [*head, *caption_ids, *tokenizer.encode(CHAT_SUFFIX)]
     ids = [*bos, *caption_ids, tokenizer.image_id]
     n = len(ids) + q
     if n > max_len:

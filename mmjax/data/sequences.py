@@ -75,6 +75,7 @@ SEQUENCE_DEFAULTS: dict[str, Any] = dict(
     bagel_image_rope="shared",  # one RoPE position an image block (official) | raster
     # blip3o (mmjax.data.blip3o_rows): the learnable query slots after the prompt (paper: 64)
     num_queries=64,
+    chat_template=False,  # blip3o: the official Qwen chat prompt around the caption
     understanding={},  # joint training: the backbone's VLM sequence settings (blip3o_rows)
 )
 VLM_MODES = ("prefix", "flamingo")
