@@ -92,6 +92,18 @@ PRESETS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
         "BAGEL 7B-active MoT",
         [("data=1,fsdp=-1", []), ("data=2,fsdp=-1", []), ("data=2,fsdp=-1,tensor=2", [])],
     ),
+    # BLIP3-o: the generator (NextDiT 24 x 1792) trains on the frozen Qwen2.5-VL, the queries'
+    # gradient running back through it; batch 128 as Qwen-VL's fine-tuning
+    "blip3o_4b": (
+        "blip3o.py:4B",
+        "BLIP3-o 4B (Qwen2.5-VL-3B frozen)",
+        [("data=1,fsdp=-1", []), ("data=1,fsdp=-1,tensor=2", [])],
+    ),
+    "blip3o_8b": (
+        "blip3o.py:8B",
+        "BLIP3-o 8B (Qwen2.5-VL-7B frozen)",
+        [("data=1,fsdp=-1", []), ("data=1,fsdp=-1,tensor=2", [])],
+    ),
     # ViT-g's width of 1,408 = 11 x 128 splits over 128 fsdp devices at most
     "blip2_stage1": (
         "blip2.py:stage1",

@@ -9,7 +9,14 @@ from jax.sharding import AxisType, Mesh
 
 from mmjax.aot import no_persistent_cache
 
-__all__ = ["no_persistent_cache", "ops_named", "tpu_devices", "tpu_mesh", "triton_modules"]
+__all__ = [
+    "check_sharded_2_layer_compile",
+    "no_persistent_cache",
+    "ops_named",
+    "tpu_devices",
+    "tpu_mesh",
+    "triton_modules",
+]
 
 
 def tpu_devices(topology: str) -> list:
@@ -68,3 +75,19 @@ def ops_named(op, name: str) -> list:
                     found.append(inner.operation)
                 found += ops_named(inner.operation, name)
     return found
+
+
+def check_sharded_2_layer_compile(experiment: str, overrides: list[str]) -> dict:
+    """Compiles a paper preset shrunk to 2 blocks a stack (`overrides`) for v5e:2x2 with
+    `mmjax.aot`: it fits, its 2 stacks' attention runs as Pallas calls in each of their 2
+    blocks, forward and backward, and FSDP gathers the weights. Returns the report."""
+    from mmjax.aot import compile_train_step
+    from mmjax.train.config_cli import apply_overrides, load_config
+
+    config = load_config(f"experiments/{experiment}")
+    apply_overrides(config, overrides)
+    report = compile_train_step(config, "v5e:2x2")
+    assert report["chips"] == 4 and report["fits"]
+    assert report["pallas_calls"] >= 2 * 2 * 2
+    assert report["collectives"]["all-gather"]["count"] > 0
+    return report

@@ -4,8 +4,9 @@ the LM's run as Mosaic kernels inside shard_map. Shrunk in depth and sequence on
 heads, M-RoPE sections and the ViT's window blocks are the released models'."""
 
 import pytest
+from accelerators import check_sharded_2_layer_compile
 
-from mmjax.train.config_cli import apply_overrides, load_config
+from mmjax.train.config_cli import load_config
 
 SHRINK = [
     "model.depth=2",
@@ -40,15 +41,8 @@ def test_the_paper_presets_are_the_released_shapes(experiment):
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["qwen2_vl.py:2B", "qwen2_5_vl.py:3B"])
 def test_a_2_layer_preset_train_step_compiles_sharded_for_v5e_2x2(experiment):
-    from mmjax.aot import compile_train_step
-
-    config = load_config(f"experiments/{experiment}")
     overrides = list(SHRINK)
     if experiment.startswith("qwen2_5"):
         overrides.append("model.vision.global_every=2")  # one window block, one global
-    apply_overrides(config, overrides)
-    report = compile_train_step(config, "v5e:2x2")
-    assert report["chips"] == 4 and report["fits"]
     # the ViT's and the LM's attention in each of their 2 blocks, forward and backward
-    assert report["pallas_calls"] >= 2 * 2 * 2
-    assert report["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the weights
+    check_sharded_2_layer_compile(experiment, overrides)
