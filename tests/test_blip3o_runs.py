@@ -47,6 +47,8 @@ def chain(tmp_path_factory) -> dict[str, str]:
     train(
         "blip3o.py:tiny_shapes", runs["blip3o"], 8, f"init_from.path={runs['vlm']}",
         f"latents.vae_workdir={runs['decoder']}", "evals.generation.num_samples=4",
+        # the design ablation's setting: the evaluator reads a CLIP tower of its own
+        f"evals.generation.clip_workdir={runs['decoder']}",
         "evals.generation.num_steps=3", evals=True,
     )  # fmt: skip
     return runs

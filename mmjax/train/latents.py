@@ -86,10 +86,13 @@ def read_autoencoder(
     image = jax.ShapeDtypeStruct((1, vae_size, vae_size, vae.in_channels), np.float32)
     shapes = jax.eval_shape(lambda x: vae.init(jax.random.key(0), {"image": x})["params"], image)
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        nn.meta.unbox(shapes),
-    )
+
+    def abstract_leaf(x: Any) -> jax.ShapeDtypeStruct:
+        # no sharding constraint: an evaluator reads its tower inside the run's mesh context
+        x = x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+
+    abstract = jax.tree.map(abstract_leaf, shapes, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     try:
         step, params = read_params(workdir, abstract)
     except UserError as e:
