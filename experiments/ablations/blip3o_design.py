@@ -2,7 +2,7 @@ r"""BLIP3-o's design comparison (Chen et al., 2025, Sec. 3.2-3.3, Fig. 4): what 
 produces and how it is trained, at equal DiT parameters and steps on the frozen backbone.
 
   clip_flow: CLIP features with flow matching (BLIP3-o's choice; experiments/blip3o.py)
-  clip_mse:  CLIP features regressed with MSE (no noise, no guidance)
+  clip_mse:  CLIP features regressed with MSE (one step from noise, no guidance)
   vae_flow:  VAE latents with flow matching (the tiny VAE's 8x8x4 in 2x2 patches: the same
              16 DiT tokens), judged through the VAE's decoder
 

@@ -52,8 +52,9 @@ def _generate(model: Blip3o, s: FlowSettings, params: Any, prompts: dict, rng: j
     cond = model.apply(variables, prompts, method=Blip3o.condition)
     n = cond.shape[0]
     shape = (n, *model.image_shape)
-    if s.target == "mse":  # the regression design: one prediction from zeros at sigma 1
-        return model.apply(variables, jnp.zeros(shape), jnp.ones((n,)), cond, method=Blip3o.predict)
+    noise = jax.random.normal(rng, shape, jnp.float32)
+    if s.target == "mse":  # the regression design: one prediction from noise at sigma 1
+        return model.apply(variables, noise, jnp.ones((n,)), cond, method=Blip3o.predict)
     both = jnp.concatenate([cond, jnp.zeros_like(cond)])
     sigmas = jnp.linspace(1.0, 0.0, s.num_steps + 1)
 
@@ -63,7 +64,7 @@ def _generate(model: Blip3o, s: FlowSettings, params: Any, prompts: dict, rng: j
         v_c, v_u = v[:n], v[n:]
         return x + (sigmas[i + 1] - sigmas[i]) * (v_u + s.cfg_scale * (v_c - v_u))
 
-    return jax.lax.fori_loop(0, s.num_steps, step, jax.random.normal(rng, shape, jnp.float32))
+    return jax.lax.fori_loop(0, s.num_steps, step, noise)
 
 
 def caption_with_backbone(
