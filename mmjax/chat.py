@@ -32,12 +32,10 @@ from typing import Any
 import numpy as np
 
 from mmjax.data.image_ops import read_image_file
+from mmjax.data.qwen_tasks import CHAT_PREFIX, CHAT_SUFFIX
 from mmjax.errors import UserError, run_cli
 
 PROG = "python -m mmjax.chat"
-SYSTEM = "You are a helpful assistant."
-CHAT_PREFIX = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
-CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 IM_END = "<|im_end|>"
 DEFAULT_FPS = 2.0  # Qwen2-VL's processor samples videos at 2 frames a second
 

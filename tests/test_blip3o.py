@@ -66,7 +66,7 @@ def test_a_row_is_the_prompt_then_the_query_slots():
 
 
 def test_a_chat_template_row_wraps_the_caption_as_the_official_qwen_prompt():
-    from mmjax.chat import CHAT_PREFIX, CHAT_SUFFIX
+    from mmjax.data.qwen_tasks import CHAT_PREFIX, CHAT_SUFFIX
 
     tok = WithVlmTokens(ByteTokenizer())
     tok.bos_id = -1  # Qwen's tokenizer has no BOS: none is written

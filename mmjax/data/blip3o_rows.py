@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
+from mmjax.data.qwen_tasks import CHAT_PREFIX, CHAT_SUFFIX
 from mmjax.data.sequences import SEQUENCE_DEFAULTS, check_vlm_config, vlm_example
 from mmjax.errors import UserError
 
@@ -91,8 +92,6 @@ def blip3o_prompt(
     q, max_len = check_blip3o_config(seq, 0), int(seq.max_len)
     bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []  # Qwen's tokenizer has none
     if seq.get("chat_template"):
-        from mmjax.chat import CHAT_PREFIX, CHAT_SUFFIX
-
         head = tokenizer.encode(CHAT_PREFIX + GENERATION_INSTRUCTION)
         caption_ids = [*head, *caption_ids, *tokenizer.encode(CHAT_SUFFIX)]
     ids = [*bos, *caption_ids, tokenizer.image_id]

@@ -44,6 +44,11 @@ from mmjax.data.tokenizer import Tokenizer, WithSpecialTokens
 from mmjax.data.vlm_tasks import TaskPair, normalise_coordinate
 from mmjax.errors import UserError
 
+# Qwen's chat template around one user turn (the released checkpoints' default system prompt)
+SYSTEM = "You are a helpful assistant."
+CHAT_PREFIX = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
+CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 REF_START, REF_END = "<|object_ref_start|>", "<|object_ref_end|>"
