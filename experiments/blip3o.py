@@ -116,6 +116,7 @@ def _tiny_shapes() -> ml_collections.ConfigDict:
         generation=dict(
             type="blip3o", split="test", num_samples=200, num_steps=30, cfg_scale=3.0,
             loss=c.objective.kwargs,
+            clip_workdir="",  # the CLIP cosine's tower: "" = this run's own feature space
             # the backbone judged as llava.py:tiny's own vlm eval judges it
             backbone_sequence=llava.data.sequence.to_dict(), backbone_tasks=("caption", "vqa"),
         )
