@@ -203,6 +203,22 @@ def test_training_lowers_the_loss_and_leaves_the_frozen_backbone_bit_identical(t
     assert not np.array_equal(trained["queries"], params["queries"])  # the queries train
 
 
+@pytest.mark.parametrize("logit_normal, std", [(False, np.pi / np.sqrt(3)), (True, 1.0)])
+def test_flow_noise_levels_are_uniform_or_logit_normal(logit_normal, std):
+    """logit(sigma) of U(0, 1) has the logistic's std pi / sqrt(3); SD3's logit-normal, 1."""
+    seen = {}
+
+    def apply_fn(params, batch, rng):
+        seen["sigma"] = np.asarray(batch["timesteps"])[:, 0]
+        return {"prediction": jnp.zeros_like(batch["images"])}
+
+    loss = make_blip3o_loss(apply_fn, logit_normal=logit_normal)
+    loss(None, {"images": jnp.zeros((20_000, 1, 1, 1))}, jax.random.key(0))
+    logits = np.log(seen["sigma"]) - np.log1p(-seen["sigma"])
+    assert ((seen["sigma"] > 0) & (seen["sigma"] <= 1)).all()
+    assert abs(logits.mean()) < 0.05 and abs(logits.std() - std) < 0.05, logits.std()
+
+
 def test_unknown_objective_settings_are_refused():
     with pytest.raises(ValueError, match="unknown blip3o objective target 'l1'"):
         make_blip3o_loss(lambda *a: None, target="l1")

@@ -4,7 +4,9 @@ feature space already encoded (objectives.on_latents: CLIP features or VAE laten
 `target`:
   "flow": flow matching (official `Blip3oQwenForCausalLM.forward`): sigma ~ U(0, 1] (the
           official draws the Lumina-Next scheduler's 1,000 levels uniformly), x_sigma =
-          (1 - sigma) x0 + sigma eps, the DiT predicts eps - x0.
+          (1 - sigma) x0 + sigma eps, the DiT predicts eps - x0. `logit_normal=True` draws
+          sigma from SD3's logit-normal instead (Esser et al., 2024, Sec. 3.1; the weighting
+          the official BLIP3o-NEXT trainer can select), which puts the steps at mid noise.
   "mse":  regression (the paper's "CLIP + MSE" design): the DiT reads pure noise at sigma 1
           (what sampling starts from) and predicts x0 in one step, from the condition alone.
           Not zeros: all-zero tokens meet the RMSNorms at their 1/sqrt(eps) slope, and the
@@ -33,7 +35,12 @@ TARGETS = ("flow", "mse")
 
 
 def make_blip3o_loss(
-    apply_fn: Callable, *, target: str = "flow", cond_drop: float = 0.1, lm_weight: float = 1.0
+    apply_fn: Callable,
+    *,
+    target: str = "flow",
+    cond_drop: float = 0.1,
+    lm_weight: float = 1.0,
+    logit_normal: bool = False,
 ) -> Callable:
     """(params, batch, rng) -> (loss, metrics) for rows from mmjax.data.blip3o_rows."""
     if target not in TARGETS:
@@ -47,7 +54,8 @@ def make_blip3o_loss(
         b = x0.shape[0]
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
         if target == "flow":
-            sigma = 1.0 - sample_flow_times(t_rng, (b, 1))  # (0, 1]: never the clean target
+            # (0, 1]: never the clean target
+            sigma = 1.0 - sample_flow_times(t_rng, (b, 1), logit_normal=logit_normal)
             x, want = flow_sample(x0, sigma, noise), noise - x0
         else:
             sigma, x, want = jnp.ones((b, 1)), noise, x0
