@@ -5,8 +5,9 @@ feature space already encoded (objectives.on_latents: CLIP features or VAE laten
   "flow": flow matching (official `Blip3oQwenForCausalLM.forward`): sigma ~ U(0, 1] (the
           official draws the Lumina-Next scheduler's 1,000 levels uniformly), x_sigma =
           (1 - sigma) x0 + sigma eps, the DiT predicts eps - x0. `logit_normal=True` draws
-          sigma from SD3's logit-normal instead (Esser et al., 2024, Sec. 3.1; the weighting
-          the official BLIP3o-NEXT trainer can select), which puts the steps at mid noise.
+          sigma from SD3's logit-normal instead (Esser et al., 2024, Sec. 3.1; diffusers'
+          `compute_density_for_timestep_sampling`, which the official BLIP3o-NEXT trainer calls
+          with "uniform"), which puts the steps at mid noise.
   "mse":  regression (the paper's "CLIP + MSE" design): the DiT reads pure noise at sigma 1
           (what sampling starts from) and predicts x0 in one step, from the condition alone.
           Not zeros: all-zero tokens meet the RMSNorms at their 1/sqrt(eps) slope, and the
